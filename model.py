@@ -1,0 +1,496 @@
+"""
+A compact Mistral-architecture transformer for TESS 2.
+
+One network serves every role in the project:
+  - the causal LM that TESS 2 starts from (Mistral-7B, Llama, our small AR models),
+  - the bidirectional diffusion model (released `hamishivi/tess2`: adds `timestep_embed`, V = 32001),
+  - the reward model (`hamishivi/tess_mistral_rm`: the LM head replaced by a scalar `score` head).
+
+Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+checkpoint loads by name with no conversion, and transformers loads what we save.
+Sliding window: Mistral v0.1 declares a 4096-token window. It changes nothing for sequences of
+at most that length (TESS 2 uses 2048); longer inputs are refused rather than silently given
+full attention.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    sliding_window: int | None = 4096
+    tie_word_embeddings: bool = False
+    model_type: str = "mistral"  # "mistral" or "llama": only the name written to config.json
+    # what TESS adds
+    head: str = "lm"  # "lm": (B, T, V) logits; "score": one scalar per sequence (reward model)
+    timestep_embed: bool = False  # Linear(1, D, bias=False) added to input embeddings (diffusion)
+    causal: bool = True  # default attention when forward() is not told
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+
+    @property
+    def architecture(self) -> str:
+        family = {"mistral": "Mistral", "llama": "Llama"}[self.model_type]
+        if self.head == "score":
+            return f"{family}ForSequenceClassification"
+        return f"{family}ForDiffusionLM" if self.timestep_embed else f"{family}ForCausalLM"
+
+    @classmethod
+    def from_hf(cls, cfg: dict, **overrides) -> "ModelArgs":
+        """Read a Hugging Face config.json dict (Mistral, Llama, or the released TESS 2)."""
+        arch = (cfg.get("architectures") or ["MistralForCausalLM"])[0]
+        known = ("MistralForCausalLM", "LlamaForCausalLM", "MistralForSequenceClassification",
+                 "LlamaForSequenceClassification", "MistralForDiffusionLM", "LlamaForDiffusionLM")
+        if arch not in known:
+            raise ValueError(f"unknown architecture {arch!r} in config.json; this loader reads "
+                             f"{', '.join(known)}")
+        if arch.endswith("ForSequenceClassification") and cfg.get("num_labels", 1) != 1:
+            if len(cfg.get("id2label", {})) not in (0, 1):
+                raise ValueError(f"{arch} with {len(cfg['id2label'])} labels: a reward model has one")
+        names = {f.name for f in fields(cls)}
+        args = {k: v for k, v in cfg.items() if k in names}
+        rope_cfg = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers >= 5 / Llama 3
+        if rope_cfg.get("rope_type", rope_cfg.get("type", "default")) != "default":
+            raise ValueError(f"rope scaling {rope_cfg} is not supported: only plain RoPE (Mistral, Llama 2)")
+        args["rope_theta"] = rope_cfg.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        args["model_type"] = "llama" if arch.startswith("Llama") else "mistral"
+        args["head"] = "score" if arch.endswith("ForSequenceClassification") else "lm"
+        args["timestep_embed"] = cfg.get("timestep_embed", arch.endswith("ForDiffusionLM"))
+        args["causal"] = cfg.get("causal", not args["timestep_embed"])
+        if args["model_type"] == "llama":
+            args.setdefault("sliding_window", None)
+        args.update(overrides)
+        return cls(**args)
+
+    def to_hf(self) -> dict:
+        cfg = {k: v for k, v in asdict(self).items() if k not in ("head", "model_type")}
+        cfg.update(architectures=[self.architecture], model_type=self.model_type,
+                   hidden_act="silu", initializer_range=0.02, attention_dropout=0.0,
+                   bos_token_id=1, eos_token_id=2, use_cache=True,
+                   rope_parameters=dict(rope_theta=self.rope_theta, rope_type="default"))
+        if self.head == "score":
+            cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        if self.model_type == "llama":
+            cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+            cfg.pop("sliding_window")
+        return cfg
+
+
+PRESETS = {
+    # Mistral-7B-v0.1, the base of TESS 2
+    "mistral-7b": dict(),
+    # the released TESS 2 (hamishivi/tess2): Mistral-7B + [PAD] token + timestep embedding
+    "tess2-7b": dict(vocab_size=32001, timestep_embed=True, causal=False),
+    # a tiny model for tests and CPU experiments
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 sliding_window=None),
+    # the CPU miniature (issue 6): a few million parameters
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                  sliding_window=None),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in fp32 and cast back, as Mistral does (bf16 variance is too coarse)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(T: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim) in fp32, Hugging Face's half-split layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.nh, self.nkv, self.hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, causal: bool, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # one fused call; with mask=None this is the flash kernel on CUDA (causal or not)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           enable_gqa=self.nh != self.nkv)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, causal: bool, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
+            layers=nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers)),
+            norm=RMSNorm(args.hidden_size, args.rms_norm_eps),
+        ))
+        if args.head == "lm":
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            if args.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.score = nn.Linear(args.hidden_size, 1, bias=False)
+        if args.timestep_embed:
+            self.timestep_embed = nn.Linear(1, args.hidden_size, bias=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def init_weights(self, std: float = 0.02):
+        """Random init for training from scratch (normal(0, std), norms 1, timestep embedding 0)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name == "timestep_embed.weight":
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+        return self
+
+    def forward(self, ids=None, embeds=None, t=None, causal: bool | None = None,
+                key_padding_mask=None, last_index=None, hidden_only: bool = False):
+        """
+        ids (B, T) token ids, or embeds (B, T, D) input embeddings.
+        t (B, T): per-position scaled time in [0, 1) for the timestep embedding (0 adds nothing).
+        causal: attention kind for this call (default: args.causal).
+        key_padding_mask (B, T) bool, True = a real token that may be attended to.
+        last_index (B,): where the score head reads (default: the last position).
+        Returns (B, T, V) logits, (B,) rewards for the score head, or (B, T, D) final hidden
+        states when hidden_only.
+        """
+        x = self.model.embed_tokens(ids) if embeds is None else embeds  # (B, T, D)
+        B, T, _ = x.shape
+        a = self.args
+        if a.sliding_window is not None and T > a.sliding_window:
+            raise ValueError(f"sequence length {T} exceeds the sliding window {a.sliding_window}; "
+                             "this implementation does not do windowed attention")
+        if t is not None:
+            x = x + self.timestep_embed(t.to(x.dtype).unsqueeze(-1))  # (B, T, D)
+        causal = a.causal if causal is None else causal
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+            if causal:
+                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        cos, sin = rope(T, a.head_dim, a.rope_theta, x.device)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, causal, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, causal, mask)
+        x = self.model.norm(x)  # (B, T, D)
+        if hidden_only:
+            return x
+        if a.head == "lm":
+            return self.lm_head(x)  # (B, T, V)
+        if last_index is None:
+            return self.score(x[:, -1]).squeeze(-1)  # (B,)
+        return self.score(x[torch.arange(B, device=x.device), last_index]).squeeze(-1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=None, device=None, verbose: bool = True,
+                        **overrides) -> "Transformer":
+        """
+        Load a Hugging Face Mistral/Llama checkpoint (causal LM, sequence classifier, or the
+        released TESS 2) from a local directory or a Hub repo id. The model is built on the meta
+        device and each tensor is read from the memory-mapped safetensors straight into `dtype`
+        on `device`, so loading needs about one copy of the weights.
+
+        overrides change the architecture on the way in, e.g. timestep_embed=True, causal=False
+        to adapt an AR model to diffusion, or head="score" to start a reward model from an LM.
+        Weights that such a change makes new are initialised and reported:
+        timestep_embed.weight -> zeros (the adapted model starts as the AR model's function),
+        score.weight -> normal(0, 0.02). A dropped lm_head (head="score") is reported.
+        """
+        from safetensors import safe_open
+        path = resolve(name_or_path)
+        with open(os.path.join(path, "config.json")) as f:
+            args = ModelArgs.from_hf(json.load(f), **overrides)
+        files = checkpoint_files(path)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(args)
+        expected = dict(model.state_dict(keep_vars=True))
+        if args.tie_word_embeddings and args.head == "lm":
+            expected.pop("lm_head.weight")
+        state, ignored = {}, []
+        for file in files:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    name = key
+                    if name.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints stored
+                        continue
+                    if name == "lm_head.weight" and args.head == "score" and "lm_head.weight" not in expected:
+                        ignored.append(name)
+                        continue
+                    if name not in expected:
+                        raise ValueError(f"unexpected tensor {key!r} in {file}: not part of a "
+                                         f"{args.architecture} with this config.json")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(expected[name].shape):
+                        raise ValueError(f"tensor {key!r} in {file} has shape {shape}, expected "
+                                         f"{tuple(expected[name].shape)} from config.json")
+                    state[name] = f.get_tensor(key).to(dtype or torch.float32)
+        new = []
+        for name in expected.keys() - state.keys():
+            p = expected[name]
+            if name == "timestep_embed.weight":
+                state[name] = torch.zeros(p.shape, dtype=dtype or torch.float32, device=device)
+            elif name == "score.weight":
+                state[name] = torch.empty(p.shape, dtype=dtype or torch.float32, device=device).normal_(std=0.02)
+            else:
+                raise ValueError(f"checkpoint {name_or_path} is missing tensor {name!r}")
+            new.append(name)
+        model.load_state_dict(state, strict=False, assign=True)
+        if args.tie_word_embeddings and args.head == "lm":
+            model.lm_head.weight = model.model.embed_tokens.weight
+        if verbose and (new or ignored):
+            print(f"from_pretrained({name_or_path}): initialised new {sorted(new)}; ignored {ignored}")
+        return model
+
+    def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30,
+                        tokenizer_from: str | None = None, extra_files: dict | None = None):
+        """
+        Write config.json + safetensors (sharded with an index above max_shard_bytes) in the
+        Hugging Face layout, atomically: everything goes to a temporary directory that then
+        replaces out_dir. tokenizer_from copies the tokenizer files of another checkpoint dir;
+        extra_files maps file name -> JSON-serialisable object written beside the weights.
+        """
+        from safetensors.torch import save_file
+        out_dir = os.path.abspath(out_dir)
+        parent = os.path.dirname(out_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+        try:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            if self.args.tie_word_embeddings and "lm_head.weight" in state:
+                del state["lm_head.weight"]  # as transformers saves tied weights
+            shards, cur, size = [], {}, 0
+            for k, v in state.items():
+                nbytes = v.numel() * v.element_size()
+                if cur and size + nbytes > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[k], size = v, size + nbytes
+            shards.append(cur)
+            meta = {"format": "pt"}
+            if len(shards) == 1:
+                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, os.path.join(tmp, fname), metadata=meta)
+                    weight_map.update({k: fname for k in shard})
+                total = sum(v.numel() * v.element_size() for v in state.values())
+                _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                            {"metadata": {"total_size": total}, "weight_map": weight_map})
+            cfg = self.args.to_hf()
+            cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+            _write_json(os.path.join(tmp, "config.json"), cfg)
+            if tokenizer_from is not None:
+                for fname in TOKENIZER_FILES:
+                    src = os.path.join(resolve(tokenizer_from), fname)
+                    if os.path.exists(src):
+                        shutil.copy(src, os.path.join(tmp, fname))
+            for fname, obj in (extra_files or {}).items():
+                _write_json(os.path.join(tmp, fname), obj)
+            os.chmod(tmp, 0o755)
+            old = None
+            if os.path.exists(out_dir):
+                old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=parent)
+                os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            if old:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Finding checkpoint files, locally or on the Hub
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def resolve(name_or_path: str) -> str:
+    """A local checkpoint directory, or a Hub repo id fetched (config, safetensors, tokenizer only)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise ValueError(f"{name_or_path} is a file; pass the checkpoint directory that holds config.json")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint directory {name_or_path!r} (and it is not a Hub repo id "
+                                "like 'hamishivi/tess2')")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name_or_path, allow_patterns=[
+        "config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES])
+
+
+def checkpoint_files(path: str) -> list[str]:
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.exists(os.path.join(path, n))]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
+        return [os.path.join(path, n) for n in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
+        raise ValueError(f"{path} holds only pickle checkpoints (.bin/.pt), which can run arbitrary code "
+                         "when loaded and are refused here. Convert once with transformers: "
+                         "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)")
+    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer read from a checkpoint directory, with its special ids."""
+
+    def __init__(self, name_or_path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = resolve(name_or_path)
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{path} has no tokenizer.json (a `tokenizers` file); a tokenizer.model "
+                                    "alone can be converted once with transformers' AutoTokenizer.save_pretrained")
+        self.path = path
+        self.tok = HFTokenizer.from_file(file)
+        cfg = {}
+        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            with open(os.path.join(path, "tokenizer_config.json")) as f:
+                cfg = json.load(f)
+
+        def special(key, default):
+            tok = cfg.get(key, default)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return None if tok is None else self.tok.token_to_id(tok)
+
+        self.bos_id = special("bos_token", "<s>")
+        self.eos_id = special("eos_token", "</s>")
+        self.pad_id = special("pad_token", None)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"{file}: could not find the BOS/EOS tokens named in tokenizer_config.json")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without any special tokens (callers add BOS/EOS where the format says)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def fingerprint(self) -> dict:
+        """What two models must agree on to share text: size and special ids."""
+        return dict(vocab_size=self.vocab_size, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
