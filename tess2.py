@@ -184,6 +184,9 @@ def ul2_mask(length: int, generator=None, prefix: str = "released"):
                  prefix="paper": the first half is context.
     The released run had one sequence per device batch, so "per batch" there is per sequence here.
     """
+    if prefix not in ("released", "paper"):
+        raise ValueError(f"prefix must be 'released' or 'paper', got {prefix!r}")
+
     def pick(options):
         return options[int(torch.randint(len(options), (), generator=generator))]
 
@@ -194,8 +197,6 @@ def ul2_mask(length: int, generator=None, prefix: str = "released"):
         return t5_span_mask(length, 0.5, pick([3, 8, 48]), generator)
     if prefix == "paper":
         return prefix_mask(length, length // 2)
-    if prefix != "released":
-        raise ValueError(f"prefix must be 'released' or 'paper', got {prefix!r}")
     hi = max((length - 1) // 2, 2)
     return prefix_mask(length, int(torch.randint(1, hi, (), generator=generator)))
 
