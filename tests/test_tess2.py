@@ -1,0 +1,604 @@
+"""
+tess2.py, equation by equation: the schedule, the simplex, the forward process, what the network
+sees, the loss with self-conditioning, the UL2 masks and the projection. Each test is written from
+SPEC.md (sections 1-7, 9), with the formula computed again here rather than called from tess2.py.
+A tiny random bidirectional model with a timestep embedding, fp32, CPU.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tess2
+from model import Transformer, preset
+from tess2 import (add_noise, alpha_bar, alpha_bars, diffusion_loss, predict, prefix_mask, project,
+                   random_segmentation, row_noise, simplex, t5_span_mask, ul2_mask)
+
+K = 5.0  # simplex value k (SPEC 1)
+T = 5000  # training timesteps (SPEC 2)
+
+
+def tiny(seed=0, timestep_scale=1.0):
+    """The tiny diffusion model. init_weights() zeroes the timestep embedding (as adaptation starts);
+    tests that need it to matter give it a random value of size timestep_scale."""
+    torch.manual_seed(seed)
+    m = Transformer(preset("tiny", timestep_embed=True, causal=False)).init_weights()
+    with torch.no_grad():
+        m.timestep_embed.weight.normal_(std=timestep_scale)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny().eval()
+
+
+def batch(B=2, L=12, V=512, seed=1):
+    """Clean ids, a span mask (context at the start and in the middle, span elsewhere), a noisy
+    simplex and per-row scaled times."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(V, (B, L), generator=g)
+    span = torch.zeros(B, L, dtype=torch.bool)
+    span[:, 3:7] = True
+    span[:, 9:] = True
+    span[1, 2] = True
+    S = K * torch.randn(B, L, V, generator=g)
+    t = torch.rand(B, generator=g)
+    return ids, span, S, t
+
+
+def reference_predict(model, ids, span, S, t, prev_logits=None):
+    """SPEC 4 written out with nothing fused: p = (softmax(S) + softmax(prev)) / 2 (prev = 0 means
+    uniform), h = p @ E + W_t t on span positions, E[w] on context positions, a bidirectional pass,
+    then the logits shifted right by one so that logits[:, j] predicts token j, zeros at j = 0."""
+    E = model.embed_tokens.weight  # (V, D)
+    if prev_logits is None:
+        prev_logits = torch.zeros_like(S)
+    p = (torch.softmax(S, -1) + torch.softmax(prev_logits, -1)) / 2  # (B, L, V)
+    W_t = model.timestep_embed.weight[:, 0]  # (D,)
+    h_span = p @ E + t[:, None, None] * W_t  # (B, L, D)
+    h = torch.where(span[..., None], h_span, E[ids])
+    logits = model(embeds=h, causal=False)  # (B, L, V), position i predicts token i+1
+    return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+
+
+def alpha_bar_formula(s):
+    """SPEC 2 in numpy: f(s) = cos^2(((s + 1e-4) / (1 + 1e-4)) pi/2), alpha_bar = f(s) / f(0)."""
+    f = lambda x: np.cos((x + 1e-4) / (1 + 1e-4) * np.pi / 2) ** 2
+    return f(np.asarray(s, dtype=np.float64)) / f(0.0)
+
+
+# -----------------------------------------------------------------------------
+# Noise schedule (SPEC 2)
+
+
+def test_alpha_bar_is_one_at_zero_and_vanishes_at_one():
+    assert alpha_bar(0.0).item() == 1.0  # no noise at t = 0, exactly
+    assert alpha_bars(T)[0].item() == 1.0
+    assert alpha_bars(100)[0].item() == 1.0
+    assert 0.0 <= alpha_bar(1.0).item() < 1e-12
+
+
+def test_alpha_bar_matches_the_cosine_formula():
+    s = [0.0, 1e-4, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999, 1.0]
+    expected = alpha_bar_formula(s)
+    np.testing.assert_allclose(alpha_bar(torch.tensor(s, dtype=torch.float64)).numpy(), expected, rtol=1e-12, atol=1e-15)
+    # two values by hand: at s = 1/2 the angle is ~pi/4, so alpha_bar ~ cos^2(pi/4) = 1/2
+    assert alpha_bar(0.5).item() == pytest.approx(
+        math.cos((0.5 + 1e-4) / (1 + 1e-4) * math.pi / 2) ** 2 / math.cos(1e-4 / (1 + 1e-4) * math.pi / 2) ** 2,
+        rel=1e-12)
+    assert alpha_bar(0.5).item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_alpha_bar_decreases_monotonically():
+    curve = alpha_bar(torch.linspace(0, 1, 100_001, dtype=torch.float64))
+    assert (curve.diff() < 0).all()
+    assert (alpha_bars(T).diff() < 0).all()  # still strictly decreasing in the float32 training table
+
+
+def test_alpha_bars_rediscretise_the_same_curve():
+    for N in (1, 7, 100, T):
+        table = alpha_bars(N)
+        assert table.shape == (N,) and table.dtype == torch.float32
+        assert torch.equal(table, torch.stack([alpha_bar(i / N).float() for i in range(N)]))
+    # inference with N = 100 steps visits every 50th training timestep
+    assert torch.equal(alpha_bars(T)[::50], alpha_bars(100))
+    with pytest.raises(ValueError, match="positive"):
+        alpha_bars(0)
+
+
+# -----------------------------------------------------------------------------
+# Representation (Eq. 1) and forward process (Eq. 2)
+
+
+def test_simplex_is_plus_k_at_the_token_and_minus_k_elsewhere():
+    ids = torch.tensor([[0, 3, 9], [9, 9, 1]])
+    s = simplex(ids, 10)
+    assert s.shape == (2, 3, 10) and s.dtype == torch.float32
+    assert torch.equal(s, 2 * K * F.one_hot(ids, 10).float() - K)
+    assert torch.equal(s.argmax(-1), ids)
+    assert set(s.unique().tolist()) == {-K, K}
+    assert torch.equal(simplex(ids, 10, k=2.0), 4.0 * F.one_hot(ids, 10).float() - 2.0)
+
+
+def test_add_noise_is_the_literal_forward_process():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(16, (3, 5), generator=g)
+    eps = torch.randn(3, 5, 16, generator=g)
+    eps_before = eps.clone()
+    a = torch.tensor([1.0, 0.37, 1e-6])  # clean, half-way, almost pure noise
+    S_t = add_noise(ids, eps, a)
+    S_0 = 2 * K * F.one_hot(ids, 16).float() - K
+    expected = a.sqrt()[:, None, None] * S_0 + (1 - a).sqrt()[:, None, None] * K * eps
+    torch.testing.assert_close(S_t, expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(S_t[0], S_0[0])  # alpha_bar = 1: no noise at all
+    assert torch.equal(eps, eps_before)  # the caller's noise is reused (self-conditioning): untouched
+
+
+def test_add_noise_has_the_forward_process_mean_and_variance():
+    n, L, V, a = 20_000, 3, 8, 0.3
+    ids = torch.tensor([[0, 5, 7]]).expand(n, L)
+    eps = torch.randn(n, L, V, generator=torch.Generator().manual_seed(0))
+    S_t = add_noise(ids, eps, torch.full((n,), a))
+    S_0 = simplex(ids[:1], V)[0]
+    # mean sqrt(alpha_bar) S_0, variance (1 - alpha_bar) k^2, in every coordinate
+    torch.testing.assert_close(S_t.mean(0), math.sqrt(a) * S_0, rtol=0, atol=0.15)
+    torch.testing.assert_close(S_t.var(0), torch.full((L, V), (1 - a) * K**2), rtol=0.05, atol=0)
+
+
+def test_row_noise_depends_only_on_the_rows_seed():
+    alone = row_noise([7], 6, 11)
+    batched = row_noise([3, 7, 9], 6, 11)
+    assert batched.shape == (3, 6, 11)
+    assert torch.equal(alone[0], batched[1])  # same row, whatever else is in the batch
+    assert not torch.equal(batched[0], batched[1])
+    assert torch.equal(row_noise([3, 7, 9], 6, 11), batched)
+    # it is standard normal noise
+    big = row_noise([0, 1], 100, 500)
+    assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
+
+
+# -----------------------------------------------------------------------------
+# What the network sees (SPEC 4)
+
+
+def test_predict_matches_the_spec_written_out(model):
+    ids, span, S, t = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(predict(model, ids, span, S, t), reference_predict(model, ids, span, S, t),
+                                   rtol=1e-5, atol=1e-5)
+        prev = 3 * torch.randn_like(S)
+        torch.testing.assert_close(predict(model, ids, span, S, t, prev),
+                                   reference_predict(model, ids, span, S, t, prev), rtol=1e-5, atol=1e-5)
+
+
+def test_context_tokens_are_read_clean_not_from_the_simplex(model):
+    ids, span, S, t = batch()
+    with torch.no_grad():
+        base = predict(model, ids, span, S, t)
+        other_S = torch.where(span[..., None], S, 100 * torch.randn_like(S))  # new values at context only
+        assert torch.equal(predict(model, ids, span, other_S, t), base)
+        other_ids = ids.clone()
+        other_ids[~span] = (ids[~span] + 1) % 512  # the context tokens themselves are read
+        assert not torch.allclose(predict(model, other_ids, span, S, t), base)
+
+
+def test_span_tokens_are_hidden_the_model_sees_only_their_noisy_simplex(model):
+    ids, span, S, t = batch()
+    with torch.no_grad():
+        base = predict(model, ids, span, S, t)
+        other_ids = torch.where(span, (ids + 1) % 512, ids)
+        assert torch.equal(predict(model, other_ids, span, S, t), base)
+
+
+def test_attention_is_bidirectional_a_late_span_position_changes_earlier_logits(model):
+    ids, span, S, t = batch()
+    assert span[:, -1].all()
+    with torch.no_grad():
+        base = predict(model, ids, span, S, t)
+        S2 = S.clone()
+        S2[:, -1] = K * torch.randn_like(S2[:, -1])  # only the last position's simplex
+        changed = predict(model, ids, span, S2, t)
+    # every position from 1 on sees the last one (a causal model would change only logits[:, -1])
+    assert ((changed - base).abs().amax(-1)[:, 1:] > 1e-6).all()
+
+
+def test_logits_at_position_zero_are_exactly_zero_the_label_shift(model):
+    ids, span, S, t = batch()
+    with torch.no_grad():
+        logits = predict(model, ids, span, S, t)
+        assert logits.shape == S.shape
+        assert torch.equal(logits[:, 0], torch.zeros_like(logits[:, 0]))
+        # position j's logits come from position j-1 of the network's output
+        h = torch.where(span[..., None], (torch.softmax(S, -1) + 1 / 512) / 2 @ model.embed_tokens.weight
+                        + t[:, None, None] * model.timestep_embed.weight[:, 0], model.embed_tokens(ids))
+        torch.testing.assert_close(logits[:, 1:], model(embeds=h, causal=False)[:, :-1], rtol=1e-5, atol=1e-5)
+
+
+def test_no_previous_prediction_means_uniform_self_conditioning(model):
+    ids, span, S, t = batch()
+    with torch.no_grad():
+        none = predict(model, ids, span, S, t, prev_logits=None)
+        torch.testing.assert_close(predict(model, ids, span, S, t, prev_logits=torch.zeros_like(S)), none,
+                                   rtol=1e-6, atol=1e-6)
+        # a constant shift of the logits is the same distribution
+        torch.testing.assert_close(predict(model, ids, span, S, t, prev_logits=torch.full_like(S, 4.0)), none,
+                                   rtol=1e-6, atol=1e-6)
+        # and a real previous prediction is read
+        assert not torch.allclose(predict(model, ids, span, S, t, prev_logits=10 * torch.randn_like(S)), none)
+
+
+def test_timestep_enters_only_through_the_timestep_embedding():
+    ids, span, S, t = batch()
+    m = tiny(timestep_scale=1.0).eval()
+    with torch.no_grad():
+        assert not torch.allclose(predict(m, ids, span, S, t), predict(m, ids, span, S, 1 - t))
+        m.timestep_embed.weight.zero_()  # as adaptation starts: the AR model's function, t is ignored
+        assert torch.equal(predict(m, ids, span, S, t), predict(m, ids, span, S, 1 - t))
+
+
+def test_timestep_is_added_on_span_positions_only():
+    ids, _, S, t = batch()
+    m = tiny(timestep_scale=1.0).eval()
+    all_context = torch.zeros_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(predict(m, ids, all_context, S, t), predict(m, ids, all_context, S, 1 - t))
+        # and with no span the model is the plain bidirectional LM on the clean tokens, shifted
+        plain = m(ids, causal=False)
+        torch.testing.assert_close(predict(m, ids, all_context, S, t)[:, 1:], plain[:, :-1], rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Loss (Eq. 3) and self-conditioning in training (Sec. 3.1)
+
+
+def reference_loss(model, ids, span, t, eps, self_condition):
+    """SPEC 3, 5, 6 by hand: S_t from Eq. 2, prev_logits at t' = min(t + 1, T - 1) with the same eps
+    (detached), cross-entropy on span positions j >= 1, averaged."""
+    V = eps.shape[-1]
+    S_0 = 2 * K * F.one_hot(ids, V).float() - K
+
+    def noisy(tt):
+        a = torch.tensor(alpha_bar_formula(tt.numpy() / T), dtype=torch.float32)[:, None, None]
+        return a.sqrt() * S_0 + (1 - a).sqrt() * K * eps
+
+    prev = None
+    if self_condition:
+        t1 = (t + 1).clamp(max=T - 1)
+        prev = reference_predict(model, ids, span, noisy(t1), t1.float() / T).detach()
+    logits = reference_predict(model, ids, span, noisy(t), t.float() / T, prev)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]  # (B, L)
+    counted = span.clone()
+    counted[:, 0] = False  # logits[:, 0] predicts nothing
+    return -(logp * counted).sum() / counted.sum()
+
+
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_diffusion_loss_is_cross_entropy_on_span_positions(model, self_condition):
+    ids, span, _, _ = batch()
+    span[:, 0] = True  # even if position 0 is marked span, it is not a target
+    t = torch.tensor([0, T - 1])  # t + 1 is clamped to T - 1 for the second row
+    eps = torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        loss = diffusion_loss(model, ids, span, t=t, eps=eps, self_condition=self_condition)
+        expected = reference_loss(model, ids, span, t, eps, self_condition)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert abs(loss.item() - math.log(512)) < 0.5  # a random model is close to uniform
+
+
+def test_self_conditioning_changes_the_loss(model):
+    ids, span, _, _ = batch()
+    t, eps = torch.tensor([100, 2000]), torch.randn(*ids.shape, 512)
+    with torch.no_grad():
+        off = diffusion_loss(model, ids, span, t=t, eps=eps, self_condition=False)
+        on = diffusion_loss(model, ids, span, t=t, eps=eps, self_condition=True)
+    assert off.item() != on.item()
+
+
+def test_sum_reduction_gives_sum_and_count_for_global_normalisation(model):
+    ids, span, _, _ = batch()
+    span[:, 0] = True
+    kw = dict(t=torch.tensor([10, 4000]), eps=torch.randn(*ids.shape, 512), self_condition=True)
+    with torch.no_grad():
+        mean = diffusion_loss(model, ids, span, **kw)
+        total, count = diffusion_loss(model, ids, span, reduction="sum", **kw)
+    assert count.item() == span[:, 1:].sum().item()  # span positions j >= 1
+    torch.testing.assert_close(total / count, mean)
+
+
+def test_gradient_flows_only_through_the_final_pass():
+    m = tiny(timestep_scale=0.1)
+    ids, span, _, _ = batch()
+    t, eps = torch.tensor([7, 3000]), torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(3))
+
+    def grads(loss):
+        m.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    # the self-conditioning pass runs without gradient: record grad mode at each model call
+    modes = []
+    hook = m.register_forward_pre_hook(lambda mod, args: modes.append(torch.is_grad_enabled()))
+    g = grads(diffusion_loss(m, ids, span, t=t, eps=eps, self_condition=True))
+    hook.remove()
+    assert modes == [False, True]
+    # the same gradients as by hand with prev_logits detached ...
+    g_ref = grads(reference_loss(m, ids, span, t, eps, self_condition=True))
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    # ... and not those of backpropagating through the previous prediction (the check has power)
+    def through_prev():
+        S = lambda tt: add_noise(ids, eps, alpha_bars(T)[tt])
+        prev = predict(m, ids, span, S(t + 1), (t + 1) / T)  # not detached
+        logits = predict(m, ids, span, S(t), t / T, prev)
+        return F.cross_entropy(logits[:, 1:][span[:, 1:]], ids[:, 1:][span[:, 1:]])
+    g_wrong = grads(through_prev())
+    assert not torch.allclose(g["model.embed_tokens.weight"], g_wrong["model.embed_tokens.weight"])
+
+
+def test_self_conditioning_keeps_no_graph_for_its_extra_pass():
+    m = tiny(timestep_scale=0.1)
+    ids, span, _, _ = batch()
+    t, eps = torch.tensor([7, 3000]), torch.randn(*ids.shape, 512)
+
+    def saved_for_backward(self_condition):
+        count = [0]
+
+        def pack(x):
+            count[0] += 1
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            diffusion_loss(m, ids, span, t=t, eps=eps, self_condition=self_condition)
+        return count[0]
+    # the activations kept for backward are those of one pass, with or without self-conditioning
+    assert saved_for_backward(True) == saved_for_backward(False) > 0
+
+
+def test_diffusion_loss_is_reproducible_from_a_seeded_generator(model):
+    ids, span, _, _ = batch()
+    with torch.no_grad():
+        a = diffusion_loss(model, ids, span, generator=torch.Generator().manual_seed(5))
+        b = diffusion_loss(model, ids, span, generator=torch.Generator().manual_seed(5))
+        c = diffusion_loss(model, ids, span, generator=torch.Generator().manual_seed(6))
+    assert a.item() == b.item()
+    assert a.item() != c.item()
+
+
+def test_diffusion_loss_draws_uniform_timesteps_and_self_conditions_half_the_time(model, monkeypatch):
+    ids, span, _, _ = batch(B=50, L=4)
+    calls = []  # per model pass: (scaled t, whether it was given a previous prediction)
+
+    def spy(model, ids, span_mask, S_t, t, prev_logits=None):
+        calls.append((t, prev_logits is not None))
+        return torch.zeros(*ids.shape, 512)  # skip the network: only the draws matter here
+    monkeypatch.setattr(tess2, "predict", spy)
+    g = torch.Generator().manual_seed(0)
+    steps, final_t, self_conditioned = 200, [], 0
+    for _ in range(steps):
+        calls.clear()
+        diffusion_loss(model, ids, span, generator=g)
+        if len(calls) == 2:  # a pass at t' = t + 1 without conditioning, then the real one given it
+            (t1, c1), (t, c) = calls
+            assert not c1 and c
+            torch.testing.assert_close(t1, (t * T + 1).clamp(max=T - 1) / T)
+            self_conditioned += 1
+        else:
+            ((t, c),) = calls
+            assert not c
+        final_t.append(t * T)
+    assert 0.35 * steps < self_conditioned < 0.65 * steps  # probability 0.5
+    final_t = torch.cat(final_t)  # one timestep per sequence, uniform over {0..T-1}
+    assert final_t.min() >= 0 and final_t.max() <= T - 1
+    torch.testing.assert_close(final_t, final_t.round())
+    assert abs(final_t.mean().item() / (T - 1) - 0.5) < 0.02
+
+
+# -----------------------------------------------------------------------------
+# Masks (SPEC 7)
+
+
+def runs(mask):
+    """The (start, length) of each run of True in a 1-D bool mask."""
+    m = mask.int().tolist()
+    out, start = [], None
+    for i, v in enumerate(m + [0]):
+        if v and start is None:
+            start = i
+        if not v and start is not None:
+            out.append((start, i - start))
+            start = None
+    return out
+
+
+def test_random_segmentation_splits_into_nonempty_parts_that_sum_to_the_total():
+    g = torch.Generator().manual_seed(0)
+    for n, s in [(1, 1), (10, 1), (10, 10), (10, 3), (512, 25), (76, 9)]:
+        for _ in range(20):
+            parts = random_segmentation(n, s, g)
+            assert len(parts) == s and (parts >= 1).all() and parts.sum().item() == n
+
+
+@pytest.mark.parametrize("density,mean_len", [(0.15, 3), (0.15, 8), (0.5, 3), (0.5, 8), (0.5, 48)])
+def test_t5_span_mask_masks_the_ratio_in_spans_of_the_mean_length(density, mean_len):
+    L, draws = 512, 200
+    g = torch.Generator().manual_seed(0)
+    num_mask = int(L * density)
+    lengths = []
+    for _ in range(draws):
+        mask = t5_span_mask(L, density, mean_len, g)
+        assert mask.shape == (L,) and mask.dtype == torch.bool
+        assert mask.sum().item() == num_mask
+        assert not mask[0]  # BOS is never in the span
+        spans = runs(mask)
+        # num_mask / mean_len separate spans, each followed by at least one context token or the end
+        assert len(spans) == max(1, int(num_mask / mean_len))
+        lengths += [n for _, n in spans]
+    assert np.mean(lengths) == pytest.approx(mean_len, rel=0.1)
+    # spans land anywhere after BOS, not always in the same place
+    assert len({tuple(t5_span_mask(L, density, mean_len, g).nonzero().flatten().tolist()) for _ in range(5)}) == 5
+
+
+def test_t5_span_mask_on_tiny_lengths():
+    g = torch.Generator().manual_seed(0)
+    for L in (2, 3, 5):
+        for density in (0.01, 0.5, 0.99):
+            mask = t5_span_mask(L, density, 3, g)
+            assert 1 <= mask.sum() <= L - 1 and not mask[0]
+
+
+def test_prefix_mask_makes_the_tail_the_span_and_refuses_bad_lengths():
+    assert prefix_mask(6, 2).tolist() == [False, False, True, True, True, True]
+    assert prefix_mask(6, 5).tolist() == [False] * 5 + [True]
+    for bad in (-1, 0, 6, 7):
+        with pytest.raises(ValueError, match="prefix length"):
+            prefix_mask(6, bad)
+
+
+def classify(mask):
+    """Which UL2 objective made a mask (at L = 512): (kind, detail)."""
+    L, n, spans = len(mask), int(mask.sum()), runs(mask)
+    if len(spans) == 1 and spans[0][0] + spans[0][1] == L:
+        return "prefix", spans[0][0]  # prefix length
+    assert n in (int(L * 0.15), int(L * 0.5)), n
+    return ("t5" if n == int(L * 0.15) else "aggressive"), len(spans)
+
+
+def test_ul2_mask_mixes_three_objectives_equally():
+    L, draws = 512, 1500
+    g = torch.Generator().manual_seed(0)
+    kinds = {"t5": [], "prefix": [], "aggressive": []}
+    for _ in range(draws):
+        mask = ul2_mask(L, g)
+        assert not mask[0]
+        kind, detail = classify(mask)
+        kinds[kind].append(detail)
+    for kind, details in kinds.items():
+        assert abs(len(details) / draws - 1 / 3) < 0.05, kind
+    # T5 picks mean span 3 or 8 (25 or 9 spans at 15%), aggressive 3, 8 or 48 (85, 32, 5 spans), equally
+    for kind, options in [("t5", {25, 9}), ("aggressive", {85, 32, 5})]:
+        d = kinds[kind]
+        assert set(d) == options
+        for o in options:
+            assert abs(d.count(o) / len(d) - 1 / len(options)) < 0.08, (kind, o)
+    # released prefix-LM: prefix length in [1, (L - 1) // 2)
+    assert 1 <= min(kinds["prefix"]) and max(kinds["prefix"]) < (L - 1) // 2
+
+
+def test_ul2_released_prefix_length_covers_one_to_half_the_length():
+    L = 64  # here prefix masks (34..63 span tokens) are told apart from T5 (9) and aggressive (32)
+    g = torch.Generator().manual_seed(0)
+    prefixes = set()
+    for _ in range(1500):
+        mask = ul2_mask(L, g, prefix="released")
+        if mask.sum() > 32:
+            (start, n), = runs(mask)
+            assert start + n == L
+            prefixes.add(start)
+    assert prefixes == set(range(1, (L - 1) // 2))
+
+
+def test_ul2_paper_prefix_is_the_first_half():
+    L = 512
+    g = torch.Generator().manual_seed(0)
+    seen = 0
+    for _ in range(60):
+        kind, detail = classify(ul2_mask(L, g, prefix="paper"))
+        if kind == "prefix":
+            assert detail == L // 2
+            seen += 1
+    assert seen > 0
+
+
+def test_ul2_mask_refuses_an_unknown_prefix_mode():
+    for seed in range(10):  # whichever objective the draw picks
+        with pytest.raises(ValueError, match="prefix"):
+            ul2_mask(64, torch.Generator().manual_seed(seed), prefix="halfway")
+
+
+def test_masks_are_determined_by_the_generator_seed():
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([ul2_mask(256, g) for _ in range(20)] + [t5_span_mask(256, 0.15, 3, g)])
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+# -----------------------------------------------------------------------------
+# Projection (Eq. 5)
+
+
+def test_projection_without_top_p_is_argmax():
+    logits = torch.randn(3, 7, 50)
+    assert torch.equal(project(logits), logits.argmax(-1))
+
+
+def nucleus_logits(rows, V=10):
+    """Probabilities 0.4, 0.3, 0.2 on tokens 7, 2, 5 and 0.1 spread over the other seven."""
+    p = torch.full((V,), 0.1 / (V - 3))
+    p[7], p[2], p[5] = 0.4, 0.3, 0.2
+    return p.log().expand(1, rows, V)
+
+
+def frequencies(tokens, V=10):
+    return torch.bincount(tokens.flatten(), minlength=V).float() / tokens.numel()
+
+
+def test_nucleus_sampling_never_leaves_the_nucleus():
+    g = torch.Generator().manual_seed(0)
+    logits = nucleus_logits(20_000)
+    # top_p = 0.85: the smallest set reaching 0.85 is {7, 2, 5} (0.9), sampled renormalised
+    freq = frequencies(project(logits, top_p=0.85, generator=g))
+    assert set(freq.nonzero().flatten().tolist()) == {7, 2, 5}
+    torch.testing.assert_close(freq[[7, 2, 5]], torch.tensor([4 / 9, 3 / 9, 2 / 9]), rtol=0, atol=0.02)
+    # top_p = 0.5: {7, 2}
+    freq = frequencies(project(logits, top_p=0.5, generator=g))
+    assert set(freq.nonzero().flatten().tolist()) == {7, 2}
+    # top_p below the top token's probability: argmax
+    assert (project(logits, top_p=0.1, generator=g) == 7).all()
+
+
+def test_nucleus_with_top_p_one_samples_the_full_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    tokens = project(logits.expand(2, 20_000, 6), top_p=1.0, generator=g)
+    assert tokens.shape == (2, 20_000)
+    torch.testing.assert_close(frequencies(tokens, 6), torch.softmax(logits, -1), rtol=0, atol=0.01)
+
+
+def test_nucleus_sampling_is_determined_by_the_generator_seed():
+    logits = torch.randn(2, 30, 40)
+    a = project(logits, top_p=0.99, generator=torch.Generator().manual_seed(1))
+    b = project(logits, top_p=0.99, generator=torch.Generator().manual_seed(1))
+    c = project(logits, top_p=0.99, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_projection_refuses_an_invalid_top_p():
+    for bad in (0.0, -0.5, 1.01, 2.0):
+        with pytest.raises(ValueError, match="top_p"):
+            project(torch.randn(1, 2, 5), top_p=bad)
+
+
+# -----------------------------------------------------------------------------
+# The loss is learnable
+
+
+def test_a_tiny_model_learns_a_fixed_batch():
+    m = tiny(timestep_scale=0.0)
+    B, L, V = 4, 64, 512
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(V, (B, L), generator=g)
+    span = torch.stack([ul2_mask(L, g) for _ in range(B)])
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = diffusion_loss(m, ids, span, generator=g)  # random t, noise and self-conditioning
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(V), abs=0.3)
+    assert np.mean(losses[-10:]) < 0.3 * losses[0]
