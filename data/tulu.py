@@ -1,0 +1,81 @@
+"""The Tulu 2 SFT mixture as a "spans" dataset for instruction tuning (SPEC 8).
+
+    python -m data.tulu --tokenizer mistralai/Mistral-7B-v0.1 --out out/tulu
+    python -m data.tulu --tokenizer out/shakespeare --input chats.jsonl --out out/chats
+
+Single-turn only: the first user message and the first assistant reply of each conversation
+(a leading system message is dropped), formatted with the Tulu template of data/chat.py.
+Records are {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
+(Tulu's format) or {"user": ..., "assistant": ...}. Skipped and counted in meta.json: records
+without such a first exchange, and examples whose prompt alone is >= --max-len tokens (no room
+left for a response).
+
+From the Hub: allenai/tulu-v2-sft-mixture holds its ~326k conversations as three parquet files
+(data/train-0000N-of-00003-*.parquet); reading parquet needs `pip install pyarrow`, which tess2
+does not install. Re-running after a finished run does nothing.
+"""
+
+import argparse
+import itertools
+from collections import Counter
+
+from data.chat import encode_examples, first_turn, load_tokenizer
+from data.shards import dataset_done, write_spans
+from data.sources import hub_files, local_files, read_records
+
+
+def conversations(files, counts, limit=None):
+    """(user, assistant) of every record, counting the ones without a first exchange."""
+    n = 0
+    for path in files:
+        for record in read_records(path):
+            turn = first_turn(record)
+            if turn is None:
+                counts["skipped_no_first_turn"] += 1
+                continue
+            yield turn
+            n += 1
+            if limit and n >= limit:
+                return
+
+
+def encoded(tok, turns, max_len, counts, chunk=1024):
+    """(ids, prompt_len) for each (user, assistant), tokenized a chunk at a time."""
+    turns = iter(turns)
+    while batch := list(itertools.islice(turns, chunk)):
+        for ids, prompt_len in encode_examples(tok, batch):
+            if prompt_len >= max_len:
+                counts["skipped_long_prompt"] += 1
+                continue
+            yield ids, prompt_len
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
+    p.add_argument("--out", default="out/tulu", help="output dataset folder")
+    p.add_argument("--input", nargs="+", help="local .jsonl/.json/.parquet files (or folders, globs) instead of the Hub")
+    p.add_argument("--dataset", default="allenai/tulu-v2-sft-mixture", help="Hub dataset id")
+    p.add_argument("--files", default="data/*.parquet", help="glob of the Hub dataset's files to read")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--max-len", type=int, default=2048, help="skip examples whose prompt alone is this long")
+    p.add_argument("--limit", type=int, help="stop after this many conversations (for quick experiments)")
+    args = p.parse_args(argv)
+
+    tok = load_tokenizer(args.tokenizer)
+    if dataset_done(args.out, tok.meta()):
+        print(f"{args.out} is already prepared: nothing to do")
+        return
+    if args.input:
+        files, source = local_files(args.input), {"input": [str(f) for f in local_files(args.input)]}
+    else:
+        files = [f for _, f in hub_files(args.dataset, args.files, revision=args.revision)]
+        source = {"dataset": args.dataset, "files": args.files, "revision": args.revision}
+    counts = Counter()  # filled in while the examples stream into the writer, saved in meta.json
+    examples = encoded(tok, conversations(files, counts, args.limit), args.max_len, counts)
+    meta = write_spans(args.out, examples, dict(tok.meta(), source=source, max_len=args.max_len, counts=counts))
+    print(f"{args.out}: {meta['num_examples']} examples, {meta['num_tokens']} tokens; {dict(counts)}")
+
+
+if __name__ == "__main__":
+    main()
