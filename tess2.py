@@ -180,8 +180,9 @@ def ul2_mask(length: int, generator=None, prefix: str = "released"):
     """
     SPEC 7 / App. A.1: one of three objectives with equal weight.
       T5: 15% masked, mean span 3 or 8. Aggressive T5: 50% masked, mean span 3, 8 or 48.
-      Prefix-LM: prefix="released": random prefix length in [1, (L-1)//2) (released code);
-                 prefix="paper": the first half is context.
+      Prefix-LM: BOS plus a prefix of n tokens is context. prefix="released": n uniform in
+                 [1, (L-1)//2) (released code's gpt_span_mask); prefix="paper": n = (L-1)//2,
+                 the first half.
     The released run had one sequence per device batch, so "per batch" there is per sequence here.
     """
     if prefix not in ("released", "paper"):
@@ -196,9 +197,9 @@ def ul2_mask(length: int, generator=None, prefix: str = "released"):
     if kind == 1:
         return t5_span_mask(length, 0.5, pick([3, 8, 48]), generator)
     if prefix == "paper":
-        return prefix_mask(length, length // 2)
-    hi = max((length - 1) // 2, 2)
-    return prefix_mask(length, int(torch.randint(1, hi, (), generator=generator)))
+        return prefix_mask(length, 1 + (length - 1) // 2)
+    n = int(torch.randint(1, (length - 1) // 2, (), generator=generator)) if length >= 5 else 1
+    return prefix_mask(length, 1 + n)
 
 
 # -----------------------------------------------------------------------------

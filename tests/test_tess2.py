@@ -483,11 +483,11 @@ def test_ul2_mask_mixes_three_objectives_equally():
         assert set(d) == options
         for o in options:
             assert abs(d.count(o) / len(d) - 1 / len(options)) < 0.08, (kind, o)
-    # released prefix-LM: prefix length in [1, (L - 1) // 2)
-    assert 1 <= min(kinds["prefix"]) and max(kinds["prefix"]) < (L - 1) // 2
+    # released prefix-LM: BOS + n context tokens, n in [1, (L - 1) // 2)
+    assert 2 <= min(kinds["prefix"]) and max(kinds["prefix"]) <= (L - 1) // 2
 
 
-def test_ul2_released_prefix_length_covers_one_to_half_the_length():
+def test_ul2_released_prefix_is_bos_plus_one_to_half_the_length():
     L = 64  # here prefix masks (34..63 span tokens) are told apart from T5 (9) and aggressive (32)
     g = torch.Generator().manual_seed(0)
     prefixes = set()
@@ -497,7 +497,8 @@ def test_ul2_released_prefix_length_covers_one_to_half_the_length():
             (start, n), = runs(mask)
             assert start + n == L
             prefixes.add(start)
-    assert prefixes == set(range(1, (L - 1) // 2))
+    # BOS + n tokens of context, n in [1, (L-1)//2) as in the released gpt_span_mask
+    assert prefixes == set(range(2, (L - 1) // 2 + 1))
 
 
 def test_ul2_paper_prefix_is_the_first_half():
