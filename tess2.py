@@ -121,10 +121,11 @@ def diffusion_loss(model, ids, span_mask, t=None, eps=None, self_condition=None,
     B, L = ids.shape
     V = model.args.vocab_size
     dev = ids.device
+    gdev = generator.device if generator is not None else dev  # draw where the generator lives
     if t is None:
-        t = torch.randint(0, num_steps, (B,), generator=generator, device="cpu").to(dev)
+        t = torch.randint(0, num_steps, (B,), generator=generator, device=gdev).to(dev)
     if eps is None:
-        eps = torch.randn(B, L, V, generator=generator, device="cpu").to(dev)
+        eps = torch.randn(B, L, V, generator=generator, device=gdev).to(dev)
     if self_condition is None:
         self_condition = bool(torch.rand((), generator=generator) < 0.5)
     ab = alpha_bars(num_steps).to(dev)  # (T,)
