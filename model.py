@@ -242,7 +242,8 @@ class Transformer(nn.Module):
                 key_padding_mask=None, last_index=None, hidden_only: bool = False):
         """
         ids (B, T) token ids, or embeds (B, T, D) input embeddings.
-        t (B, T): per-position scaled time in [0, 1) for the timestep embedding (0 adds nothing).
+        t (B,) or (B, T): scaled time in [0, 1) for the timestep embedding, per sequence or per
+          position (0 adds nothing, so context positions can be given t = 0).
         causal: attention kind for this call (default: args.causal).
         key_padding_mask (B, T) bool, True = a real token that may be attended to.
         last_index (B,): where the score head reads (default: the last position).
@@ -256,7 +257,11 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the sliding window {a.sliding_window}; "
                              "this implementation does not do windowed attention")
         if t is not None:
-            x = x + self.timestep_embed(t.to(x.dtype).unsqueeze(-1))  # (B, T, D)
+            if not a.timestep_embed:
+                raise ValueError("t was given but this model has no timestep embedding; load it with "
+                                 "timestep_embed=True (and causal=False) to adapt it to diffusion")
+            t = t.to(x.dtype).reshape(B, -1, 1)  # (B, 1 or T, 1): a (B,) t must not broadcast along T
+            x = x + self.timestep_embed(t)  # (B, T, D)
         causal = a.causal if causal is None else causal
         mask = None
         if key_padding_mask is not None:
@@ -290,8 +295,9 @@ class Transformer(nn.Module):
         """
         Load a Hugging Face Mistral/Llama checkpoint (causal LM, sequence classifier, or the
         released TESS 2) from a local directory or a Hub repo id. The model is built on the meta
-        device and each tensor is read from the memory-mapped safetensors straight into `dtype`
-        on `device`, so loading needs about one copy of the weights.
+        device and each tensor is read (pread, not mmap: the model must not keep the file mapped,
+        and mapped pages would count twice while converting) and cast to `dtype` (default fp32)
+        on `device` one at a time, so loading peaks at one copy of the weights plus one tensor.
 
         overrides change the architecture on the way in, e.g. timestep_embed=True, causal=False
         to adapt an AR model to diffusion, or head="score" to start a reward model from an LM.
@@ -299,11 +305,11 @@ class Transformer(nn.Module):
         timestep_embed.weight -> zeros (the adapted model starts as the AR model's function),
         score.weight -> normal(0, 0.02). A dropped lm_head (head="score") is reported.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         path = resolve(name_or_path)
+        files = checkpoint_files(path)
         with open(os.path.join(path, "config.json")) as f:
             args = ModelArgs.from_hf(json.load(f), **overrides)
-        files = checkpoint_files(path)
         device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(args)
@@ -312,22 +318,28 @@ class Transformer(nn.Module):
             expected.pop("lm_head.weight")
         state, ignored = {}, []
         for file in files:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    name = key
+            try:
+                f = safe_open(file, framework="pt", device=str(device), backend="pread")
+            except SafetensorError as e:  # the raw error does not say which file
+                raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be truncated "
+                                 "by an interrupted download or copy: delete it and fetch it again") from e
+            with f:
+                for name in f.keys():
                     if name.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints stored
                         continue
-                    if name == "lm_head.weight" and args.head == "score" and "lm_head.weight" not in expected:
+                    if name == "lm_head.weight" and name not in expected:  # head="score", or tied
                         ignored.append(name)
                         continue
                     if name not in expected:
-                        raise ValueError(f"unexpected tensor {key!r} in {file}: not part of a "
+                        raise ValueError(f"unexpected tensor {name!r} in {file}: not part of a "
                                          f"{args.architecture} with this config.json")
-                    shape = tuple(f.get_slice(key).get_shape())
+                    if name in state:
+                        raise ValueError(f"tensor {name!r} appears twice, the second time in {file}")
+                    shape = tuple(f.get_slice(name).get_shape())
                     if shape != tuple(expected[name].shape):
-                        raise ValueError(f"tensor {key!r} in {file} has shape {shape}, expected "
+                        raise ValueError(f"tensor {name!r} in {file} has shape {shape}, expected "
                                          f"{tuple(expected[name].shape)} from config.json")
-                    state[name] = f.get_tensor(key).to(dtype or torch.float32)
+                    state[name] = f.get_tensor(name).to(dtype or torch.float32)
         new = []
         for name in expected.keys() - state.keys():
             p = expected[name]
@@ -426,8 +438,12 @@ def resolve(name_or_path: str) -> str:
         raise FileNotFoundError(f"no checkpoint directory {name_or_path!r} (and it is not a Hub repo id "
                                 "like 'hamishivi/tess2')")
     from huggingface_hub import snapshot_download
-    return snapshot_download(name_or_path, allow_patterns=[
-        "config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES])
+    try:  # offline (HF_HUB_OFFLINE=1 or no network) this returns the cached snapshot, if any
+        return snapshot_download(name_or_path, allow_patterns=[
+            "config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES])
+    except Exception as e:
+        raise FileNotFoundError(f"{name_or_path!r} is not a local directory and could not be fetched "
+                                f"from the Hugging Face Hub: {type(e).__name__}: {e}") from e
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -448,7 +464,8 @@ def checkpoint_files(path: str) -> list[str]:
         raise ValueError(f"{path} holds only pickle checkpoints (.bin/.pt), which can run arbitrary code "
                          "when loaded and are refused here. Convert once with transformers: "
                          "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)")
-    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
+                            "(Hub repos that hold only pickle .bin weights are not read)")
 
 
 # -----------------------------------------------------------------------------
