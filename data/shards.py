@@ -71,16 +71,20 @@ class ArrayFile:
         return {"dtype": self.dtype, "count": self.count}
 
 
-def _start(path, meta):
+def _full_meta(path, meta):
     missing = [k for k in TOKENIZER_KEYS + ("source",) if k not in meta]
     if missing:
         raise ValueError(f"meta for {path} lacks {missing}: pass data.chat.TokenizerInfo.meta() plus a 'source'")
-    path = Path(path)
+    return dict(meta, format=FORMAT, dtype=token_dtype(meta["vocab_size"]))
+
+
+def _start(path, meta):
+    meta, path = _full_meta(path, meta), Path(path)
     path.mkdir(parents=True, exist_ok=True)
     stale = path / "meta.json"
     if stale.exists():
         stale.unlink()  # we are rewriting this dataset: it is incomplete until the new meta lands
-    return path, dict(meta, format=FORMAT, dtype=token_dtype(meta["vocab_size"]))
+    return path, meta
 
 
 def write_tokens(path, arrays, meta, shard_tokens=2**28):
@@ -106,7 +110,7 @@ def write_tokens(path, arrays, meta, shard_tokens=2**28):
 
 def finish_tokens(path, meta, shards, files):
     """Writes meta.json for a tokens dataset whose shard files are already in place."""
-    meta = dict(meta, kind="tokens", shards=list(shards), files=files,
+    meta = dict(_full_meta(path, meta), kind="tokens", shards=list(shards), files=files,
                 num_tokens=sum(files[s]["count"] for s in shards))
     write_json_atomic(Path(path) / "meta.json", meta)
     return meta
