@@ -70,13 +70,15 @@ class ModelArgs:
         """Read a Hugging Face config.json dict (Mistral, Llama, or the released TESS 2)."""
         arch = (cfg.get("architectures") or ["MistralForCausalLM"])[0]
         known = ("MistralForCausalLM", "LlamaForCausalLM", "MistralForSequenceClassification",
-                 "LlamaForSequenceClassification", "MistralForDiffusionLM", "LlamaForDiffusionLM")
+                 "LlamaForSequenceClassification", "MistralForDiffusionLM", "LlamaForDiffusionLM",
+                 "MistralforSequenceClassificationWithPadding")  # the released code's reward model class
         if arch not in known:
             raise ValueError(f"unknown architecture {arch!r} in config.json; this loader reads "
                              f"{', '.join(known)}")
-        if arch.endswith("ForSequenceClassification") and cfg.get("num_labels", 1) != 1:
-            if len(cfg.get("id2label", {})) not in (0, 1):
-                raise ValueError(f"{arch} with {len(cfg['id2label'])} labels: a reward model has one")
+        score = "SequenceClassification" in arch
+        labels = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 1
+        if score and labels != 1:
+            raise ValueError(f"{arch} with {labels} labels: a reward model has one")
         names = {f.name for f in fields(cls)}
         args = {k: v for k, v in cfg.items() if k in names}
         rope_cfg = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers >= 5 / Llama 3
@@ -84,9 +86,11 @@ class ModelArgs:
             raise ValueError(f"rope scaling {rope_cfg} is not supported: only plain RoPE (Mistral, Llama 2)")
         args["rope_theta"] = rope_cfg.get("rope_theta", cfg.get("rope_theta", 10000.0))
         args["model_type"] = "llama" if arch.startswith("Llama") else "mistral"
-        args["head"] = "score" if arch.endswith("ForSequenceClassification") else "lm"
-        args["timestep_embed"] = cfg.get("timestep_embed", arch.endswith("ForDiffusionLM"))
-        args["causal"] = cfg.get("causal", not args["timestep_embed"])
+        args["head"] = "score" if score else "lm"
+        # ours: timestep_embed, causal; the released code's config: disable_timestep_embed, is_causal
+        diffusion = arch.endswith("ForDiffusionLM")
+        args["timestep_embed"] = cfg.get("timestep_embed", diffusion and not cfg.get("disable_timestep_embed", False))
+        args["causal"] = cfg.get("causal", cfg.get("is_causal", False) if diffusion else True)
         if args["model_type"] == "llama":
             args.setdefault("sliding_window", None)
         args.update(overrides)

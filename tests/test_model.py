@@ -183,7 +183,8 @@ def test_tess2_checkpoint_loads_as_bidirectional_diffusion_model(tmp_path):
     cfg = dict(architectures=["MistralForDiffusionLM"], model_type="mistral", vocab_size=V, hidden_size=D,
                intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False,
-               torch_dtype="bfloat16")
+               torch_dtype="bfloat16", is_causal=False, disable_timestep_embed=False,  # the released flags
+               self_condition="logits_mean", padding_side="right")
     args = ModelArgs.from_hf(cfg, timestep_embed=True, causal=False)
     torch.manual_seed(0)
     tensors = {k: v.to(torch.bfloat16) for k, v in Transformer(args).init_weights().state_dict().items()}
@@ -201,11 +202,31 @@ def test_tess2_checkpoint_loads_as_bidirectional_diffusion_model(tmp_path):
         assert torch.equal(m(ids), m(ids, causal=False))  # bidirectional by default
 
 
+@pytest.mark.parametrize("cfg, timestep_embed, causal", [
+    (dict(architectures=["MistralForCausalLM"]), False, True),
+    (dict(architectures=["MistralForDiffusionLM"]), True, False),
+    (dict(architectures=["MistralForDiffusionLM"], is_causal=True, disable_timestep_embed=True), False, True),
+    (dict(architectures=["LlamaForDiffusionLM"], timestep_embed=True, causal=True), True, True),  # ours win
+])
+def test_config_flags_of_the_released_code_and_ours_are_both_read(cfg, timestep_embed, causal):
+    a = ModelArgs.from_hf(dict(vocab_size=32001, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **cfg))
+    assert (a.timestep_embed, a.causal) == (timestep_embed, causal)
+
+
+def test_a_classifier_with_several_labels_is_not_a_reward_model():
+    cfg = dict(architectures=["MistralForSequenceClassification"], id2label={"0": "bad", "1": "good"})
+    with pytest.raises(ValueError, match="2 labels"):
+        ModelArgs.from_hf(cfg)
+    assert ModelArgs.from_hf({**cfg, "id2label": {"0": "LABEL_0"}}).head == "score"
+
+
 def test_adapting_an_ar_checkpoint_adds_a_zero_timestep_embedding_and_says_so(tmp_path, capsys):
     path, hf = hf_checkpoint(tmp_path / "ar")
     m = Transformer.from_pretrained(path, timestep_embed=True, causal=False).eval()
     assert "timestep_embed.weight" in capsys.readouterr().out
     assert not m.args.causal and torch.equal(m.timestep_embed.weight, torch.zeros(64, 1))
+    params = dict(m.named_parameters())  # the new weight is trained like the others
+    assert "timestep_embed.weight" in params and all(p.requires_grad for p in params.values())
     ids = ids_for()
     B, T = ids.shape
     with torch.no_grad():  # at first the adapted model is the AR model with its causal mask removed
