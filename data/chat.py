@@ -62,8 +62,9 @@ def _fetch_tokenizer_files(repo_id, revision=None):
     try:
         json_path = hf_hub_download(repo_id, "tokenizer.json", revision=revision)
     except Exception as e:
-        raise FileNotFoundError(f"could not get tokenizer.json of {repo_id!r} from the Hub ({type(e).__name__}: {e}). "
-                                "Pass --tokenizer a local folder that holds tokenizer.json instead.") from None
+        raise FileNotFoundError(f"{repo_id!r} is not a local folder or file, and getting its tokenizer.json from the "
+                                f"Hub failed ({type(e).__name__}: {e}). Pass --tokenizer a folder that holds "
+                                "tokenizer.json, or a Hub model id with network access.") from None
     try:
         config_path = hf_hub_download(repo_id, "tokenizer_config.json", revision=revision)
     except EntryNotFoundError:

@@ -60,7 +60,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
     p.add_argument("--out", default="out/preferences", help="output dataset folder")
-    p.add_argument("--input", nargs="+", help="local .jsonl/.json/.parquet files (or folders, globs) instead of the Hub")
+    p.add_argument("--input", nargs="+",
+                   help="local .jsonl/.json/.parquet files (or folders, globs) instead of the Hub")
     p.add_argument("--dataset", default="HuggingFaceH4/ultrafeedback_binarized", help="Hub dataset id")
     p.add_argument("--files", default="data/train_prefs-*.parquet", help="glob of the Hub dataset's files to read")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
@@ -79,7 +80,8 @@ def main(argv=None):
         source = {"dataset": args.dataset, "files": args.files, "revision": args.revision}
     records = itertools.islice((r for f in files for r in read_records(f)), args.limit)
     counts = Counter()  # filled in while the pairs stream into the writer, saved in meta.json
-    meta = write_pairs(args.out, encoded_pairs(tok, usable(records, counts)), dict(tok.meta(), source=source, counts=counts))
+    pairs = encoded_pairs(tok, usable(records, counts))
+    meta = write_pairs(args.out, pairs, dict(tok.meta(), source=source, counts=counts))
     print(f"{args.out}: {meta['num_examples']} pairs, {meta['num_tokens']} tokens; {dict(counts)}")
 
 

