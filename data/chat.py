@@ -111,8 +111,8 @@ def load_tokenizer(name_or_path, revision=None):
 
 
 def encode_prompt(tok, user):
-    """BOS + the templated prompt: the context row that sample.py starts from."""
-    return [tok.bos_id] + tok.encode(format_prompt(user))
+    """BOS + the templated prompt, user text stripped as in training: the context a sampler starts from."""
+    return [tok.bos_id] + tok.encode(format_prompt(user.strip()))
 
 
 def encode_examples(tok, examples):
