@@ -1,0 +1,332 @@
+"""
+train.py: every stage trains, and a step is the same step however it is computed.
+
+A step's loss is normalised over the whole global batch and every random draw is keyed by the
+global sample index (or the step), so gradient accumulation, 2 DDP processes, 2 FSDP2 processes
+and a stopped-then-resumed run all reproduce one plain run. Models are model.preset("tiny"),
+datasets a few hundred random tokens written with data.shards, everything on CPU in fp32.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.testing import assert_close
+
+import train
+from data.chat import load_tokenizer
+from data.shards import write_pairs, write_spans, write_tokens
+from model import Transformer, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIGHT = dict(atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# tiny tokenizer and datasets
+
+
+def make_tokenizer(folder, words=57):
+    """A word-level tokenizer: <unk> <s> </s> w0..w56; load_tokenizer adds [PAD] (id 60, V = 61)."""
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
+def make_data(root, kind, n=24, seed=0, tok_dir=None):
+    tok_dir = tok_dir or make_tokenizer(os.path.join(root, "tok"))
+    info = load_tokenizer(tok_dir)
+    meta = dict(info.meta(), source="test")
+    rng = np.random.default_rng(seed)
+    words = lambda k: list(rng.integers(3, 60, k))
+    path = os.path.join(root, f"{kind}-{seed}")
+    if kind == "tokens":
+        write_tokens(path, [words(rng.integers(5, 40)) + [info.eos_id] for _ in range(n * 4)], meta)
+    elif kind == "spans":
+        rows = []
+        for _ in range(n):
+            prompt = [info.bos_id] + words(rng.integers(2, 10))
+            rows.append((prompt + words(rng.integers(2, 12)) + [info.eos_id], len(prompt)))
+        write_spans(path, rows, meta)
+    else:
+        rows = []
+        for _ in range(n):
+            prompt = [info.bos_id] + words(rng.integers(2, 8))
+            rows.append((prompt + words(rng.integers(2, 8)) + [info.eos_id],
+                         prompt + words(rng.integers(2, 8)) + [info.eos_id], len(prompt)))
+        write_pairs(path, rows, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    tok = make_tokenizer(os.path.join(root, "tok"))
+    out = {kind: make_data(root, kind, tok_dir=tok) for kind in ("tokens", "spans", "pairs")}
+    out["val"] = make_data(root, "tokens", seed=1, tok_dir=tok)
+    out["tok"] = tok
+    return out
+
+
+STAGE_DATA = dict(adapt="tokens", sft="spans", rm="pairs", ar="tokens")
+
+
+def flags(stage, datasets, out, **kw):
+    """Command-line flags of a tiny run; keyword arguments add or replace flags."""
+    base = dict(stage=stage, init="scratch", preset="tiny", data=datasets[STAGE_DATA[stage]], out=str(out),
+                seq_len=24, batch_size=4, micro_batch_size=1, max_steps=4, lr=3e-3, schedule="linear",
+                warmup_steps=1, device="cpu", save_every=1000)
+    argv = []
+    for k, v in {**base, **kw}.items():
+        if v is True:
+            argv.append("--" + k.replace("_", "-"))
+        elif v is not None and v is not False:
+            argv += ["--" + k.replace("_", "-"), str(v)]
+    return argv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: more threads only spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(stage, datasets, out, **kw):
+    train.main(flags(stage, datasets, out, **kw))
+    return read_log(out)
+
+
+def torchrun(stage, datasets, out, nproc=2, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--standalone", os.path.join(ROOT, "train.py"), *flags(stage, datasets, out, **kw)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        output = p.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # torchrun and its workers
+        raise
+    assert p.returncode == 0, output[-5000:]
+    return read_log(out)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return dict(train=[r for r in records if "loss" in r], val=[r for r in records if "val_loss" in r])
+
+
+def losses(log):
+    return [r["loss"] for r in log["train"]]
+
+
+def weights(out, step):
+    return load_file(os.path.join(out, f"step-{step:07d}", "model.safetensors"))
+
+
+def assert_same_weights(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(a[k], b[k], **(tol or TIGHT), msg=k)
+
+
+# -----------------------------------------------------------------------------
+# pure pieces
+
+
+def test_lr_schedules_at_chosen_steps():
+    lr = train.lr_at
+    assert lr(0, 1.0, 10, 100, "constant") == pytest.approx(0.1)   # warm-up starts above 0
+    assert lr(9, 1.0, 10, 100, "constant") == pytest.approx(1.0)   # and reaches lr on its last step
+    assert lr(5000, 1.0, 10, 100, "constant") == 1.0
+    assert lr(10, 1.0, 10, 110, "linear") == pytest.approx(1.0)
+    assert lr(60, 1.0, 10, 110, "linear") == pytest.approx(0.5)    # halfway down
+    assert lr(110, 1.0, 10, 110, "linear") == 0.0
+    assert lr(60, 1.0, 10, 110, "cosine") == pytest.approx(0.55)   # halfway between lr and lr/10
+    assert lr(110, 1.0, 10, 110, "cosine") == pytest.approx(0.1)
+    # the paper's SFT schedule: 3% warm-up then linear decay; adapt's: 5000 steps then constant
+    assert lr(2, 1e-5, 3, 100, "linear") == pytest.approx(1e-5)
+    assert lr(199_999, 1e-5, 5000, 200_000, "constant") == 1e-5
+
+
+def test_a_sequence_draws_its_randomness_from_its_global_index(data):
+    args = train.parse_args(flags("adapt", data, "unused", batch_size=8))
+    ds = train.open_dataset(data["tokens"])
+    whole = train.make_batch(args, ds, [3, 4, 5, 6], torch.device("cpu"))
+    part = train.make_batch(args, ds, [5, 6], torch.device("cpu"))
+    for k in ("ids", "t", "span_mask"):
+        assert torch.equal(whole[k][2:], part[k])
+    assert whole["noise_seeds"][2:] == part["noise_seeds"]
+    assert len(set(whole["t"].tolist())) > 1  # but sequences differ from each other
+    assert {train.self_condition_coin(0, s) for s in range(20)} == {True, False}
+
+
+# -----------------------------------------------------------------------------
+# one step, computed four ways
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """A plain run of the adapt stage: 1 process, micro-batch = global batch, with eval loss."""
+    out = tmp_path_factory.mktemp("reference")
+    log = run("adapt", data, out, micro_batch_size=4, val_data=data["val"], eval_every=2, eval_batches=2)
+    return out, log
+
+
+def test_gradient_accumulation_equals_the_large_batch(data, reference, tmp_path):
+    ref_out, ref = reference
+    log = run("adapt", data, tmp_path, micro_batch_size=1, val_data=data["val"], eval_every=2, eval_batches=2)
+    assert_close(losses(log), losses(ref), **TIGHT)
+    assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
+    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
+
+
+def test_two_ddp_processes_equal_one_process(data, reference, tmp_path):
+    ref_out, ref = reference
+    log = torchrun("adapt", data, tmp_path, micro_batch_size=1, val_data=data["val"], eval_every=2, eval_batches=2)
+    assert_close(losses(log), losses(ref), **TIGHT)
+    assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
+    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
+
+
+def test_two_fsdp2_processes_equal_one_process(data, reference, tmp_path):
+    """FSDP2 (fully_shard per block, then the root) over gloo on CPU, with activation checkpointing."""
+    ref_out, ref = reference
+    log = torchrun("adapt", data, tmp_path, micro_batch_size=2, fsdp=True, grad_ckpt=True,
+                   val_data=data["val"], eval_every=2, eval_batches=2)
+    assert_close(losses(log), losses(ref), **TIGHT)
+    assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
+    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
+
+
+def test_a_stopped_run_resumes_exactly(data, tmp_path):
+    """sft with linear decay: --stop-at 3 then --resume gives the uninterrupted run's losses and weights."""
+    whole = run("sft", data, tmp_path / "whole", max_steps=6)
+    first = run("sft", data, tmp_path / "cut", max_steps=6, stop_at=3)
+    assert len(first["train"]) == 3 and os.path.isdir(tmp_path / "cut" / "step-0000003")
+    resumed = run("sft", data, tmp_path / "cut", max_steps=6, resume=True)
+    assert [r["step"] for r in resumed["train"]] == [1, 2, 3, 4, 5, 6]
+    assert_close(losses(resumed), losses(whole), atol=0, rtol=0)
+    assert_same_weights(weights(tmp_path / "cut", 6), weights(tmp_path / "whole", 6), atol=0, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# every stage learns
+
+
+@pytest.mark.parametrize("stage", ["adapt", "sft", "rm", "ar"])
+def test_each_stage_fits_a_fixed_batch(stage, data, tmp_path):
+    """--overfit: one global batch over and over (diffusion still draws new t, noise and masks)."""
+    steps = 150 if stage == "adapt" else 40  # adapt's UL2 spans are the hardest to memorise
+    log = run(stage, data, tmp_path, overfit=True, max_steps=steps, lr=1e-2, schedule="constant",
+              warmup_steps=2, log_every=1000)
+    first, last = losses(log)[0], np.mean(losses(log)[-10:])
+    assert last < 0.6 * first, (stage, first, last)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def test_checkpoint_layout_and_keep_last(data, tmp_path):
+    run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2)
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step-")) == ["step-0000002", "step-0000003"]
+    step = tmp_path / "step-0000003"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "train_state.pt", "train_state.json"):
+        assert (step / f).exists(), f
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(".tmp")]
+    state = torch.load(step / "train_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["args"]["stage"] == "rm"
+    info = json.loads((step / "train_state.json").read_text())
+    assert info["step"] == 3 and info["data"]["samples_seen"] == 12
+    rm = Transformer.from_pretrained(str(step))
+    assert rm.args.head == "score" and rm.args.causal
+    assert load_tokenizer(str(step)).vocab_size == 61
+
+
+def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):
+    """Mistral has 32000 ids, the data 32001 ([PAD]): the new row starts as the mean of the others."""
+    torch.manual_seed(0)
+    ar = Transformer(preset("tiny", vocab_size=60)).init_weights()
+    ar.save_pretrained(str(tmp_path / "ar"), tokenizer_from=data["tok"])  # no [PAD] in it
+    run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar"), preset=None, max_steps=1, lr=0.0)
+    w = weights(tmp_path / "run", 1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old = getattr(ar.model.embed_tokens if "embed" in name else ar.lm_head, "weight").detach()
+        assert w[name].shape == (61, 64)
+        assert_close(w[name][:60], old)
+        assert_close(w[name][60], old.mean(0))
+    assert torch.equal(w["timestep_embed.weight"], torch.zeros(64, 1))
+    cfg = json.loads((tmp_path / "run" / "step-0000001" / "config.json").read_text())
+    assert cfg["vocab_size"] == 61 and cfg["timestep_embed"] and not cfg["causal"]
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error and no checkpoint
+
+
+def no_checkpoint(out):
+    return not os.path.exists(out) or not [d for d in os.listdir(out) if "step-" in d]
+
+
+def test_missing_or_malformed_data(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no dataset folder"):
+        run("ar", data, tmp_path / "a", data=str(tmp_path / "nowhere"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run("ar", data, tmp_path / "b", data=str(broken))
+    with pytest.raises(ValueError, match="--stage sft trains on spans data"):
+        run("sft", data, tmp_path / "c", data=data["tokens"])
+    assert no_checkpoint(tmp_path / "a") and no_checkpoint(tmp_path / "b") and no_checkpoint(tmp_path / "c")
+
+
+def test_an_init_with_another_vocabulary_is_refused(data, tmp_path):
+    ar = Transformer(preset("tiny", vocab_size=100)).init_weights()
+    ar.save_pretrained(str(tmp_path / "ar"))  # no tokenizer: only the sizes can be compared
+    with pytest.raises(ValueError, match="61 ids .* vocabulary of 100"):
+        run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar"))
+    other = make_tokenizer(str(tmp_path / "other_tok"), words=40)  # 44 ids with [PAD]
+    Transformer(preset("tiny", vocab_size=61)).save_pretrained(str(tmp_path / "ar2"), tokenizer_from=other)
+    with pytest.raises(ValueError, match="tokenizer at .* differs"):
+        run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar2"))
+    assert no_checkpoint(tmp_path / "run")
+
+
+def test_a_sequence_longer_than_the_model_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="--seq-len 2048 is beyond"):
+        run("ar", data, tmp_path, seq_len=2048)  # tiny: max_position_embeddings 1024
+    assert no_checkpoint(tmp_path)
+
+
+def test_a_non_finite_loss_stops_before_the_update(data, tmp_path):
+    bad = Transformer(preset("tiny", vocab_size=61)).init_weights()
+    with torch.no_grad():
+        bad.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    bad.save_pretrained(str(tmp_path / "nan"), tokenizer_from=data["tok"])
+    with pytest.raises(FloatingPointError, match="stopped before the optimizer step and saved nothing"):
+        run("ar", data, tmp_path / "run", init=str(tmp_path / "nan"), save_every=1)
+    assert no_checkpoint(tmp_path / "run")
+
+
+def test_command_line_errors_are_one_clear_line(data, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                        *flags("ar", data, tmp_path, batch_size=3, micro_batch_size=2)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: --batch-size 3 must be a multiple")
+    assert no_checkpoint(tmp_path)
