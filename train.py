@@ -287,7 +287,7 @@ def tokenizer_files(args, meta, init_source):
         except (FileNotFoundError, OSError):
             continue
         cfg_path = os.path.join(src, "tokenizer_config.json")
-        cfg = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+        cfg = json.loads(open(cfg_path).read()) if os.path.isfile(cfg_path) else {}
         name = info.tokenizer.id_to_token
         cfg.update(bos_token=name(info.bos_id), eos_token=name(info.eos_id), pad_token=name(info.pad_id))
         return {"tokenizer.json": json.loads(info.tokenizer.to_str()), "tokenizer_config.json": cfg}
@@ -317,6 +317,28 @@ def find_checkpoint(out):
     return [os.path.join(out, f"step-{s:07d}") for s in steps]
 
 
+def resume_point(args):
+    """(checkpoint folder, its step) to continue from, or (None, 0) to start from --init."""
+    if not args.resume:
+        if find_checkpoint(args.out):
+            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue, or another --out")
+        return None, 0
+    found = find_checkpoint(args.out) if args.resume == "latest" else [args.resume]
+    if not found:
+        print0(f"--resume: no checkpoint in {args.out} yet; starting from --init")
+        return None, 0
+    path = found[-1]
+    if not os.path.exists(os.path.join(path, "train_state.pt")):
+        raise FileNotFoundError(f"{path} has no train_state.pt: not a checkpoint written by train.py")
+    with open(os.path.join(path, "train_state.json")) as f:
+        info = json.load(f)
+    for key in ("stage", "seq_len", "batch_size", "seed", "overfit"):  # they define the data and noise
+        if info["args"][key] != getattr(args, key):
+            raise ValueError(f"--resume {path}: it was trained with --{key.replace('_', '-')} "
+                             f"{info['args'][key]}, this run asks for {getattr(args, key)}")
+    return path, info["step"]
+
+
 def save_checkpoint(args, step, objective, net, opt, extra, rank):
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
     state = get_model_state_dict(objective, options=opts)
@@ -328,7 +350,7 @@ def save_checkpoint(args, step, objective, net, opt, extra, rank):
         final = os.path.join(args.out, f"step-{step:07d}")
         tmp = os.path.join(args.out, f".tmp-step-{step:07d}")
         full.save_pretrained(tmp, extra_files=extra)
-        torch.save({"step": step, "optimizer": optim, "rng": torch.get_rng_state(), "args": vars(args)},
+        torch.save({"step": step, "optimizer": optim, "args": vars(args)},
                    os.path.join(tmp, "train_state.pt"))
         if os.path.exists(final):  # re-saving a step after --resume from an earlier one
             shutil.rmtree(final)
@@ -383,28 +405,9 @@ def train(args, ddp, rank, world, device):
     if args.warmup_steps is None:
         args.warmup_steps = round(stage["warmup"] * args.max_steps)
 
-    # where to start: a checkpoint to resume, or --init
-    resume = None
-    if args.resume:
-        found = find_checkpoint(args.out) if args.resume == "latest" else [args.resume]
-        resume = found[-1] if found else None
-        if resume is None:
-            print0(f"--resume: no checkpoint in {args.out} yet; starting from --init")
+    resume, start = resume_point(args)
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
-    if resume is None and find_checkpoint(args.out):
-        raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue, or another --out")
-    start = 0
-    if resume:
-        if not os.path.exists(os.path.join(resume, "train_state.pt")):
-            raise FileNotFoundError(f"{resume} has no train_state.pt: not a checkpoint written by train.py")
-        saved = torch.load(os.path.join(resume, "train_state.pt"), map_location="cpu", weights_only=True)
-        for key in ("stage", "seq_len", "batch_size", "seed", "overfit"):
-            if saved["args"][key] != getattr(args, key):
-                raise ValueError(f"--resume {resume}: it was trained with --{key.replace('_', '-')} "
-                                 f"{saved['args'][key]}, this run asks for {getattr(args, key)}")
-        start = saved["step"]
-        torch.set_rng_state(saved["rng"])
     net, init_tok = build_model(args, meta, resume or args.init, device)
     limit = min(net.args.max_position_embeddings, net.args.sliding_window or math.inf)
     if args.seq_len > limit:
@@ -431,10 +434,11 @@ def train(args, ddp, rank, world, device):
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                              dict(params=no_decay, weight_decay=0.0)], lr=args.lr,
                             betas=tuple(args.adam_betas), fused=device.type == "cuda")
-    if resume:
-        set_optimizer_state_dict(objective, opt, saved["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        del saved
+    if resume:  # rank 0 reads the full AdamW state and sends each rank its part
+        state = torch.load(os.path.join(resume, "train_state.pt"), weights_only=True) if rank == 0 else {}
+        set_optimizer_state_dict(objective, opt, state.get("optimizer", {}),
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=ddp))
+        del state
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.fsdp)
 
     os.makedirs(args.out, exist_ok=True)

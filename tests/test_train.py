@@ -201,11 +201,14 @@ def test_two_ddp_processes_equal_one_process(data, reference, tmp_path):
     assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
 
 
-def test_two_fsdp2_processes_equal_one_process(data, reference, tmp_path):
-    """FSDP2 (fully_shard per block, then the root) over gloo on CPU, with activation checkpointing."""
+def test_two_fsdp2_processes_equal_one_process_across_a_resume(data, reference, tmp_path):
+    """FSDP2 (fully_shard per block, then the root) over gloo on CPU, with activation checkpointing,
+    stopped after step 2 and resumed: the sharded AdamW state is gathered and scattered back."""
     ref_out, ref = reference
-    log = torchrun("adapt", data, tmp_path, micro_batch_size=2, fsdp=True, grad_ckpt=True,
-                   val_data=data["val"], eval_every=2, eval_batches=2)
+    kw = dict(micro_batch_size=2, fsdp=True, grad_ckpt=True, val_data=data["val"], eval_every=2, eval_batches=2)
+    torchrun("adapt", data, tmp_path, stop_at=2, **kw)
+    log = torchrun("adapt", data, tmp_path, resume=True, **kw)
+    assert [r["step"] for r in log["train"]] == [1, 2, 3, 4]
     assert_close(losses(log), losses(ref), **TIGHT)
     assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
     assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
@@ -216,6 +219,10 @@ def test_a_stopped_run_resumes_exactly(data, tmp_path):
     whole = run("sft", data, tmp_path / "whole", max_steps=6)
     first = run("sft", data, tmp_path / "cut", max_steps=6, stop_at=3)
     assert len(first["train"]) == 3 and os.path.isdir(tmp_path / "cut" / "step-0000003")
+    with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
+        run("sft", data, tmp_path / "cut", max_steps=6)
+    with pytest.raises(ValueError, match="trained with --batch-size 4, this run asks for 8"):
+        run("sft", data, tmp_path / "cut", max_steps=6, resume=True, batch_size=8)
     resumed = run("sft", data, tmp_path / "cut", max_steps=6, resume=True)
     assert [r["step"] for r in resumed["train"]] == [1, 2, 3, 4, 5, 6]
     assert_close(losses(resumed), losses(whole), atol=0, rtol=0)
