@@ -11,9 +11,10 @@ Training for every stage of TESS 2, on one device or many (DDP, or FSDP2 with --
 
 Every loss is a sum over the step's whole global batch divided by its number of targets, and every
 random draw is a pure function of (--seed, global sample index) or (--seed, step): one process with
-gradient accumulation, N processes under DDP and FSDP give the same step, and --resume continues
-exactly. Checkpoints are <out>/step-XXXXXXX/ in Hugging Face layout (fp32 weights, the tokenizer)
-plus train_state.pt (AdamW state, step) and train_state.json (step, data position, arguments).
+gradient accumulation, N processes under DDP or FSDP give the same step, and --resume continues
+exactly with no RNG state to restore. Checkpoints are <out>/step-XXXXXXX/ in Hugging Face layout
+(fp32 weights, tokenizer with [PAD]) plus train_state.pt (AdamW state, step, arguments; tensors and
+primitives only, read with weights_only=True) and train_state.json (step, data position, arguments).
 """
 import argparse
 import json
@@ -287,7 +288,10 @@ def tokenizer_files(args, meta, init_source):
         except (FileNotFoundError, OSError):
             continue
         cfg_path = os.path.join(src, "tokenizer_config.json")
-        cfg = json.loads(open(cfg_path).read()) if os.path.isfile(cfg_path) else {}
+        cfg = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                cfg = json.load(f)
         name = info.tokenizer.id_to_token
         cfg.update(bos_token=name(info.bos_id), eos_token=name(info.eos_id), pad_token=name(info.pad_id))
         return {"tokenizer.json": json.loads(info.tokenizer.to_str()), "tokenizer_config.json": cfg}
@@ -311,7 +315,7 @@ def open_checked(path, stage, meta=None):
 # Checkpoints: <out>/step-XXXXXXX/, written under a temporary name and renamed when complete
 
 
-def find_checkpoint(out):
+def checkpoints(out):
     steps = sorted(int(m.group(1)) for d in (os.listdir(out) if os.path.isdir(out) else [])
                    if (m := re.fullmatch(r"step-(\d{7})", d)))
     return [os.path.join(out, f"step-{s:07d}") for s in steps]
@@ -320,10 +324,10 @@ def find_checkpoint(out):
 def resume_point(args):
     """(checkpoint folder, its step) to continue from, or (None, 0) to start from --init."""
     if not args.resume:
-        if find_checkpoint(args.out):
+        if checkpoints(args.out):
             raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue, or another --out")
         return None, 0
-    found = find_checkpoint(args.out) if args.resume == "latest" else [args.resume]
+    found = checkpoints(args.out) if args.resume == "latest" else [args.resume]
     if not found:
         print0(f"--resume: no checkpoint in {args.out} yet; starting from --init")
         return None, 0
@@ -355,7 +359,7 @@ def save_checkpoint(args, step, objective, net, opt, extra, rank):
         if os.path.exists(final):  # re-saving a step after --resume from an earlier one
             shutil.rmtree(final)
         os.rename(tmp, final)
-        for old in find_checkpoint(args.out)[:-args.keep_last] if args.keep_last else []:
+        for old in checkpoints(args.out)[:-args.keep_last] if args.keep_last else []:
             shutil.rmtree(old)
         print0(f"saved {final}")
     if dist.is_initialized():

@@ -22,6 +22,7 @@ import train
 from data.chat import load_tokenizer
 from data.shards import write_pairs, write_spans, write_tokens
 from model import Transformer, preset
+from model import Tokenizer as ModelTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIGHT = dict(atol=1e-5, rtol=1e-5)
@@ -261,7 +262,8 @@ def test_checkpoint_layout_and_keep_last(data, tmp_path):
     assert info["step"] == 3 and info["data"]["samples_seen"] == 12
     rm = Transformer.from_pretrained(str(step))
     assert rm.args.head == "score" and rm.args.causal
-    assert load_tokenizer(str(step)).vocab_size == 61
+    fingerprint = dict(vocab_size=61, bos_id=1, eos_id=2, pad_id=60)  # [PAD] is in the saved tokenizer
+    assert ModelTokenizer(str(step)).fingerprint() == fingerprint  # what sample.py reads
 
 
 def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):

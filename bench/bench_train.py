@@ -1,0 +1,122 @@
+"""
+Training throughput of each stage's step (forward, backward, AdamW) as train.py runs it:
+train.Objective on a synthetic micro-batch, one process. Not a test: a measurement.
+
+    python bench/bench_train.py                                   # CPU: tiny and small presets
+    python bench/bench_train.py --device cuda --preset mistral-layers --batch 2 --seq 2048
+
+On CUDA it uses bf16 autocast and fused AdamW like train.py, and reports model FLOPs
+utilisation (train.flops_per_token / --peak-tflops). "mistral-layers" is Mistral-7B's layer
+size (D 4096, 14336 MLP, 32/8 heads, V 32001) with --layers layers, so that one GPU can hold
+weights, gradients and AdamW state; tokens/s per layer scales to the full 32-layer model.
+Diffusion stages self-condition every other step (the expected rate is one in two).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tess2  # noqa: E402
+import train  # noqa: E402
+from model import Transformer, preset  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
+parser.add_argument("--preset", nargs="+", default=None,
+                    help="model presets (model.PRESETS, or mistral-layers); default: tiny small on CPU")
+parser.add_argument("--layers", type=int, default=2, help="decoder layers of the mistral-layers preset")
+parser.add_argument("--stages", nargs="+", default=list(train.STAGES), help="stages to time")
+parser.add_argument("--batch", type=int, default=4, help="micro-batch size B (pairs for rm)")
+parser.add_argument("--seq", type=int, default=256, help="sequence length L")
+parser.add_argument("--iters", type=int, default=6, help="timed steps per stage (median reported)")
+parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing, as --grad-ckpt")
+parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 bf16 dense: 989)")
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+device = torch.device(args.device)
+presets = args.preset or (["tiny", "small"] if args.device == "cpu" else ["mistral-layers"])
+
+
+def make_model(name, stage):
+    over = dict(train.STAGES[stage]["model"])
+    if name == "mistral-layers":
+        a = preset("mistral-7b", vocab_size=32001, num_hidden_layers=args.layers, **over)
+    else:
+        a = preset(name, **over)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = Transformer(a).init_weights()
+    net.gradient_checkpointing = args.grad_ckpt
+    return net
+
+
+def synthetic_batch(stage, V, g):
+    """A micro-batch shaped like train.make_batch's: random ids, a UL2 mask (adapt) or a prefix
+    mask (sft), per-sequence t and noise seeds; pairs for rm."""
+    B, L = args.batch, args.seq
+    ids = torch.randint(3, V, (B, L), generator=g)
+    ids[:, 0] = 1  # BOS
+    if stage == "rm":
+        b = dict(chosen=ids, rejected=torch.randint(3, V, (B, L), generator=g),
+                 chosen_last=torch.full((B,), L - 1), rejected_last=torch.full((B,), L - 1))
+    else:
+        b = dict(ids=ids)
+        if stage == "adapt":
+            b["span_mask"] = torch.stack([tess2.ul2_mask(L, g) for _ in range(B)])
+        if stage == "sft":
+            b["span_mask"] = tess2.prefix_mask(L, L // 4).expand(B, L)
+        if stage in ("adapt", "sft"):
+            b["t"] = torch.randint(tess2.NUM_TRAIN_STEPS, (B,), generator=g)
+            b["noise_seeds"] = list(range(B))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def bench(name, stage):
+    net = make_model(name, stage)
+    objective = train.Objective(net, stage)
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-5, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    b = synthetic_batch(stage, net.args.vocab_size, torch.Generator().manual_seed(0))
+    count = train.target_count(stage, b)
+    times = []
+    for i in range(args.warmup + args.iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = objective(b, self_condition=i % 2 == 1)
+        (loss / count).backward()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tokens = args.batch * args.seq * (2 if stage == "rm" else 1)
+    row = dict(preset=name, stage=stage, params_m=net.num_params() / 1e6, tokens_per_s=tokens / dt,
+               step_ms=dt * 1e3)
+    if device.type == "cuda":
+        flops = train.flops_per_token(net.args, net.num_params(), args.seq, stage)
+        row.update(mfu=flops * tokens / dt / (args.peak_tflops * 1e12),
+                   mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+print(f"# {device}, threads {torch.get_num_threads()}, batch {args.batch} x seq {args.seq}, "
+      f"median of {args.iters} steps after {args.warmup} warm-up, torch {torch.__version__}")
+for name in presets:
+    for stage in args.stages:
+        r = bench(name, stage)
+        extra = f"  MFU {r['mfu']:.1%}  mem {r['mem_gb']:.1f} GB" if "mfu" in r else ""
+        print(f"{r['preset']:>15} {r['stage']:>6}  {r['params_m']:8.2f}M params  {r['tokens_per_s']:10.0f} tokens/s"
+              f"  {r['step_ms']:9.1f} ms/step{extra}", flush=True)
