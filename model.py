@@ -272,6 +272,10 @@ class Transformer(nn.Module):
             mask = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T)
             if causal:
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            # a padded query may see no key at all (left padding); such a row is NaN on CUDA's
+            # memory-efficient kernel (transformers unmasks these rows too) and NaN then spreads
+            # through the values. Let each query see itself: real positions are unchanged.
+            mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)  # (B, 1, T, T)
         cos, sin = rope(T, a.head_dim, a.rope_theta, x.device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
