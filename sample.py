@@ -27,9 +27,11 @@ not depend on what else is in the batch, given the same total length.
 Memory. At V = 32001 each (B, L, V) fp32 tensor costs 128 KB per position (262 MB per 2048-token
 row). The loop holds two: the noisy simplex S (also the buffer each step's noise is drawn into,
 then turned into S in place) and the logits (the next step's self-conditioning input). Inside
-tess2.predict two more live while the new logits are made (softmax(S) mixed with the
-softmax of the previous logits), so the peak is 4; reward guidance adds one (the gradient).
-The released pipeline's loop holds 8 or more (bench/bench_sample.py measures both).
+tess2.predict the mixed probabilities p = (softmax(S) + softmax(previous logits)) / 2 live until
+it returns, and the new logits are made before the previous ones are freed: the peak is 4 (S,
+previous logits, p, new logits). Nucleus sampling works on 64 positions at a time, so its sort
+and sampling temporaries are (64, V). Reward guidance adds one (the gradient). The released
+pipeline's loop holds about 10 (bench/bench_sample.py measures both: 4.1 against 9.9).
 """
 import argparse
 import html
@@ -190,7 +192,8 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
     trace = ([], [])
     for n, i in enumerate(range(N - 1, -1, -1)):
         t = torch.full((B,), i / N, device=dev)  # scaled time i / N, per row
-        logits = predict(model, ids, span_mask, S, t, logits)  # (B, L, V); frees the previous logits
+        # (B, L, V). The peak: S, the previous logits, predict's p and the new logits = 4 tensors
+        logits = predict(model, ids, span_mask, S, t, logits)  # then the previous logits are freed
         if guide is not None:
             logits = guide(logits)  # guided logits feed the projection and the next self-conditioning
         best = torch.where(span_mask, logits.argmax(-1), ids)  # (B, L)
@@ -320,14 +323,6 @@ def pieces(tokenizer, ids, cache=None):
     return [cache[i] for i in ids]
 
 
-def shaded(tokenizer, ids, conf, tty, cache=None):
-    """Tokens shaded by confidence: 256-colour greys from dark (unsure) to white (sure)."""
-    text = pieces(tokenizer, ids, cache)
-    if not tty:
-        return "".join(text)
-    return "".join(f"\x1b[38;5;{232 + round(23 * float(c))}m{p}" for p, c in zip(text, conf)) + "\x1b[0m"
-
-
 class Watcher:
     """The on_step callback of the CLI: --show redraws the current best text each step; otherwise a
     progress line with steps/s once a run takes more than a second (both on stderr)."""
@@ -346,7 +341,10 @@ class Watcher:
             for b, start in enumerate(self.starts):
                 region = best[b, start:].tolist()
                 cut = region.index(self.eos) if self.eos in region else len(region)
-                rows.append(shaded(self.tok, region[:cut], conf[b, start:start + cut].tolist(), self.tty, self.cache))
+                text = pieces(self.tok, region[:cut], self.cache)
+                if self.tty:  # 256-colour greys: mid grey (unsure) to white (sure)
+                    text = [f"\x1b[38;5;{244 + round(11 * c)}m{p}" for p, c in zip(text, conf[b, start:].tolist())]
+                rows.append("".join(text) + ("\x1b[0m" if self.tty else ""))
             clear = "\x1b[H\x1b[2J" if self.tty else ""
             print(f"{clear}[{rate}]\n" + "\n\n".join(rows), file=sys.stderr, flush=True)
         elif not self.show and now > 1.0 and now - self.last > 0.5:
@@ -404,17 +402,13 @@ DATA.forEach((d, k) => {{
 # Command line
 
 
-def read_prompts(args, parser):
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
-        if args.prompts_file.endswith(".jsonl"):
-            lines = [(lambda o: o if isinstance(o, str) else o["prompt"])(json.loads(line)) for line in lines]
-        prompts += lines
-    if not prompts:
-        parser.error("no prompt: pass --prompt TEXT or --prompts-file FILE")
-    return prompts
+def read_prompts(path):
+    """One prompt per line; in a .jsonl file, a JSON string or {"prompt": ...} per line."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if path.endswith(".jsonl"):
+        return [(lambda o: o if isinstance(o, str) else o["prompt"])(json.loads(line)) for line in lines]
+    return lines
 
 
 def read_config(path):
@@ -468,7 +462,9 @@ def main(argv=None):
         p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.eta and not a.reward_model:
         p.error("--eta needs --reward-model (reward guidance steers with a reward model's gradient)")
-    prompts = read_prompts(a, p)
+    prompts = (a.prompt or []) + (read_prompts(a.prompts_file) if a.prompts_file else [])
+    if not prompts:
+        p.error("no prompt: pass --prompt TEXT or --prompts-file FILE")
     path = checkpoint_dir(a.model, "--model", p)
     rm_path = checkpoint_dir(a.reward_model, "--reward-model", p) if a.reward_model else None
     tok, cfg = Tokenizer(path), read_config(path)
