@@ -56,48 +56,48 @@ STAGES = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a TESS 2 stage (adapt, sft, rm) or an AR baseline.")
-    p.add_argument("--stage", required=True, choices=STAGES, help="what to train (see the top of train.py)")
-    p.add_argument("--init", default=None, help="a Hub id, a Hugging Face directory, one of our step-XXXXXXX "
-                   "checkpoints, or 'scratch' (with --preset)")
-    p.add_argument("--preset", default=None, help="model preset for --init scratch (model.PRESETS: tiny, small, ...)")
-    p.add_argument("--data", required=True, help="dataset folder made by a data/ prepare script")
-    p.add_argument("--val-data", default=None, help="held-out dataset folder for the periodic eval loss")
-    p.add_argument("--tokenizer", default=None, help="folder with the data's tokenizer.json to copy into "
-                   "checkpoints (default: the --init folder's, else the one named in the data's meta.json)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints and log.jsonl")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from the latest "
-                   "checkpoint in --out (start afresh if there is none), or from the given step folder")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length L (default: per stage)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch in sequences (pairs for rm)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per process per forward; "
-                   "accumulation = batch-size / (processes * micro-batch-size)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total (default: per stage)")
-    p.add_argument("--epochs", type=float, default=None, help="set --max-steps from passes over --data")
-    p.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this step, as a "
-                   "preempted job would; the LR schedule still follows --max-steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per stage)")
-    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default=None,
-                   help="after warm-up: constant, linear decay to 0, or cosine to lr/10 (default: per stage)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: a "
-                   "stage fraction of --max-steps: 2.5%% adapt, 3%% otherwise)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW beta1 beta2")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
-    p.add_argument("--ul2-prefix", choices=("released", "paper"), default="released",
-                   help="adapt's prefix-LM objective: random prefix (released code) or half (paper)")
-    p.add_argument("--overfit", action="store_true", help="train on the first global batch only (debugging)")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise, masks and a scratch init")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if present")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU); weights and AdamW stay fp32")
-    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
-    p.add_argument("--eval-every", type=int, default=0, help="eval loss on --val-data every N steps (0: at the end)")
-    p.add_argument("--eval-batches", type=int, default=10, help="global batches of --val-data per eval")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: keep all)")
-    p.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100 bf16 dense: 989)")
+    arg = p.add_argument
+    arg("--stage", required=True, choices=STAGES, help="what to train (see the top of train.py)")
+    arg("--init", help="Hub id, Hugging Face folder, one of our step-XXXXXXX folders, or 'scratch'")
+    arg("--preset", help="model preset for --init scratch (model.PRESETS: tiny, small, ...)")
+    arg("--data", required=True, help="dataset folder made by a data/ prepare script")
+    arg("--val-data", help="held-out dataset folder for the periodic eval loss")
+    arg("--tokenizer", help="folder with the data's tokenizer.json, copied into every checkpoint "
+        "(default: the --init folder's, else the one named in the data's meta.json)")
+    arg("--out", required=True, help="run folder: step-XXXXXXX checkpoints and log.jsonl")
+    arg("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --out "
+        "(start from --init if there is none), or from the given step folder")
+    arg("--seq-len", type=int, help="sequence length L (default: per stage)")
+    arg("--batch-size", type=int, help="global batch in sequences, pairs for rm (default: per stage)")
+    arg("--micro-batch-size", type=int, default=1, help="sequences per process and forward; "
+        "accumulation = batch-size / (processes x micro-batch-size)")
+    arg("--max-steps", type=int, help="optimizer steps in all (default: per stage)")
+    arg("--epochs", type=float, help="set --max-steps from passes over --data")
+    arg("--stop-at", type=int, help="stop with a checkpoint after this step, as a preempted job "
+        "would; the LR schedule still follows --max-steps")
+    arg("--lr", type=float, help="peak learning rate (default: per stage)")
+    arg("--schedule", choices=("constant", "linear", "cosine"), help="after warm-up: constant, "
+        "linear decay to 0, or cosine to lr/10 (default: per stage)")
+    arg("--warmup-steps", type=int, help="linear warm-up steps (default: 2.5%% of --max-steps for "
+        "adapt, 3%% otherwise)")
+    arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the matrices")
+    arg("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW beta1 beta2")
+    arg("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this (0: off)")
+    arg("--ul2-prefix", choices=("released", "paper"), default="released",
+        help="adapt's prefix-LM objective: random prefix (released code) or half (paper)")
+    arg("--overfit", action="store_true", help="train on the first global batch only (debugging)")
+    arg("--seed", type=int, default=0, help="seeds data order, t, noise, masks and a scratch init")
+    arg("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if present")
+    arg("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on CUDA, fp32 on "
+        "CPU); weights, gradients and AdamW state stay fp32")
+    arg("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
+    arg("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
+    arg("--eval-every", type=int, default=0, help="eval on --val-data every N steps (0: at the end)")
+    arg("--eval-batches", type=int, default=10, help="global batches of --val-data per eval")
+    arg("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    arg("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0: all)")
+    arg("--log-every", type=int, default=1, help="print a log line every N steps")
+    arg("--peak-tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100 bf16 dense: 989)")
     args = p.parse_args(argv)
     for key in ("lr", "schedule", "batch_size", "seq_len"):
         if getattr(args, key) is None:
