@@ -123,6 +123,14 @@ PRESETS = {
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
                   sliding_window=None),
+    # the miniature of issue 6 (eval/miniature.sh): a 4.9M-parameter model and a 0.9M reward
+    # model, small enough to ship together in bf16 and to train on 2 CPU cores
+    "shakespeare": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                        sliding_window=None),
+    "shakespeare-rm": dict(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           sliding_window=None),
 }
 
 

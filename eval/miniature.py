@@ -1,0 +1,155 @@
+"""
+Measurements of the miniature run (eval/miniature.sh), written to OUT/results.json and OUT/results.md:
+
+  adaptation   held-out diffusion loss of adapt-from-AR vs adapt-from-scratch, same steps (Table 1 / Fig. 2)
+  steps        quality vs diffusion steps (Fig. 3b)
+  eta          mean reward and perplexity vs reward-guidance eta (Fig. 3a)
+  settling     the step at which predictions stop changing (Sec. 5.3 / Fig. 4), plus an --html page
+
+Generations answer held-out "Continue this speech by ..." chats (plays never trained on). Their
+perplexity is measured under the miniature's AR model given the speech's opening lines (the paper
+uses a separate AR model, GPT-NeoX); distinct-n and entropy count words; the reward is the
+miniature's reward model on the chat-formatted prompt + response + EOS, as it was trained.
+"who" accuracy is exact match of the answered speaker on held-out "Who says this ...?" chats.
+
+    python -m eval.miniature --out out/miniature --ar .../ar/step-N --sft .../sft/step-N --rm .../rm/step-N
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from data.chat import format_prompt
+from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
+from model import Tokenizer, Transformer
+from sample import generate, write_html
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def quality(gens, chats, tok, ar, rm):
+    """Metrics of continuations: perplexity under the AR model, distinct-1..4, entropy, mean reward."""
+    texts = [g.text for g in gens]
+    lines = [c["user"].split("\n", 1)[1] for c in chats]  # the speech's opening lines
+    ppl = perplexity(ar, [[tok.bos_id] + tok.encode(x) for x in lines], [tok.encode(" " + t) for t in texts])
+    seqs = [[tok.bos_id] + tok.encode(format_prompt(c["user"])) + g.tokens + [tok.eos_id] for c, g in zip(chats, gens)]
+    return dict(perplexity=ppl, **{f"distinct_{n}": distinct_n(texts, n) for n in range(1, 5)},
+                entropy=unigram_entropy(texts), reward=mean_reward(rm, seqs, tok.pad_id),
+                mean_words=sum(len(t.split()) for t in texts) / len(texts))
+
+
+def settling(gens):
+    """Per row, the first step after which the argmax of the generated region never changes,
+    as a fraction of the steps; and the share of final tokens already in place at 10%..100%."""
+    fractions, curve = [], torch.zeros(10)
+    for g in gens:
+        preds = g.predictions  # (n, L)
+        p = preds[:, (g.confidence < 1.0).any(0)]  # (n, generated positions): the prompt's confidence is 1
+        n = p.size(0)
+        changed = (p[1:] != p[:-1]).any(-1).nonzero()
+        fractions.append(((changed.max().item() + 2) if len(changed) else 1) / n)
+        for j in range(10):
+            curve[j] += (p[max(0, round((j + 1) / 10 * n) - 1)] == p[-1]).float().mean()
+    return dict(settle_fraction_mean=sum(fractions) / len(fractions),
+                settle_fraction_median=sorted(fractions)[len(fractions) // 2],
+                final_tokens_in_place=[round(x, 3) for x in (curve / len(gens)).tolist()])
+
+
+def adaptation(out):
+    """Held-out diffusion loss along training, from each run's log.jsonl."""
+    table = {}
+    for run in ("adapt", "adapt-scratch"):
+        with open(os.path.join(out, run, "log.jsonl")) as f:
+            table[run] = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
+    return table
+
+
+def markdown(r, cmd):
+    md = [f"Measured by `{cmd}` ({r['seconds']:.0f} s for the measurements).", "",
+          "### Adaptation vs scratch: held-out diffusion loss (val plays)", "",
+          "| step | adapted from AR | from scratch |", "| --- | --- | --- |"]
+    a, s = r["adaptation"]["adapt"], r["adaptation"]["adapt-scratch"]
+    md += [f"| {k} | {a[k]:.3f} | {s.get(k, float('nan')):.3f} |" for k in sorted(a, key=int)]
+    cols = ["perplexity", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "entropy", "reward", "mean_words"]
+    for name, key, label in (("Quality vs diffusion steps", "steps", "steps"), ("Reward guidance", "eta", "eta")):
+        md += ["", f"### {name}", "", f"| {label} | " + " | ".join(cols) + " | who acc. | s |",
+               "| --- " * (len(cols) + 3) + "|"]
+        for row in r[key]:
+            md.append(f"| {row[label]} | " + " | ".join(f"{row[c]:.3f}" for c in cols) +
+                      f" | {row.get('who_accuracy', float('nan')):.3f} | {row['seconds']:.0f} |")
+    st = r["settling"]
+    md += ["", "### When predictions settle", "",
+           f"Over {st['rows']} rows at {st['steps']} steps: the argmax of the generated region stops changing "
+           f"after {100 * st['settle_fraction_mean']:.0f}% of the steps on average (median "
+           f"{100 * st['settle_fraction_median']:.0f}%). Share of final tokens already in place at 10%, 20%, ... "
+           f"100% of the steps: {', '.join(f'{x:.2f}' for x in st['final_tokens_in_place'])}. Page: `{st['html']}`."]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="the miniature's output folder (data/ and the runs' logs)")
+    p.add_argument("--ar", required=True, help="AR checkpoint: the perplexity judge")
+    p.add_argument("--sft", required=True, help="instruction-tuned diffusion checkpoint to sample from")
+    p.add_argument("--rm", required=True, help="reward model checkpoint")
+    p.add_argument("--prompts", type=int, default=32, help="held-out chats per measurement")
+    p.add_argument("--length", type=int, default=64, help="positions generated per prompt")
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 25, 50, 100, 200], help="steps sweep")
+    p.add_argument("--etas", type=float, nargs="+", default=[0, 0.1, 0.25, 0.5, 1, 2, 4], help="eta sweep")
+    p.add_argument("--eta-steps", type=int, default=50, help="diffusion steps in the eta sweep")
+    p.add_argument("--smoke", action="store_true", help="tiny sweeps (CI)")
+    p.add_argument("--ship", help="also save the sft and reward models in bf16 to DIR/tess2-shakespeare{,-rm}")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.prompts, a.length, a.steps, a.etas, a.eta_steps = 2, 8, [2, 4], [0, 0.5], 2
+    torch.manual_seed(0)
+    t0 = time.time()
+    tok = Tokenizer(a.sft)
+    ar = Transformer.from_pretrained(a.ar, verbose=False).eval()
+    model = Transformer.from_pretrained(a.sft, verbose=False).eval()
+    rm = Transformer.from_pretrained(a.rm, verbose=False).eval()
+    chats = read_jsonl(os.path.join(a.out, "data", "sft_val.jsonl"))
+    cont = [c for c in chats if c["task"] == "continue"][: a.prompts]
+    who = [c for c in chats if c["task"] == "who"][: a.prompts]
+    users = [c["user"] for c in cont]
+    r = dict(adaptation=adaptation(a.out), steps=[], eta=[])
+
+    def run(steps, **kw):
+        t = time.time()
+        gens = generate(model, tok, users, steps=steps, length=a.length, batch_size=a.prompts, details=True, **kw)
+        answers = generate(model, tok, [c["user"] for c in who], steps=steps, length=16, batch_size=a.prompts,
+                           details=True, **{**kw, "record": False})
+        acc = sum(x.text.strip() == c["assistant"] for x, c in zip(answers, who)) / len(who)
+        return gens, dict(quality(gens, cont, tok, ar, rm), who_accuracy=acc, seconds=time.time() - t)
+
+    for n in a.steps:
+        gens, row = run(n, record=n == 100 or n == a.steps[-1])
+        r["steps"].append(dict(steps=n, **row))
+        if gens[0].predictions is not None:
+            kept = gens
+        print(f"steps {n}: {row}", flush=True)
+    for eta in a.etas:
+        _, row = run(a.eta_steps, reward_model=rm if eta else None, eta=eta or None)
+        r["eta"].append(dict(eta=eta, **row))
+        print(f"eta {eta}: {row}", flush=True)
+    html = os.path.join(a.out, "settling.html")
+    write_html(html, tok, kept[:4])
+    r["settling"] = dict(settling(kept), rows=len(kept), steps=len(kept[0].predictions), html=html)
+    r["seconds"] = time.time() - t0
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(r, f, indent=1)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(markdown(r, "bash eval/miniature.sh" + (" (SMOKE=1)" if a.smoke else "")))
+    if a.ship:
+        for src, name in ((model, "tess2-shakespeare"), (rm, "tess2-shakespeare-rm")):
+            src.to(torch.bfloat16).save_pretrained(os.path.join(a.ship, name), tokenizer_from=a.sft)
+    print(open(os.path.join(a.out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()
