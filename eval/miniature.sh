@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # TESS 2 in miniature: the paper's whole recipe on the Shakespeare corpus, on a 2-core CPU.
 #
-#   bash eval/miniature.sh [OUT]            # the full run (README: "TESS 2 in miniature"), ~45 min
+#   bash eval/miniature.sh [OUT]            # the full run (README: "TESS 2 in miniature"), ~46 min
 #   SMOKE=1 bash eval/miniature.sh [OUT]    # a few steps per stage: checks the sequence works (CI)
-#   SHIP=1 bash eval/miniature.sh           # also write the bf16 default models to models/
+#   SHIP=1 bash eval/miniature.sh           # also write the bf16 default models to models/ (SHIP=DIR: to DIR)
 #
 # 1. an AR model (the stand-in for Mistral-7B)        train.py --stage ar
 # 2. diffusion adaptation with UL2 from it, and the    train.py --stage adapt --init <ar>
@@ -56,6 +56,7 @@ adapt=(--stage adapt --data "$D/train" --val-data "$D/val" --seq-len 256 --batch
 # 5. measurements
 ship=()
 [ "${SHIP:-0}" = 1 ] && ship=(--ship models)
+[ -n "${SHIP:-}" ] && [ "$SHIP" != 1 ] && [ "$SHIP" != 0 ] && ship=(--ship "$SHIP")
 $PY -m eval.miniature --out "$OUT" --ar "$(step "$OUT/ar" $AR)" --sft "$(step "$OUT/sft" $SFT)" \
   --rm "$(step "$OUT/rm" $RM)" $EVAL_ARGS "${ship[@]}"
 echo "miniature: done in $(( $(date +%s) - t0 )) s; results in $OUT/results.md"
