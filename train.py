@@ -37,9 +37,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tess2
-from data.chat import load_tokenizer
 from data.shards import check_tokenizer, global_indices, open_dataset
-from model import Transformer, preset, resolve
+from model import Tokenizer, Transformer, preset, resolve, tokenizer_paths
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -263,11 +262,10 @@ def saved_tokenizer(args, meta, init_source):
     for src in sources:
         try:
             check_tokenizer(meta, src)
-            tok = load_tokenizer(src)
+            tok, cfg_file = Tokenizer(src), tokenizer_paths(src)[1]
         except (FileNotFoundError, OSError):
             continue
-        cfg_path = os.path.join(src, "tokenizer_config.json")
-        cfg = json.loads(Path(cfg_path).read_text()) if os.path.isfile(cfg_path) else {}
+        cfg = json.loads(Path(cfg_file).read_text()) if cfg_file and os.path.isfile(cfg_file) else {}
         name = tok.tokenizer.id_to_token
         cfg.update(bos_token=name(tok.bos_id), eos_token=name(tok.eos_id), pad_token=name(tok.pad_id))
         return {"tokenizer.json": json.loads(tok.tokenizer.to_str()), "tokenizer_config.json": cfg}
@@ -302,6 +300,13 @@ def resume_point(args):
     return path, info["step"]
 
 
+def discard(path):
+    """Rename a checkpoint away, then delete it: a crash mid-way never leaves half of one under its name."""
+    trash = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))
+    os.rename(path, os.path.join(trash, "x"))
+    shutil.rmtree(trash)
+
+
 def save_checkpoint(args, step, objective, net, opt, extra, rank):
     """All ranks gather the full state, rank 0 writes it under a hidden name and renames it when whole."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
@@ -323,13 +328,6 @@ def save_checkpoint(args, step, objective, net, opt, extra, rank):
         print0(f"saved {final}")
     if dist.is_initialized():
         dist.barrier()
-
-
-def discard(path):
-    """Rename a checkpoint away, then delete it: a crash mid-way never leaves half of one under its name."""
-    trash = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))
-    os.rename(path, os.path.join(trash, "x"))
-    shutil.rmtree(trash)
 
 
 def flops_per_token(a, n_params, seq_len, stage):

@@ -19,7 +19,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 
 import train
-from data.chat import load_tokenizer
 from data.shards import write_pairs, write_spans, write_tokens
 from model import Transformer, preset
 from model import Tokenizer as ModelTokenizer
@@ -33,7 +32,7 @@ TIGHT = dict(atol=1e-5, rtol=1e-5)
 
 
 def make_tokenizer(folder, words=57):
-    """A word-level tokenizer: <unk> <s> </s> w0..w56; load_tokenizer adds [PAD] (id 60, V = 61)."""
+    """A word-level tokenizer: <unk> <s> </s> w0..w56; model.Tokenizer adds [PAD] (id 60, V = 61)."""
     os.makedirs(folder, exist_ok=True)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -44,7 +43,7 @@ def make_tokenizer(folder, words=57):
 
 def make_data(root, kind, n=24, seed=0, tok_dir=None):
     tok_dir = tok_dir or make_tokenizer(os.path.join(root, "tok"))
-    info = load_tokenizer(tok_dir)
+    info = ModelTokenizer(tok_dir)
     meta = dict(info.meta(), source="test")
     rng = np.random.default_rng(seed)
     words = lambda k: list(rng.integers(3, 60, k))
@@ -264,9 +263,9 @@ def test_checkpoint_layout_and_keep_last(data, tmp_path):
     assert info["step"] == 3 and info["data"]["samples_seen"] == 12
     rm = Transformer.from_pretrained(str(step))
     assert rm.args.head == "score" and rm.args.causal
-    saved = ModelTokenizer(str(step)).fingerprint()  # what sample.py reads
-    assert {k: saved[k] for k in ("vocab_size", "bos_id", "eos_id", "pad_id")} == dict(
-        vocab_size=61, bos_id=1, eos_id=2, pad_id=60)  # [PAD] is in the saved tokenizer
+    saved = ModelTokenizer(str(step)).fingerprint()  # what sample.py reads: the data's tokenizer, [PAD] included
+    assert saved == ModelTokenizer(data["tok"]).fingerprint()
+    assert (saved["vocab_size"], saved["bos_id"], saved["eos_id"], saved["pad_id"]) == (61, 1, 2, 60)
 
 
 def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):
