@@ -6,10 +6,6 @@ The role markers are plain text. The tokenizer (model.Tokenizer) never adds spec
 and EOS ids are added here, so every tokenizer (Mistral's, a small BPE) is treated alike.
 """
 
-from model import Tokenizer
-
-load_tokenizer = Tokenizer  # the old name, still imported by train.py and tests/test_train.py
-
 
 def format_prompt(user):
     """The context part of a single-turn example, up to and including "<|assistant|>\\n"."""
