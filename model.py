@@ -1,5 +1,5 @@
 """
-A compact Mistral-architecture transformer for TESS 2.
+A compact Mistral-architecture transformer for TESS 2, its Hugging Face checkpoints and its tokenizer.
 
 One network serves every role in the project:
   - the causal LM that TESS 2 starts from (Mistral-7B, Llama, our small AR models),
@@ -8,12 +8,11 @@ One network serves every role in the project:
 
 Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 checkpoint loads by name with no conversion, and transformers loads what we save.
-Sliding window: Mistral v0.1 declares a 4096-token window. It changes nothing for sequences of
-at most that length (TESS 2 uses 2048); longer inputs are refused rather than silently given
-full attention.
+Mistral v0.1's 4096-token sliding window changes nothing up to that length (TESS 2 uses 2048);
+longer inputs are refused rather than silently given full attention.
 """
+import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -73,14 +72,12 @@ class ModelArgs:
                  "LlamaForSequenceClassification", "MistralForDiffusionLM", "LlamaForDiffusionLM",
                  "MistralforSequenceClassificationWithPadding")  # the released code's reward model class
         if arch not in known:
-            raise ValueError(f"unknown architecture {arch!r} in config.json; this loader reads "
-                             f"{', '.join(known)}")
+            raise ValueError(f"unknown architecture {arch!r} in config.json; this loader reads {', '.join(known)}")
         score = "SequenceClassification" in arch
         labels = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 1
         if score and labels != 1:
             raise ValueError(f"{arch} with {labels} labels: a reward model has one")
-        names = {f.name for f in fields(cls)}
-        args = {k: v for k, v in cfg.items() if k in names}
+        args = {k: v for k, v in cfg.items() if k in {f.name for f in fields(cls)}}
         rope_cfg = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers >= 5 / Llama 3
         if rope_cfg.get("rope_type", rope_cfg.get("type", "default")) != "default":
             raise ValueError(f"rope scaling {rope_cfg} is not supported: only plain RoPE (Mistral, Llama 2)")
@@ -98,9 +95,8 @@ class ModelArgs:
 
     def to_hf(self) -> dict:
         cfg = {k: v for k, v in asdict(self).items() if k not in ("head", "model_type")}
-        cfg.update(architectures=[self.architecture], model_type=self.model_type,
-                   hidden_act="silu", initializer_range=0.02, attention_dropout=0.0,
-                   bos_token_id=1, eos_token_id=2, use_cache=True,
+        cfg.update(architectures=[self.architecture], model_type=self.model_type, hidden_act="silu",
+                   initializer_range=0.02, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, use_cache=True,
                    rope_parameters=dict(rope_theta=self.rope_theta, rope_type="default"))
         if self.head == "score":
             cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
@@ -110,27 +106,23 @@ class ModelArgs:
         return cfg
 
 
+# the CPU miniature (issue 6): a few million parameters
+_SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+              num_key_value_heads=4, max_position_embeddings=2048, sliding_window=None)
 PRESETS = {
     # Mistral-7B-v0.1, the base of TESS 2
     "mistral-7b": dict(),
     # the released TESS 2 (hamishivi/tess2): Mistral-7B + [PAD] token + timestep embedding
     "tess2-7b": dict(vocab_size=32001, timestep_embed=True, causal=False),
     # a tiny model for tests and CPU experiments
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                 sliding_window=None),
-    # the CPU miniature (issue 6): a few million parameters
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                  sliding_window=None),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None),
+    "small": _SMALL,
     # the miniature of issue 6 (eval/miniature.sh): a 4.9M-parameter model and a 0.9M reward
     # model, small enough to ship together in bf16 and to train on 2 CPU cores
-    "shakespeare": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-                        sliding_window=None),
-    "shakespeare-rm": dict(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           sliding_window=None),
+    "shakespeare": dict(_SMALL, num_hidden_layers=4, max_position_embeddings=1024),
+    "shakespeare-rm": dict(_SMALL, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
 }
 
 
@@ -151,10 +143,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # computed in fp32 and cast back, as Mistral does (bf16 variance is too coarse)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        h = x.float()  # in fp32 and cast back, as Mistral does (bf16 variance is too coarse)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope(T: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +156,8 @@ def rope(T: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, tor
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -182,10 +171,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, causal: bool, mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (p(x).view(B, T, -1, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, T, hd), (B, nkv, T, hd)
         # one fused call; with mask=None this is the flash kernel on CUDA (causal or not)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                            enable_gqa=self.nh != self.nkv)  # (B, nh, T, hd)
@@ -280,9 +267,8 @@ class Transformer(nn.Module):
             mask = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T)
             if causal:
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            # a padded query may see no key at all (left padding); such a row is NaN on CUDA's
-            # memory-efficient kernel (transformers unmasks these rows too) and NaN then spreads
-            # through the values. Let each query see itself: real positions are unchanged.
+            # a padded query may see no key (left padding): a NaN row on CUDA's memory-efficient kernel
+            # that then spreads. Each query sees itself (as transformers does); real rows are unchanged.
             mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)  # (B, 1, T, T)
         cos, sin = rope(T, a.head_dim, a.rope_theta, x.device)
         for layer in self.model.layers:
@@ -295,9 +281,8 @@ class Transformer(nn.Module):
             return x
         if a.head == "lm":
             return self.lm_head(x)  # (B, T, V)
-        if last_index is None:
-            return self.score(x[:, -1]).squeeze(-1)  # (B,)
-        return self.score(x[torch.arange(B, device=x.device), last_index]).squeeze(-1)
+        last = x[:, -1] if last_index is None else x[torch.arange(B, device=x.device), last_index]  # (B, D)
+        return self.score(last).squeeze(-1)  # (B,)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
@@ -309,29 +294,24 @@ class Transformer(nn.Module):
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, verbose: bool = True,
                         **overrides) -> "Transformer":
         """
-        Load a Hugging Face Mistral/Llama checkpoint (causal LM, sequence classifier, or the
-        released TESS 2) from a local directory or a Hub repo id. The model is built on the meta
-        device and each tensor is read (pread, not mmap: the model must not keep the file mapped,
-        and mapped pages would count twice while converting) and cast to `dtype` (default fp32)
-        on `device` one at a time, so loading peaks at one copy of the weights plus one tensor.
-
-        overrides change the architecture on the way in, e.g. timestep_embed=True, causal=False
-        to adapt an AR model to diffusion, or head="score" to start a reward model from an LM.
-        Weights that such a change makes new are initialised and reported:
-        timestep_embed.weight -> zeros (the adapted model starts as the AR model's function),
-        score.weight -> normal(0, 0.02). A dropped lm_head (head="score") is reported.
+        Load a Hugging Face Mistral/Llama checkpoint (causal LM, sequence classifier, or the released
+        TESS 2) from a local directory or a Hub repo id. Built on the meta device, then each tensor is
+        read (pread, not mmap: mapped pages would count twice while converting) and cast to `dtype`
+        (default fp32) on `device` in turn: loading peaks at one copy of the weights plus one tensor.
+        overrides change the architecture on the way in: timestep_embed=True, causal=False adapts an AR
+        model to diffusion (timestep_embed.weight = 0: at first the AR model's function); head="score"
+        starts a reward model from an LM (score.weight ~ normal(0, 0.02), lm_head dropped). Both reported.
         """
         from safetensors import SafetensorError, safe_open
         path = resolve(name_or_path)
         files = checkpoint_files(path)
         with open(os.path.join(path, "config.json")) as f:
             args = ModelArgs.from_hf(json.load(f), **overrides)
-        device = torch.device(device or "cpu")
+        dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(args)
-        expected = dict(model.state_dict(keep_vars=True))
-        if args.tie_word_embeddings and args.head == "lm":
-            expected.pop("lm_head.weight")
+        tied = args.tie_word_embeddings and args.head == "lm"
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         state, ignored = {}, []
         for file in files:
             try:
@@ -352,82 +332,73 @@ class Transformer(nn.Module):
                     if name in state:
                         raise ValueError(f"tensor {name!r} appears twice, the second time in {file}")
                     shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(expected[name].shape):
+                    if shape != expected[name]:
                         raise ValueError(f"tensor {name!r} in {file} has shape {shape}, expected "
-                                         f"{tuple(expected[name].shape)} from config.json")
-                    state[name] = f.get_tensor(name).to(dtype or torch.float32)
-        new = []
-        for name in expected.keys() - state.keys():
-            p = expected[name]
-            if name == "timestep_embed.weight":
-                state[name] = torch.zeros(p.shape, dtype=dtype or torch.float32, device=device)
-            elif name == "score.weight":
-                state[name] = torch.empty(p.shape, dtype=dtype or torch.float32, device=device).normal_(std=0.02)
-            else:
+                                         f"{expected[name]} from config.json")
+                    state[name] = f.get_tensor(name).to(dtype)
+        new = sorted(expected.keys() - state.keys())
+        for name in new:
+            if name not in ("timestep_embed.weight", "score.weight"):
                 raise ValueError(f"checkpoint {name_or_path} is missing tensor {name!r}")
-            new.append(name)
+            state[name] = torch.zeros(expected[name], dtype=dtype, device=device)
+            if name == "score.weight":
+                state[name].normal_(std=0.02)
         model.load_state_dict(state, strict=False, assign=True)
-        if args.tie_word_embeddings and args.head == "lm":
+        if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
         if verbose and (new or ignored):
-            print(f"from_pretrained({name_or_path}): initialised new {sorted(new)}; ignored {ignored}")
+            print(f"from_pretrained({name_or_path}): initialised new {new}; ignored {ignored}")
         return model
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30,
                         tokenizer_from: str | None = None, extra_files: dict | None = None):
         """
-        Write config.json + safetensors (sharded with an index above max_shard_bytes) in the
-        Hugging Face layout, atomically: everything goes to a temporary directory that then
-        replaces out_dir. tokenizer_from copies the tokenizer files of another checkpoint dir;
-        extra_files maps file name -> JSON-serialisable object written beside the weights.
+        Write config.json + safetensors (sharded with an index above max_shard_bytes) in the Hugging
+        Face layout, atomically: everything goes to a temporary directory that then replaces out_dir.
+        tokenizer_from copies the tokenizer files of another checkpoint dir; extra_files maps file
+        name -> JSON-serialisable object written beside the weights.
         """
         from safetensors.torch import save_file
         out_dir = os.path.abspath(out_dir)
-        parent = os.path.dirname(out_dir)
+        parent, base = os.path.split(out_dir)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{base}-", dir=parent)
         try:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            if self.args.tie_word_embeddings and "lm_head.weight" in state:
-                del state["lm_head.weight"]  # as transformers saves tied weights
-            shards, cur, size = [], {}, 0
+            if self.args.tie_word_embeddings:
+                state.pop("lm_head.weight", None)  # as transformers saves tied weights
+            nbytes = lambda v: v.numel() * v.element_size()
+            shards, size = [{}], 0
             for k, v in state.items():
-                nbytes = v.numel() * v.element_size()
-                if cur and size + nbytes > max_shard_bytes:
-                    shards.append(cur)
-                    cur, size = {}, 0
-                cur[k], size = v, size + nbytes
-            shards.append(cur)
-            meta = {"format": "pt"}
-            if len(shards) == 1:
-                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
-            else:
-                weight_map = {}
-                for i, shard in enumerate(shards):
-                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(shard, os.path.join(tmp, fname), metadata=meta)
-                    weight_map.update({k: fname for k in shard})
-                total = sum(v.numel() * v.element_size() for v in state.values())
-                _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                            {"metadata": {"total_size": total}, "weight_map": weight_map})
+                if shards[-1] and size + nbytes(v) > max_shard_bytes:
+                    shards, size = shards + [{}], 0
+                shards[-1][k], size = v, size + nbytes(v)
+            n = len(shards)
+            names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else [
+                "model.safetensors"]
+            for fname, shard in zip(names, shards):
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            if n > 1:
+                _write_json(os.path.join(tmp, "model.safetensors.index.json"), {
+                    "metadata": {"total_size": sum(map(nbytes, state.values()))},
+                    "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}})
             cfg = self.args.to_hf()
             cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
             _write_json(os.path.join(tmp, "config.json"), cfg)
             if tokenizer_from is not None:
+                src = resolve(tokenizer_from)
                 for fname in TOKENIZER_FILES:
-                    src = os.path.join(resolve(tokenizer_from), fname)
-                    if os.path.exists(src):
-                        shutil.copy(src, os.path.join(tmp, fname))
+                    if os.path.exists(os.path.join(src, fname)):
+                        shutil.copy(os.path.join(src, fname), tmp)
             for fname, obj in (extra_files or {}).items():
                 _write_json(os.path.join(tmp, fname), obj)
+            for fname in os.listdir(tmp):  # like any file: safetensors writes 0600, mkdtemp makes 0700
+                os.chmod(os.path.join(tmp, fname), 0o644)
             os.chmod(tmp, 0o755)
-            old = None
             if os.path.exists(out_dir):
-                old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=parent)
-                os.rename(out_dir, os.path.join(old, "x"))
+                os.rename(out_dir, tmp + "-old")
             os.rename(tmp, out_dir)
-            if old:
-                shutil.rmtree(old)
+            shutil.rmtree(tmp + "-old", ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -439,9 +410,16 @@ def _write_json(path, obj):
 
 
 # -----------------------------------------------------------------------------
-# Finding checkpoint files, locally or on the Hub
+# Finding checkpoint and tokenizer files, locally or on the Hub
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _hub_id(name: str, what: str) -> str:
+    """name, if it can be a Hub repo id ('owner/name'); else the error that there is no local `what`."""
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"no {what} {name!r} (and it is not a Hub repo id like 'hamishivi/tess2')")
+    return name
 
 
 def resolve(name_or_path: str) -> str:
@@ -450,15 +428,13 @@ def resolve(name_or_path: str) -> str:
         return name_or_path
     if os.path.exists(name_or_path):
         raise ValueError(f"{name_or_path} is a file; pass the checkpoint directory that holds config.json")
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"no checkpoint directory {name_or_path!r} (and it is not a Hub repo id "
-                                "like 'hamishivi/tess2')")
+    repo = _hub_id(name_or_path, "checkpoint directory")
     from huggingface_hub import snapshot_download
     try:  # offline (HF_HUB_OFFLINE=1 or no network) this returns the cached snapshot, if any
-        return snapshot_download(name_or_path, allow_patterns=[
+        return snapshot_download(repo, allow_patterns=[
             "config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES])
     except Exception as e:
-        raise FileNotFoundError(f"{name_or_path!r} is not a local directory and could not be fetched "
+        raise FileNotFoundError(f"{repo!r} is not a local directory and could not be fetched "
                                 f"from the Hugging Face Hub: {type(e).__name__}: {e}") from e
 
 
@@ -484,46 +460,88 @@ def checkpoint_files(path: str) -> list[str]:
                             "(Hub repos that hold only pickle .bin weights are not read)")
 
 
+def tokenizer_paths(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(tokenizer.json, tokenizer_config.json or None) of a folder, a tokenizer.json file, or a Hub
+    model id (of which only these two files are fetched, not the weights)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path, os.path.join(os.path.dirname(name_or_path), "tokenizer_config.json")
+    if os.path.isdir(name_or_path):
+        file = os.path.join(name_or_path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{name_or_path} has no tokenizer.json (a `tokenizers` file); a tokenizer.model "
+                                    "alone can be converted once with transformers' AutoTokenizer.save_pretrained")
+        return file, os.path.join(name_or_path, "tokenizer_config.json")
+    repo = _hub_id(name_or_path, "tokenizer folder or file")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    try:
+        file = hf_hub_download(repo, "tokenizer.json", revision=revision)
+    except Exception as e:
+        raise FileNotFoundError(f"{repo!r} is not a local folder or file, and getting its tokenizer.json from the "
+                                f"Hub failed ({type(e).__name__}: {e}). Pass a folder that holds tokenizer.json, "
+                                "or a Hub model id with network access.") from None
+    try:
+        return file, hf_hub_download(repo, "tokenizer_config.json", revision=revision)
+    except EntryNotFoundError:  # a repo may have tokenizer.json alone
+        return file, None
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer
 
 
 class Tokenizer:
-    """A `tokenizers` tokenizer read from a checkpoint directory, with its special ids."""
+    """
+    A `tokenizers` tokenizer with its special ids, read by tokenizer_paths(). BOS/EOS/PAD are the
+    tokens tokenizer_config.json names (default <s>, </s>, [PAD]); a vocabulary without its pad token
+    gets it as the next id, as TESS does for Mistral (32000 ids + [PAD] = 32001). Text is encoded
+    without special tokens: callers add BOS/EOS where the format says.
+    """
 
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path, revision: str | None = None):
         from tokenizers import Tokenizer as HFTokenizer
-        path = resolve(name_or_path)
-        file = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{path} has no tokenizer.json (a `tokenizers` file); a tokenizer.model "
-                                    "alone can be converted once with transformers' AutoTokenizer.save_pretrained")
-        self.path = path
-        self.tok = HFTokenizer.from_file(file)
-        cfg = {}
-        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
-            with open(os.path.join(path, "tokenizer_config.json")) as f:
-                cfg = json.load(f)
+        self.name = str(name_or_path)  # as given: recorded in each dataset's meta.json
+        file, config_file = tokenizer_paths(self.name, revision)
+        with open(file, "rb") as f:
+            raw = f.read()
+        config = {}
+        if config_file and os.path.exists(config_file):
+            with open(config_file) as f:
+                config = json.load(f)
+        self.tokenizer = tok = HFTokenizer.from_str(raw.decode("utf-8"))
 
-        def special(key, default):
-            tok = cfg.get(key, default)
-            tok = tok.get("content") if isinstance(tok, dict) else tok
-            return None if tok is None else self.tok.token_to_id(tok)
+        def special_id(key, default):
+            token = config.get(key)
+            token = (token.get("content") if isinstance(token, dict) else token) or default  # {"content": "<s>", ...}
+            if key == "pad_token" and tok.token_to_id(token) is None:
+                tok.add_special_tokens([token])
+            if tok.token_to_id(token) is None:
+                raise ValueError(f"{file}: {key} {token!r} is not in the vocabulary; fix tokenizer_config.json")
+            return tok.token_to_id(token)
 
-        self.bos_id = special("bos_token", "<s>")
-        self.eos_id = special("eos_token", "</s>")
-        self.pad_id = special("pad_token", None)
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"{file}: could not find the BOS/EOS tokens named in tokenizer_config.json")
+        self.bos_id, self.eos_id = special_id("bos_token", "<s>"), special_id("eos_token", "</s>")
+        self.pad_id = special_id("pad_token", "[PAD]")
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)  # [PAD] included
+        self.sha256 = hashlib.sha256(raw).hexdigest()  # of the file as read (provenance)
+        # of the id -> token table in use, [PAD] included: what data and model must agree on
+        vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        self.vocab_sha256 = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids without any special tokens (callers add BOS/EOS where the format says)."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        """Several texts at once, in parallel threads."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def meta(self) -> dict:
+        """The tokenizer fields every dataset's meta.json carries (data/shards.py)."""
+        return dict(vocab_size=self.vocab_size, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
+                    tokenizer=self.name, tokenizer_sha256=self.sha256, vocab_sha256=self.vocab_sha256)
 
     def fingerprint(self) -> dict:
-        """What two models must agree on to share text: size and special ids."""
-        return dict(vocab_size=self.vocab_size, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
+        """What two models must agree on to share text: the id -> token table and the special ids."""
+        return {k: v for k, v in self.meta().items() if k not in ("tokenizer", "tokenizer_sha256")}

@@ -1,37 +1,15 @@
 """
 Sample from a TESS 2 simplex diffusion model: the reverse process of SPEC.md section 9 (paper
-Eq. 4-5, Fig. 1), with reward guidance (section 10, paper Sec. 3.4), infilling, early exit and
-two ways to watch the text form.
+Eq. 4-5, Fig. 1) with reward guidance (section 10, paper Sec. 3.4), infilling, early exit and two
+ways to watch the text form (--show, --html).
 
-    python sample.py --model out/tess2-shakespeare --prompt "Write a sonnet about the sea."
+    python sample.py --prompt "Write a sonnet about the sea."   # models/tess2-shakespeare
     python sample.py --model hamishivi/tess2 --prompt "..." --reward-model hamishivi/tess_mistral_rm
-    python sample.py --model M --no-chat --argmax --prompt "The <mask:3> sat on the <mask:2>."
+    python sample.py --no-chat --argmax --prompt "The <mask:3> sat on the <mask:2>."
 
-Row layout. A row is BOS + the prompt (context: clean tokens that never change) + a generation
-region (span) that starts as pure noise. The prompt goes through the Tulu chat template
-"<|user|>\\n{prompt}\\n<|assistant|>\\n" (SPEC 8) unless --no-chat. The rows of a batch share one
-total length L = longest prompt + --length (or --total-length), so no attention mask is needed:
-each row is its prompt followed by a generation region filling it up to L, which makes the
-region of a shorter prompt longer. The model learned to end with EOS and fill the rest with [PAD].
-
-Infilling. `<mask:N>` in a prompt marks a gap of N tokens to generate; the gaps are the span and
-everything else is context. Such a prompt is used exactly as written, never wrapped in the chat
-template (write the template out yourself to infill inside an answer), and gets no generation
-region unless --length is given or its batch has longer rows. Spaces next to a gap are dropped:
-the generated tokens carry their own. Its text is the whole document with the gaps filled in.
-
-Determinism. Prompt number j (counting from 0 over the whole run) is sampled with seed + j: its
-row draws every step's noise and its nucleus samples from its own generator, so its text does
-not depend on what else is in the batch, given the same total length.
-
-Memory. At V = 32001 each (B, L, V) fp32 tensor costs 128 KB per position (262 MB per 2048-token
-row). The loop holds two: the noisy simplex S (also the buffer each step's noise is drawn into,
-then turned into S in place) and the logits (the next step's self-conditioning input). Inside
-tess2.predict the mixed probabilities p = (softmax(S) + softmax(previous logits)) / 2 live until
-it returns, and the new logits are made before the previous ones are freed: the peak is 4 (S,
-previous logits, p, new logits). Nucleus sampling works on 64 positions at a time, so its sort
-and sampling temporaries are (64, V). Reward guidance adds one (the gradient). The released
-pipeline's loop holds about 10 (bench/bench_sample.py measures both: 4.1 against 9.9).
+A row is BOS + the prompt (context: clean tokens that never change) + a generation region (span)
+that starts as pure noise. Prompt j of a run is sampled with seed + j from its own generators, so
+its text does not depend on what else is in its batch, given the same row length.
 """
 import argparse
 import html
@@ -45,11 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+import data.chat
 import tess2
-from data.chat import format_prompt
 from model import ModelArgs, Tokenizer, Transformer, resolve
 
-DEFAULT_MODEL = "out/tess2-shakespeare"
+HERE = os.path.dirname(os.path.abspath(__file__))  # the default checkpoints are found from here
+DEFAULT_MODEL = "models/tess2-shakespeare"
+DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"  # with --eta and no --reward-model
 GAP = re.compile(r"<mask:(\d+)>")
 
 
@@ -58,35 +38,37 @@ GAP = re.compile(r"<mask:(\d+)>")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True):
-    """One prompt -> (ids, span) lists: BOS + the prompt, with `<mask:N>` gaps as N span positions."""
+    """One prompt -> (ids, span) lists: BOS + the prompt, stripped and in the Tulu chat template
+    "<|user|>\\n{prompt}\\n<|assistant|>\\n" as in training (SPEC 8) unless chat=False. `<mask:N>`
+    marks a gap of N span positions; such a prompt is used as written, never templated (write the
+    template out to infill an answer), and spaces next to a gap go: generated tokens carry their own."""
     parts = GAP.split(prompt)  # text, N, text, N, ..., text
-    placeholder = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # never read
     if len(parts) == 1:
-        ids = [tokenizer.bos_id] + tokenizer.encode(format_prompt(prompt) if chat else prompt)
+        ids = data.chat.encode_prompt(tokenizer, prompt) if chat else [tokenizer.bos_id] + tokenizer.encode(prompt)
         return ids, [False] * len(ids)
+    placeholder = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # never read
     ids, span = [tokenizer.bos_id], [False]
     for j, part in enumerate(parts):
         if j % 2:  # a gap
             if int(part) < 1:
                 raise ValueError(f"<mask:{part}> in prompt {prompt!r}: a gap needs at least one token")
-            ids += [placeholder] * int(part)
-            span += [True] * int(part)
+            piece, gap = [placeholder] * int(part), True
         else:
             text = part.lstrip() if j > 0 else part
             text = text.rstrip() if j < len(parts) - 1 else text
-            piece = tokenizer.encode(text) if text else []
-            ids += piece
-            span += [False] * len(piece)
+            piece, gap = tokenizer.encode(text) if text else [], False
+        ids += piece
+        span += [gap] * len(piece)
     return ids, span
 
 
+
 def make_batch(tokenizer, prompts, length=None, total_length=None, chat=True, max_len=None):
-    """
-    Prompts -> ids (B, L), span_mask (B, L) bool, ends [B] (where each prompt ends and its
-    generation region begins). length: positions to generate after each prompt at least (None:
-    256, or 0 for a prompt with gaps or when total_length is given); L = total_length or the
-    longest prompt + its length.
-    """
+    """Prompts -> ids (B, L), span_mask (B, L) bool, ends [B] (where each prompt ends and its
+    generation region begins). The rows share one length L = total_length or the longest prompt +
+    its `length` (default 256, or 0 for a prompt with gaps or when total_length is given), so no
+    attention mask is needed: a shorter prompt gets a longer region, which the model learned to
+    end with EOS and fill up with [PAD]."""
     rows = [encode_prompt(tokenizer, p, chat) for p in prompts]
     default = lambda span: 0 if any(span) or total_length else 256  # noqa: E731
     want = [len(ids) + (default(span) if length is None else length) for ids, span in rows]
@@ -114,29 +96,12 @@ def max_length(args: ModelArgs) -> int:
 # The reverse process (SPEC 9) and reward guidance (SPEC 10)
 
 
-def fill_noise_(buf, generators):
-    """buf (B, L, V) <- N(0, I), row b from generators[b]: the first draw equals tess2.row_noise(seeds)."""
-    for b, g in enumerate(generators):
-        buf[b].normal_(generator=g)
-    return buf
-
-
-def renoise_(S, tokens, alpha_bar_prev, k=tess2.SIMPLEX_VALUE):
-    """Eq. 4 in place: S holds eps ~ N(0, I) on entry and sqrt(a) S_hat + sqrt(1 - a) k eps on exit,
-    S_hat = simplex(tokens); the arithmetic of tess2.renoise without a second (B, L, V) tensor."""
-    a = alpha_bar_prev.to(S.dtype).view(-1, 1, 1)  # (B, 1, 1)
-    S.mul_((1 - a).sqrt() * k).sub_(a.sqrt() * k)
-    return S.scatter_add_(-1, tokens.unsqueeze(-1), (2 * k * a.sqrt()).expand(*tokens.shape, 1).contiguous())
-
-
 def reward_guidance(rm, logits, ids, span_mask, eta, steps=5, tau=1.0):
-    """
-    Sec. 3.4, Eq. 9-11: `steps` rounds of x <- x + eta * grad_x R(x) on the logits x (B, L, V).
+    """Sec. 3.4, Eq. 9-11: `steps` rounds of x <- x + eta * grad_x R(x) on the logits x (B, L, V).
     The reward model reads softmax(x / tau) @ E_rm at span positions and E_rm[token] (= one-hot
     @ E_rm) at context positions, causally, and scores the last position. Computed in the
     reward model's dtype (the released code: bf16; on CPU use fp32). Rows are independent:
-    their rewards are summed only to get every row's gradient from one backward pass.
-    """
+    their rewards are summed only to get every row's gradient from one backward pass."""
     E = rm.embed_tokens.weight  # (V, D_rm)
     context = rm.embed_tokens(ids)  # (B, L, D_rm)
     x = logits.detach().to(E.dtype)  # (B, L, V), updated in place
@@ -153,9 +118,9 @@ def reward_guidance(rm, logits, ids, span_mask, eta, steps=5, tau=1.0):
 
 
 def nucleus(logits, chunks, top_p, generators, size=64):
-    """Eq. 5 by nucleus sampling (tess2.project) on the (row b, positions s..s+size) chunks that
-    hold span positions, each from generators[b]. Sorting and sampling make several (positions, V)
-    temporaries: chunks keep them small. logits (B, L, V) -> tokens (B, L), -1 outside the chunks."""
+    """Eq. 5 by nucleus sampling (tess2.project) on the (row b, positions s..s+size) chunks holding span
+    positions, from generators[b]; chunks keep the sort's (positions, V) temporaries small.
+    logits (B, L, V) -> tokens (B, L), -1 outside the chunks."""
     out = torch.full(logits.shape[:2], -1, dtype=torch.long, device=logits.device)
     for b, s in chunks:
         out[b, s:s + size] = tess2.project(logits[b, s:s + size].unsqueeze(0), top_p, generators[b])[0]
@@ -170,20 +135,24 @@ def confidence(logits):
 @torch.no_grad()
 def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None,
             record=False, on_step=None, predict=tess2.predict):
-    """
-    The reverse process on one batch. ids (B, L) context tokens (span positions are ignored),
-    span_mask (B, L), seeds: one int per row. top_p None projects by argmax (paper Eq. 5), else by
-    nucleus sampling (released default 0.99). guide: logits -> logits (reward guidance).
-    early_exit N: a row stops once the argmax of its span has not changed for N steps in a row,
-    and its output is its projected tokens at that step.
-    Returns tokens (B, L), steps_used (B,) and, if record, the argmax tokens and their
-    top-1 confidence at every step, both (n, B, L).
-    """
+    """The reverse process on one batch. ids (B, L) context tokens (span positions are ignored),
+    span_mask (B, L), seeds: one int per row, whose generator draws all its noise and nucleus
+    samples. top_p None projects by argmax (paper Eq. 5), else by nucleus sampling (released
+    default 0.99). guide: logits -> logits (reward guidance). early_exit N: a row stops once the
+    argmax of its span has not changed for N steps in a row; its output is its projection then.
+    Returns tokens (B, L), steps_used (B,) and, if record, the argmax tokens and their top-1
+    confidence at every step, both (n, B, L).
+
+    Memory, in (B, L, V) fp32 tensors (128 KB per position at V = 32001): the loop holds two, the
+    noisy simplex S (each step's noise is drawn into it and turned into S in place; predict also
+    uses it as scratch) and the logits (the next step's self-conditioning input). predict makes the
+    new logits before the previous ones go: 3 at the peak. Nucleus sampling and confidence work a
+    few positions at a time; reward guidance adds its softmax and gradients."""
     B, L = ids.shape
     V, N, dev = model.args.vocab_size, steps, ids.device
-    generators = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+    generators = tess2.row_generators(seeds, dev)
     alpha_bars = tess2.alpha_bars(N).to(dev)  # (N,): alpha_bar(i / N)
-    S = fill_noise_(torch.empty(B, L, V, device=dev), generators).mul_(tess2.SIMPLEX_VALUE)  # k * N(0, I)
+    S = tess2.row_noise_(torch.empty(B, L, V, device=dev), generators).mul_(tess2.SIMPLEX_VALUE)  # k * N(0, I)
     logits, tokens, last_best = None, ids.clone(), None  # logits None: uniform self-conditioning
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     stable = torch.zeros(B, dtype=torch.long, device=dev)
@@ -192,15 +161,11 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
     trace = ([], [])
     for n, i in enumerate(range(N - 1, -1, -1)):
         t = torch.full((B,), i / N, device=dev)  # scaled time i / N, per row
-        # (B, L, V). The peak: S, the previous logits, predict's p and the new logits = 4 tensors
-        logits = predict(model, ids, span_mask, S, t, logits)  # then the previous logits are freed
+        logits = predict(model, ids, span_mask, S, t, logits, inplace=True)  # (B, L, V); S is scratch now
         if guide is not None:
             logits = guide(logits)  # guided logits feed the projection and the next self-conditioning
         best = torch.where(span_mask, logits.argmax(-1), ids)  # (B, L)
-        if top_p is None:
-            new = best
-        else:
-            new = torch.where(span_mask, nucleus(logits, chunks, top_p, generators), ids)
+        new = best if top_p is None else torch.where(span_mask, nucleus(logits, chunks, top_p, generators), ids)
         tokens = torch.where(done.unsqueeze(-1), tokens, new)  # rows that exited keep their output
         if record:
             trace[0].append(best.cpu())
@@ -217,10 +182,19 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
                 break
         last_best = best
         if i > 0:  # S_{i-1} = sqrt(alpha_bar_{i-1}) S_hat + sqrt(1 - alpha_bar_{i-1}) k eps (alpha_bar_{-1} = 1: none)
-            renoise_(fill_noise_(S, generators), tokens, alpha_bars[i - 1].expand(B))
-    if record:
-        return tokens, steps_used, (torch.stack(trace[0]), torch.stack(trace[1]))
-    return tokens, steps_used, None
+            tess2.renoise(tokens, tess2.row_noise_(S, generators), alpha_bars[i - 1].expand(B), inplace=True)
+    return tokens, steps_used, (torch.stack(trace[0]), torch.stack(trace[1])) if record else None
+
+
+def check_settings(steps, length, total_length, batch_size, guidance_steps, early_exit, top_p):
+    """The numbers generate() and the command line take, refused with the flag to fix."""
+    for flag, value, low in (("steps", steps, 1), ("length", length, 0), ("total-length", total_length, 1),
+                             ("batch-size", batch_size, 1), ("guidance-steps", guidance_steps, 1),
+                             ("early-exit", early_exit, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"--{flag} must be at least {low}, got {value}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p} (for argmax: --argmax, top_p=None)")
 
 
 def check_reward_model(model, tokenizer, reward_model, reward_tokenizer=None):
@@ -253,19 +227,12 @@ class Generation:
 def generate(model, tokenizer, prompts, steps=100, length=None, total_length=None, top_p=0.99, seed=0,
              batch_size=8, chat=True, reward_model=None, reward_tokenizer=None, eta=None, guidance_steps=5,
              tau=1.0, early_exit=None, details=False, record=False, on_step=None, predict=tess2.predict):
-    """
-    Generate a response for each prompt (a str or list of str) -> list[str]; with details=True
+    """Generate a response for each prompt (a str or list of str) -> list[str]; with details=True
     (or record=True) a list of Generation: text, tokens, steps used, seconds and, if record,
-    the per-step predictions and confidences. Prompt j is sampled with seed + j. See the module
-    docstring for the row layout, infilling and the meaning of length / total_length.
-    """
+    the per-step predictions and confidences. Prompt j is sampled with seed + j. make_batch says
+    what length and total_length mean, encode_prompt how `<mask:N>` gaps infill."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None for argmax), got {top_p}")
-    if early_exit is not None and early_exit < 1:
-        raise ValueError(f"early_exit must be at least 1 step, got {early_exit}")
+    check_settings(steps, length, total_length, batch_size, guidance_steps, early_exit, top_p)
     if eta and reward_model is None:
         raise ValueError(f"eta = {eta} needs a reward model: pass reward_model (--reward-model)")
     if tokenizer.vocab_size > model.args.vocab_size:
@@ -362,27 +329,22 @@ def write_html(path, tokenizer, generations):
         used = sorted({x for row in preds for x in row})
         data.append(dict(conf=[[round(c, 3) for c in row] for row in g.confidence.tolist()], preds=preds,
                          pieces=dict(zip(map(str, used), pieces(tokenizer, used)))))
-        sections.append(f'<section><h2>Prompt {k + 1} ({g.steps_used} steps, {g.seconds:.1f} s)</h2>'
-                        f'<pre class="prompt">{html.escape(g.prompt)}</pre><canvas id="c{k}"></canvas>'
-                        f'<div class="tip" id="t{k}">&nbsp;</div><h3>Text</h3>'
-                        f'<pre class="text">{html.escape(g.text)}</pre></section>')
+        sections.append(f'<section><h2>Prompt {k + 1} ({g.steps_used} steps, {g.seconds:.1f} s)</h2><pre>'
+                        f'{html.escape(g.prompt)}</pre><canvas id="c{k}"></canvas><div class="tip" id="t{k}">&nbsp;'
+                        f'</div><h3>Text</h3><pre>{html.escape(g.text)}</pre></section>')
     payload = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>TESS 2 sample</title><style>
-body {{ font-family: sans-serif; margin: 2em; }} canvas {{ image-rendering: pixelated; border: 1px solid #ccc; }}
-pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }} .tip {{ font-family: monospace; }}
-</style></head><body>
-<h1>Confidence over diffusion steps</h1>
-<p>Each heatmap row is a diffusion step (time flows down), each column a position; darker means a
-higher top-1 probability. Prompt positions are set to 1, as in Figure 4 of the TESS 2 paper.</p>
+<html lang="en"><head><meta charset="utf-8"><title>TESS 2 sample</title><style>body {{ font-family: sans-serif;
+margin: 2em; }} canvas {{ image-rendering: pixelated; border: 1px solid #ccc; }} pre {{ white-space: pre-wrap;
+background: #f6f6f6; padding: .5em; }} .tip {{ font-family: monospace; }}</style></head><body>
+<h1>Confidence over diffusion steps</h1><p>Each heatmap row is a diffusion step (time flows down), each column a
+position; darker means a higher top-1 probability. Prompt positions are 1, as in the paper's Figure 4.</p>
 {"".join(sections)}
 <script>
-const DATA = {payload};
-const CELL = 6;
+const DATA = {payload}, CELL = 6;
 DATA.forEach((d, k) => {{
-  const c = document.getElementById("c" + k), n = d.conf.length, L = d.conf[0].length;
-  c.width = L * CELL; c.height = n * CELL;
-  const ctx = c.getContext("2d");
+  const c = document.getElementById("c" + k), n = d.conf.length, L = d.conf[0].length, ctx = c.getContext("2d");
+  c.width = L * CELL; c.height = n * CELL;  // resizing clears the canvas: set the size before drawing
   d.conf.forEach((row, s) => row.forEach((v, j) => {{
     ctx.fillStyle = `rgb(${{255 * (1 - v)}}, ${{255 * (1 - v)}}, 255)`; ctx.fillRect(j * CELL, s * CELL, CELL, CELL);
   }}));
@@ -406,9 +368,9 @@ def read_prompts(path):
     """One prompt per line; in a .jsonl file, a JSON string or {"prompt": ...} per line."""
     with open(path, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
-    if path.endswith(".jsonl"):
-        return [(lambda o: o if isinstance(o, str) else o["prompt"])(json.loads(line)) for line in lines]
-    return lines
+    if not path.endswith(".jsonl"):
+        return lines
+    return [o if isinstance(o, str) else o["prompt"] for o in map(json.loads, lines)]
 
 
 def read_config(path):
@@ -416,19 +378,22 @@ def read_config(path):
         return ModelArgs.from_hf(json.load(f))
 
 
-def checkpoint_dir(name, flag, parser):
-    """A local directory, or a Hub id (owner/name) fetched by model.resolve; the default must exist."""
-    if os.path.isdir(name) or (name != DEFAULT_MODEL and name.count("/") == 1 and not name.startswith((".", "/", "~"))):
-        return resolve(name)
-    hint = " (the default)" if name == DEFAULT_MODEL else ""
-    parser.error(f"no checkpoint directory {name!r}{hint}: pass {flag} DIR, a directory holding config.json, "
+def checkpoint_dir(name, flag, parser, default):
+    """A local directory, or a Hub id (owner/name) fetched by model.resolve. The default is a
+    directory of this repository, found from this file wherever the command runs; it must exist."""
+    path = os.path.join(HERE, name) if name == default else name
+    if os.path.isdir(path) or (name != default and name.count("/") == 1 and not name.startswith((".", "/", "~"))):
+        return resolve(path)
+    hint = f" (the default {flag})" if name == default else ""
+    parser.error(f"no checkpoint directory {path!r}{hint}: pass {flag} DIR, a directory holding config.json, "
                  "model.safetensors and tokenizer.json (or a Hub id such as hamishivi/tess2)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Infilling: write <mask:N> in a "
                                 "prompt for a gap of N tokens; the prompt is then used as written (no chat template).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusion model: checkpoint directory or Hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"diffusion model: checkpoint directory or Hub id "
+                   f"(default: {DEFAULT_MODEL} of this repository)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several); <mask:N> marks a gap")
     p.add_argument("--prompts-file", help="one prompt per line (.jsonl: a JSON string or {\"prompt\": ...} per line)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the Tulu chat template")
@@ -439,7 +404,8 @@ def main(argv=None):
     g.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling projection (released default)")
     g.add_argument("--argmax", action="store_true", help="argmax projection (paper Eq. 5)")
     p.add_argument("--reward-model", help="reward model for guidance: checkpoint directory or Hub id")
-    p.add_argument("--eta", type=float, help="guidance step size (default 0.25 with --reward-model)")
+    p.add_argument("--eta", type=float, help=f"guidance step size (default 0.25 with --reward-model; without one, "
+                   f"guides with {DEFAULT_REWARD_MODEL} of this repository)")
     p.add_argument("--guidance-steps", type=int, default=5, help="gradient-ascent steps per diffusion step")
     p.add_argument("--tau", type=float, default=1.0, help="softmax temperature of the reward model's input")
     p.add_argument("--early-exit", type=int, help="stop a row once its argmax is unchanged for this many steps")
@@ -453,48 +419,40 @@ def main(argv=None):
     p.add_argument("--html", help="write a page with the confidence of every position at every step")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     a = p.parse_args(argv)
-    for flag, value, low in (("--steps", a.steps, 1), ("--length", a.length, 0), ("--total-length", a.total_length, 1),
-                             ("--batch-size", a.batch_size, 1), ("--guidance-steps", a.guidance_steps, 1),
-                             ("--early-exit", a.early_exit, 1)):
-        if value is not None and value < low:
-            p.error(f"{flag} must be at least {low}, got {value}")
-    if not a.argmax and not 0 < a.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {a.top_p}")
-    if a.eta and not a.reward_model:
-        p.error("--eta needs --reward-model (reward guidance steers with a reward model's gradient)")
+    top_p, chat = None if a.argmax else a.top_p, not a.no_chat
     prompts = (a.prompt or []) + (read_prompts(a.prompts_file) if a.prompts_file else [])
-    if not prompts:
-        p.error("no prompt: pass --prompt TEXT or --prompts-file FILE")
-    path = checkpoint_dir(a.model, "--model", p)
-    rm_path = checkpoint_dir(a.reward_model, "--reward-model", p) if a.reward_model else None
-    tok, cfg = Tokenizer(path), read_config(path)
-    for s in range(0, len(prompts), a.batch_size):  # bad input fails here, before any weights load
-        make_batch(tok, prompts[s:s + a.batch_size], a.length, a.total_length, not a.no_chat, max_length(cfg))
-    if rm_path:
-        check_reward_model(types.SimpleNamespace(args=cfg), tok, types.SimpleNamespace(args=read_config(rm_path)),
-                           Tokenizer(rm_path))
+    try:  # bad input fails here, before any weights load
+        check_settings(a.steps, a.length, a.total_length, a.batch_size, a.guidance_steps, a.early_exit, top_p)
+        if not prompts:
+            raise ValueError("no prompt: pass --prompt TEXT or --prompts-file FILE")
+        path = checkpoint_dir(a.model, "--model", p, DEFAULT_MODEL)
+        rm_name = a.reward_model or (DEFAULT_REWARD_MODEL if a.eta else None)  # --eta alone: the default
+        rm_path = checkpoint_dir(rm_name, "--reward-model", p, DEFAULT_REWARD_MODEL) if rm_name else None
+        tok, cfg = Tokenizer(path), read_config(path)
+        batches = [prompts[s:s + a.batch_size] for s in range(0, len(prompts), a.batch_size)]
+        spans = [make_batch(tok, b, a.length, a.total_length, chat, max_length(cfg))[1] for b in batches]
+        rm_tok = Tokenizer(rm_path) if rm_path else None
+        if rm_path:
+            check_reward_model(types.SimpleNamespace(args=cfg), tok, types.SimpleNamespace(args=read_config(rm_path)),
+                               rm_tok)
+    except ValueError as e:
+        p.error(str(e))
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-    model = Transformer.from_pretrained(path, dtype=dtype, device=a.device, verbose=False).eval()
-    rm = rm_tok = None
-    if rm_path:
-        rm_tok = Tokenizer(rm_path)
-        rm = Transformer.from_pretrained(rm_path, dtype=dtype, device=a.device, verbose=False).eval()
+    load = lambda d: Transformer.from_pretrained(d, dtype=dtype, device=a.device, verbose=False).eval()  # noqa: E731
+    model, rm = load(path), load(rm_path) if rm_path else None
     predict = torch.compile(tess2.predict) if a.compile else tess2.predict
-    out, chat = [], not a.no_chat
-    for s in range(0, len(prompts), a.batch_size):  # batch by batch, so the watcher knows the rows
-        batch = prompts[s:s + a.batch_size]
-        watch = Watcher(tok, a.steps, a.show, make_batch(tok, batch, a.length, a.total_length, chat)[1])
-        gens = generate(model, tok, batch, a.steps, a.length, a.total_length, None if a.argmax else a.top_p,
-                        a.seed + s, a.batch_size, chat, rm, rm_tok, a.eta, a.guidance_steps, a.tau, a.early_exit,
-                        details=True, record=bool(a.html), on_step=watch, predict=predict)
+    out = []
+    for s, batch, span_mask in zip(range(0, len(prompts), a.batch_size), batches, spans):
+        watch = Watcher(tok, a.steps, a.show, span_mask)  # batch by batch, so the watcher knows the rows
+        gens = generate(model, tok, batch, a.steps, a.length, a.total_length, top_p, a.seed + s, a.batch_size, chat,
+                        rm, rm_tok, a.eta, a.guidance_steps, a.tau, a.early_exit, details=True, record=bool(a.html),
+                        on_step=watch, predict=predict)
         if watch.last and not a.show and watch.tty:
             print(file=sys.stderr)
         for g in gens:
-            if a.json:
-                print(json.dumps(dict(prompt=g.prompt, text=g.text, tokens=g.tokens, steps_used=g.steps_used,
-                                      seconds=round(g.seconds, 3))), flush=True)
-            else:
-                print(g.text + ("\n" if len(prompts) > 1 else ""), flush=True)
+            print(json.dumps(dict(prompt=g.prompt, text=g.text, tokens=g.tokens, steps_used=g.steps_used,
+                                  seconds=round(g.seconds, 3))) if a.json else g.text + "\n" * (len(prompts) > 1),
+                  flush=True)
         out += gens
     if a.html:
         write_html(a.html, tok, out)

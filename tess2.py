@@ -9,9 +9,12 @@ B batch, L length. "span" positions are generated (span_mask True), "context" po
 given as clean tokens.
 
 Memory: every (B, L, V) float tensor costs 4*V = 128 KB per token in fp32 (262 MB per
-2048-token sequence at V = 32001). A training step holds at most four at once: the noise eps,
-the noisy simplex S_t (freed once softmaxed), the mixed probabilities p (kept for the
-embedding gradient), and the logits with their log-softmax (kept for the loss gradient).
+2048-token sequence at V = 32001). predict reads S_t and the previous logits, mixes p in place
+(softmax of the previous logits: a temporary, or with inplace=True S_t's buffer) and frees p once
+embedded (in training autograd keeps it for the gradient of E) before the new logits exist:
+sampling peaks at 3. A training step peaks at 5 with self-conditioning (eps, previous logits,
+S_t, p, new logits) and 4 without (eps, S_t, p, logits; then p, logits, eps and the log-softmax
+the loss keeps for backward).
 """
 import math
 
@@ -51,39 +54,51 @@ def simplex(ids, vocab_size: int, k: float = SIMPLEX_VALUE, dtype=torch.float32)
     return s.scatter_(-1, ids.unsqueeze(-1), k)
 
 
-def add_noise(ids, eps, alpha_bar_t, k: float = SIMPLEX_VALUE):
+def add_noise(ids, eps, alpha_bar_t, k: float = SIMPLEX_VALUE, inplace: bool = False):
     """
     Eq. 2: S_t = sqrt(alpha_bar_t) * S_0 + sqrt(1 - alpha_bar_t) * k * eps, with S_0 = simplex(ids).
-    ids (B, L), eps (B, L, V), alpha_bar_t (B,) -> S_t (B, L, V), a new tensor; eps is kept.
+    ids (B, L), eps (B, L, V), alpha_bar_t (B,) -> S_t (B, L, V): a new tensor with eps kept (training
+    reuses it for self-conditioning), or with inplace=True eps itself turned into S_t (sampling).
     Built without materialising S_0: scale eps, shift by -k sqrt(alpha_bar), add 2k sqrt(alpha_bar) at w.
     """
     a = alpha_bar_t.to(eps.dtype).view(-1, 1, 1)  # (B, 1, 1)
-    S = eps * ((1 - a).sqrt() * k) - a.sqrt() * k  # (B, L, V)
+    S = eps.mul_((1 - a).sqrt() * k) if inplace else eps * ((1 - a).sqrt() * k)  # (B, L, V)
+    S.sub_(a.sqrt() * k)
     return S.scatter_add_(-1, ids.unsqueeze(-1), (2 * k * a.sqrt()).expand(*ids.shape, 1).contiguous())
 
 
-def row_noise(seeds, length: int, vocab_size: int, device=None, dtype=torch.float32):
-    """N(0, I) noise of shape (B, L, V) drawn row by row, row b from its own generator seeded by
-    seeds[b], so a row's noise does not depend on what else is in the batch (sampling) or on how
-    a global batch is split across ranks and micro-batches (training)."""
-    device = torch.device(device or "cpu")
-    out = torch.empty(len(seeds), length, vocab_size, device=device, dtype=dtype)
-    for b, seed in enumerate(seeds):
-        g = torch.Generator(device=device).manual_seed(int(seed))
+def row_generators(seeds, device=None):
+    """One generator per row, seeded by seeds[b]."""
+    return [torch.Generator(device=device or "cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def row_noise_(out, generators):
+    """out (B, L, V) <- N(0, I), row b drawn from generators[b], so a row's noise does not depend on
+    what else is in the batch (sampling) or on how a global batch is split across ranks and
+    micro-batches (training). Sampling keeps the generators and draws every step's noise from them."""
+    for b, g in enumerate(generators):
         out[b].normal_(generator=g)
     return out
+
+
+def row_noise(seeds, length: int, vocab_size: int, device=None, dtype=torch.float32):
+    """Fresh N(0, I) noise of shape (B, L, V), row b from a generator seeded by seeds[b] (row_noise_)."""
+    out = torch.empty(len(seeds), length, vocab_size, device=device or "cpu", dtype=dtype)
+    return row_noise_(out, row_generators(seeds, out.device))
 
 
 # -----------------------------------------------------------------------------
 # What the network sees (SPEC 4, Sec. 3.1 self-conditioning Eq. 7-8, Sec. 3.2 label shift)
 
 
-def predict(model, ids, span_mask, S_t, t, prev_logits=None):
+def predict(model, ids, span_mask, S_t, t, prev_logits=None, inplace: bool = False):
     """
     One pass of the diffusion model. ids (B, L) clean tokens (used at context positions),
     span_mask (B, L) bool, S_t (B, L, V) noisy simplex (used at span positions), t (B,) scaled
     time in [0, 1), prev_logits (B, L, V) the previous prediction for self-conditioning or None.
     Returns logits (B, L, V) aligned so that logits[:, j] predicts token j; logits[:, 0] = 0.
+    inplace=True: S_t (fp32) is overwritten with softmax(prev_logits) once read, instead of that
+    being a new (B, L, V) tensor (sampling, which draws the next S_t into the same buffer).
     """
     E = model.embed_tokens.weight  # (V, D)
     # Eq. 8 "logits_mean": p = (softmax(S_t) + softmax(prev_logits)) / 2; no previous
@@ -92,9 +107,10 @@ def predict(model, ids, span_mask, S_t, t, prev_logits=None):
     if prev_logits is None:
         p.add_(1.0 / p.size(-1))
     else:
-        p.add_(torch.softmax(prev_logits.float(), dim=-1))
+        p.add_(torch.softmax(prev_logits.float(), dim=-1, out=S_t if inplace else None))
     p.mul_(0.5)
     h_span = p.to(E.dtype) @ E  # (B, L, D): h = E p (Sec. 3.1)
+    del p  # freed now (sampling); in training autograd keeps it for the gradient of E
     h = torch.where(span_mask.unsqueeze(-1), h_span, model.embed_tokens(ids))  # context: clean E[w]
     t_pos = t.view(-1, 1).to(h.dtype) * span_mask  # (B, L): timestep term on span positions only
     hidden = model(embeds=h, t=t_pos, causal=False, hidden_only=True)  # (B, L, D), bidirectional
@@ -222,6 +238,7 @@ def project(logits, top_p: float | None = None, generator=None):
     return order.flatten(0, 1).gather(-1, choice).view(logits.shape[:-1])
 
 
-def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE):
-    """Eq. 4: S_{t-1} = sqrt(alpha_bar_{t-1}) S_hat + sqrt(1 - alpha_bar_{t-1}) k eps, S_hat = simplex(tokens)."""
-    return add_noise(tokens, eps, alpha_bar_prev, k)
+def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE, inplace: bool = False):
+    """Eq. 4: S_{t-1} = sqrt(alpha_bar_{t-1}) S_hat + sqrt(1 - alpha_bar_{t-1}) k eps, S_hat = simplex(tokens):
+    the forward process (add_noise) from the projected tokens; inplace=True turns eps into S_{t-1}."""
+    return add_noise(tokens, eps, alpha_bar_prev, k, inplace)

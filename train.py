@@ -23,7 +23,9 @@ import os
 import re
 import resource
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,9 +37,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tess2
-from data.chat import load_tokenizer
 from data.shards import check_tokenizer, global_indices, open_dataset
-from model import Transformer, preset, resolve
+from model import Tokenizer, Transformer, preset, resolve, tokenizer_paths
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -62,34 +63,27 @@ def parse_args(argv=None):
     arg("--preset", help="model preset for --init scratch (model.PRESETS: tiny, small, ...)")
     arg("--data", required=True, help="dataset folder made by a data/ prepare script")
     arg("--val-data", help="held-out dataset folder for the periodic eval loss")
-    arg("--tokenizer", help="folder with the data's tokenizer.json, copied into every checkpoint "
-        "(default: the --init folder's, else the one named in the data's meta.json)")
+    arg("--tokenizer", help="tokenizer folder copied into checkpoints (default: --init's, else the data's)")
     arg("--out", required=True, help="run folder: step-XXXXXXX checkpoints and log.jsonl")
-    arg("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --out "
-        "(start from --init if there is none), or from the given step folder")
+    arg("--resume", nargs="?", const="latest", help="continue from --out's latest checkpoint, or this one")
     arg("--seq-len", type=int, help="sequence length L (default: per stage)")
     arg("--batch-size", type=int, help="global batch in sequences, pairs for rm (default: per stage)")
-    arg("--micro-batch-size", type=int, default=1, help="sequences per process and forward; "
-        "accumulation = batch-size / (processes x micro-batch-size)")
+    arg("--micro-batch-size", type=int, default=1, help="sequences per process and forward pass")
     arg("--max-steps", type=int, help="optimizer steps in all (default: per stage)")
     arg("--epochs", type=float, help="set --max-steps from passes over --data")
-    arg("--stop-at", type=int, help="stop with a checkpoint after this step, as a preempted job "
-        "would; the LR schedule still follows --max-steps")
+    arg("--stop-at", type=int, help="stop (and save) after this step; the LR still follows --max-steps")
     arg("--lr", type=float, help="peak learning rate (default: per stage)")
-    arg("--schedule", choices=("constant", "linear", "cosine"), help="after warm-up: constant, "
-        "linear decay to 0, or cosine to lr/10 (default: per stage)")
-    arg("--warmup-steps", type=int, help="linear warm-up steps (default: 2.5%% of --max-steps for "
-        "adapt, 3%% otherwise)")
+    arg("--schedule", choices=("constant", "linear", "cosine"), help="after warm-up (cosine: to lr/10)")
+    arg("--warmup-steps", type=int, help="linear warm-up steps (default: 2.5%% of --max-steps, sft/rm/ar 3%%)")
     arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the matrices")
-    arg("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW beta1 beta2")
+    arg("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW beta1 beta2")
     arg("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this (0: off)")
     arg("--ul2-prefix", choices=("released", "paper"), default="released",
         help="adapt's prefix-LM objective: random prefix (released code) or half (paper)")
     arg("--overfit", action="store_true", help="train on the first global batch only (debugging)")
     arg("--seed", type=int, default=0, help="seeds data order, t, noise, masks and a scratch init")
     arg("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if present")
-    arg("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on CUDA, fp32 on "
-        "CPU); weights, gradients and AdamW state stay fp32")
+    arg("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on CUDA); weights stay fp32")
     arg("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
     arg("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
     arg("--eval-every", type=int, default=0, help="eval on --val-data every N steps (0: at the end)")
@@ -102,17 +96,11 @@ def parse_args(argv=None):
     for key in ("lr", "schedule", "batch_size", "seq_len"):
         if getattr(args, key) is None:
             setattr(args, key, STAGES[args.stage][key])
-    args.adam_betas = list(args.adam_betas)
     return args
 
 
-# -----------------------------------------------------------------------------
-# Processes
-
-
 def compute_init(device="auto"):
-    """Returns (ddp, rank, local_rank, world, device); under torchrun starts the process group
-    (NCCL on CUDA, gloo on CPU)."""
+    """(ddp, rank, local_rank, world, device); under torchrun starts the process group (NCCL or gloo)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
@@ -138,7 +126,7 @@ def all_sum(x, ddp):
 
 
 # -----------------------------------------------------------------------------
-# Learning rate: a pure function of the step
+# One step: its learning rate, its batches (randomness keyed by global sample index), its loss
 
 
 def lr_at(step, lr, warmup, max_steps, schedule, min_ratio=0.1):
@@ -147,17 +135,8 @@ def lr_at(step, lr, warmup, max_steps, schedule, min_ratio=0.1):
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    if schedule == "constant":
-        return lr
-    if schedule == "linear":
-        return lr * (1 - progress)
-    if schedule == "cosine":
-        return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
-# -----------------------------------------------------------------------------
-# Batches: data plus each sequence's own randomness, keyed by its global sample index
+    return lr * {"constant": 1.0, "linear": 1 - progress,
+                 "cosine": min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
 
 
 def sample_seed(seed, n, stream):
@@ -171,24 +150,18 @@ def self_condition_coin(seed, step):
     return bool(torch.rand((), generator=g) < 0.5)
 
 
-def make_batch(args, ds, keys, device):
-    """The micro-batch of global sample indices `keys`. For the diffusion stages each sequence
-    gets its timestep t, UL2 mask (adapt) and noise seed from its index alone, so splitting a
-    global batch over ranks and micro-batches changes nothing."""
-    index = [n % args.batch_size for n in keys] if args.overfit else keys
-    b = ds.batch(index, args.seq_len, args.seed)
+def make_batch(args, ds, keys):
+    """The micro-batch of global sample indices `keys`, on the host. For the diffusion stages each
+    sequence gets its timestep t, UL2 mask (adapt) and noise seed from its index alone, so splitting
+    a global batch over ranks and micro-batches changes nothing."""
+    b = ds.batch([n % args.batch_size for n in keys] if args.overfit else keys, args.seq_len, args.seed)
     if args.stage in ("adapt", "sft"):
-        t, masks = [], []
-        for n in keys:
-            g = torch.Generator().manual_seed(sample_seed(args.seed, n, 0))
-            t.append(int(torch.randint(tess2.NUM_TRAIN_STEPS, (), generator=g)))  # uniform t (SPEC 3)
-            if args.stage == "adapt":
-                masks.append(tess2.ul2_mask(args.seq_len, g, prefix=args.ul2_prefix))  # (L,)
-        b["t"] = torch.tensor(t)  # (B,)
-        if args.stage == "adapt":
-            b["span_mask"] = torch.stack(masks)  # (B, L)
+        gens = [torch.Generator().manual_seed(sample_seed(args.seed, n, 0)) for n in keys]
+        b["t"] = torch.stack([torch.randint(tess2.NUM_TRAIN_STEPS, (), generator=g) for g in gens])  # (B,) SPEC 3
+        if args.stage == "adapt":  # each sequence's mask from its generator, after its t
+            b["span_mask"] = torch.stack([tess2.ul2_mask(args.seq_len, g, prefix=args.ul2_prefix) for g in gens])
         b["noise_seeds"] = [sample_seed(args.seed, n, 1) for n in keys]
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    return b
 
 
 def target_count(stage, b):
@@ -211,19 +184,14 @@ class Objective(nn.Module):
         self.net, self.stage = net, stage
 
     def forward(self, b, self_condition=False):
-        net = self.net
+        net, ids = self.net, b.get("ids")
         if self.stage in ("adapt", "sft"):
-            ids = b["ids"]
             eps = tess2.row_noise(b["noise_seeds"], ids.size(1), net.args.vocab_size, ids.device)  # (B, L, V)
-            loss, _ = tess2.diffusion_loss(net, ids, b["span_mask"], t=b["t"], eps=eps,
-                                           self_condition=self_condition, reduction="sum")
-            return loss
+            return tess2.diffusion_loss(net, ids, b["span_mask"], t=b["t"], eps=eps,
+                                        self_condition=self_condition, reduction="sum")[0]
         if self.stage == "ar":
-            ids = b["ids"]
             logits = net(ids=ids, causal=True)[:, :-1]  # (B, L-1, V): position i predicts token i+1
-            targets = ids[:, 1:]
-            if "span_mask" in b:
-                targets = targets.masked_fill(~b["span_mask"][:, 1:], -100)
+            targets = ids[:, 1:].masked_fill(~b["span_mask"][:, 1:], -100) if "span_mask" in b else ids[:, 1:]
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                    reduction="sum")
         ids = torch.cat([b["chosen"], b["rejected"]])  # (2B, L): one pass for both sides
@@ -233,7 +201,19 @@ class Objective(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The model: from a checkpoint or scratch, checked against the data
+# Data and model, checked against each other; checkpoints
+
+
+def open_checked(path, stage, meta=None):
+    ds = open_dataset(path)
+    kinds = STAGES[stage]["kinds"]
+    if ds.meta["kind"] not in kinds:
+        raise ValueError(f"--stage {stage} trains on {' or '.join(kinds)} data, but {path} holds "
+                         f"{ds.meta['kind']!r} data")
+    if meta is not None and ds.meta["vocab_sha256"] != meta["vocab_sha256"]:
+        raise ValueError(f"{path} was tokenized with {ds.meta['tokenizer']}, the training data with "
+                         f"{meta['tokenizer']}: prepare both with the same tokenizer")
+    return ds
 
 
 def grow_vocab(net, vocab_size):
@@ -241,17 +221,15 @@ def grow_vocab(net, vocab_size):
     EOS (SPEC 8). The new rows of the embedding and the LM head start as the mean of the old rows,
     so the new token starts as an average token rather than a random one."""
     old = net.args.vocab_size
-    mods = [net.model.embed_tokens] + ([net.lm_head] if net.args.head == "lm" else [])
     with torch.no_grad():
-        for mod in mods:
+        for mod in [net.model.embed_tokens] + ([net.lm_head] if net.args.head == "lm" else []):
             w = mod.weight  # (V_old, D)
             mod.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
-    net.model.embed_tokens.num_embeddings = vocab_size
+    net.args.vocab_size = net.model.embed_tokens.num_embeddings = vocab_size
     if net.args.head == "lm":
         net.lm_head.out_features = vocab_size
         if net.args.tie_word_embeddings:
             net.lm_head.weight = net.model.embed_tokens.weight
-    net.args.vocab_size = vocab_size
     print0(f"grew the vocabulary {old} -> {vocab_size}: new rows are the mean of the old ones")
 
 
@@ -277,42 +255,22 @@ def build_model(args, meta, init, device):
     return net, path if has_tokenizer else None
 
 
-def tokenizer_files(args, meta, init_source):
+def saved_tokenizer(args, meta, init_source):
     """tokenizer.json ([PAD] included) and tokenizer_config.json for every checkpoint, from the
     first of --tokenizer, the --init folder, or the data's own tokenizer that is at hand."""
     sources = [s for s in (args.tokenizer, init_source, meta["tokenizer"]) if s]
     for src in sources:
         try:
             check_tokenizer(meta, src)
-            info = load_tokenizer(src)
+            tok, cfg_file = Tokenizer(src), tokenizer_paths(src)[1]
         except (FileNotFoundError, OSError):
             continue
-        cfg_path = os.path.join(src, "tokenizer_config.json")
-        cfg = {}
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-        name = info.tokenizer.id_to_token
-        cfg.update(bos_token=name(info.bos_id), eos_token=name(info.eos_id), pad_token=name(info.pad_id))
-        return {"tokenizer.json": json.loads(info.tokenizer.to_str()), "tokenizer_config.json": cfg}
+        cfg = json.loads(Path(cfg_file).read_text()) if cfg_file and os.path.isfile(cfg_file) else {}
+        name = tok.tokenizer.id_to_token
+        cfg.update(bos_token=name(tok.bos_id), eos_token=name(tok.eos_id), pad_token=name(tok.pad_id))
+        return {"tokenizer.json": json.loads(tok.tokenizer.to_str()), "tokenizer_config.json": cfg}
     raise FileNotFoundError(f"no tokenizer found among {sources}: checkpoints need one for sample.py; "
                             "pass --tokenizer, the folder with the tokenizer.json the data was prepared with")
-
-
-def open_checked(path, stage, meta=None):
-    ds = open_dataset(path)
-    kinds = STAGES[stage]["kinds"]
-    if ds.meta["kind"] not in kinds:
-        raise ValueError(f"--stage {stage} trains on {' or '.join(kinds)} data, but {path} holds "
-                         f"{ds.meta['kind']!r} data")
-    if meta is not None and ds.meta["vocab_sha256"] != meta["vocab_sha256"]:
-        raise ValueError(f"{path} was tokenized with {ds.meta['tokenizer']}, the training data with "
-                         f"{meta['tokenizer']}: prepare both with the same tokenizer")
-    return ds
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: <out>/step-XXXXXXX/, written under a temporary name and renamed when complete
 
 
 def checkpoints(out):
@@ -334,8 +292,7 @@ def resume_point(args):
     path = found[-1]
     if not os.path.exists(os.path.join(path, "train_state.pt")):
         raise FileNotFoundError(f"{path} has no train_state.pt: not a checkpoint written by train.py")
-    with open(os.path.join(path, "train_state.json")) as f:
-        info = json.load(f)
+    info = json.loads(Path(path, "train_state.json").read_text())
     for key in ("stage", "seq_len", "batch_size", "seed", "overfit"):  # they define the data and noise
         if info["args"][key] != getattr(args, key):
             raise ValueError(f"--resume {path}: it was trained with --{key.replace('_', '-')} "
@@ -343,7 +300,15 @@ def resume_point(args):
     return path, info["step"]
 
 
+def discard(path):
+    """Rename a checkpoint away, then delete it: a crash mid-way never leaves half of one under its name."""
+    trash = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))
+    os.rename(path, os.path.join(trash, "x"))
+    shutil.rmtree(trash)
+
+
 def save_checkpoint(args, step, objective, net, opt, extra, rank):
+    """All ranks gather the full state, rank 0 writes it under a hidden name and renames it when whole."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
     state = get_model_state_dict(objective, options=opts)
     optim = get_optimizer_state_dict(objective, opt, options=opts)
@@ -354,13 +319,12 @@ def save_checkpoint(args, step, objective, net, opt, extra, rank):
         final = os.path.join(args.out, f"step-{step:07d}")
         tmp = os.path.join(args.out, f".tmp-step-{step:07d}")
         full.save_pretrained(tmp, extra_files=extra)
-        torch.save({"step": step, "optimizer": optim, "args": vars(args)},
-                   os.path.join(tmp, "train_state.pt"))
+        torch.save({"step": step, "optimizer": optim, "args": vars(args)}, os.path.join(tmp, "train_state.pt"))
         if os.path.exists(final):  # re-saving a step after --resume from an earlier one
-            shutil.rmtree(final)
+            discard(final)
         os.rename(tmp, final)
         for old in checkpoints(args.out)[:-args.keep_last] if args.keep_last else []:
-            shutil.rmtree(old)
+            discard(old)
         print0(f"saved {final}")
     if dist.is_initialized():
         dist.barrier()
@@ -381,14 +345,6 @@ def flops_per_token(a, n_params, seq_len, stage):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world, device = compute_init(args.device)
-    try:
-        train(args, ddp, rank, world, device)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def train(args, ddp, rank, world, device):
     stage = STAGES[args.stage]
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     if args.fsdp and not ddp:
@@ -398,8 +354,7 @@ def train(args, ddp, rank, world, device):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
                          f"--micro-batch-size ({args.micro_batch_size})")
     ds = open_checked(args.data, args.stage)
-    meta = ds.meta
-    val = open_checked(args.val_data, args.stage, meta) if args.val_data else None
+    val = open_checked(args.val_data, args.stage, ds.meta) if args.val_data else None
     n_examples = ds.num_examples(args.seq_len)
     if n_examples == 0:
         raise ValueError(f"{args.data} has no example at --seq-len {args.seq_len}")
@@ -412,12 +367,12 @@ def train(args, ddp, rank, world, device):
     resume, start = resume_point(args)
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
-    net, init_tok = build_model(args, meta, resume or args.init, device)
+    net, init_tok = build_model(args, ds.meta, resume or args.init, device)
     limit = min(net.args.max_position_embeddings, net.args.sliding_window or math.inf)
     if args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({limit}, "
                          "max_position_embeddings / sliding_window): lower --seq-len")
-    extra = tokenizer_files(args, meta, init_tok)
+    extra = saved_tokenizer(args, ds.meta, init_tok)
     net.gradient_checkpointing = args.grad_ckpt
     n_params = net.num_params()
     flops = flops_per_token(net.args, n_params, args.seq_len, args.stage)
@@ -433,11 +388,10 @@ def train(args, ddp, rank, world, device):
         fully_shard(objective, mp_policy=mp)
     elif ddp:
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    decay = [p for p in objective.parameters() if p.dim() >= 2]
-    no_decay = [p for p in objective.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
-                             dict(params=no_decay, weight_decay=0.0)], lr=args.lr,
-                            betas=tuple(args.adam_betas), fused=device.type == "cuda")
+    params = list(objective.parameters())
+    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+                             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
+                            lr=args.lr, betas=tuple(args.adam_betas), fused=device.type == "cuda")
     if resume:  # rank 0 reads the full AdamW state and sends each rank its part
         state = torch.load(os.path.join(resume, "train_state.pt"), weights_only=True) if rank == 0 else {}
         set_optimizer_state_dict(objective, opt, state.get("optimizer", {}),
@@ -450,8 +404,9 @@ def train(args, ddp, rank, world, device):
     if rank == 0 and os.path.exists(log_path):  # drop what a stopped run logged after its checkpoint
         with open(log_path) as f:
             kept = [line for line in f if json.loads(line)["step"] <= start]
-        with open(log_path, "w") as f:
+        with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
 
     def log(record):
         if rank == 0:
@@ -459,34 +414,27 @@ def train(args, ddp, rank, world, device):
                 f.write(json.dumps(record) + "\n")
 
     def step_loss(dataset, step, backward):
-        """The global-batch loss of one step: sum over all micro-batches and ranks / global count."""
+        """The global batch's loss, a device tensor: the sum over all micro-batches and ranks divided
+        by the global number of targets. Nothing here waits for the device."""
         batches = [make_batch(args, dataset, global_indices(step, m, rank, world, args.batch_size,
-                                                            args.micro_batch_size), device)
-                   for m in range(accum)]
-        count = all_sum(torch.tensor(sum(target_count(args.stage, b) for b in batches), device=device), ddp)
-        count = max(int(count), 1)
+                                                            args.micro_batch_size)) for m in range(accum)]
+        count = torch.tensor(sum(target_count(args.stage, b) for b in batches)).to(device, non_blocking=True)
+        count = all_sum(count, ddp).clamp(min=1)
         coin = self_condition_coin(args.seed, step)
         total = torch.zeros((), device=device)
         for m, b in enumerate(batches):
+            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
             if isinstance(objective, DDP):
                 objective.require_backward_grad_sync = m == accum - 1  # all-reduce once per step
             with autocast:
                 loss = objective(b, self_condition=coin)
             if backward:
-                (loss * (world / count)).backward()  # DDP and FSDP average over ranks
+                (loss * world / count).backward()  # DDP and FSDP average over ranks
             total += loss.detach().float()
-        return all_sum(total, ddp).item() / count
+        return all_sum(total, ddp) / count
 
-    def evaluate(step):
-        objective.eval()
-        with torch.no_grad():
-            loss = sum(step_loss(val, i, backward=False) for i in range(args.eval_batches)) / args.eval_batches
-        objective.train()
-        print0(f"step {step}: val loss {loss:.4f}")
-        log(dict(step=step, val_loss=loss))
-
-    print0(f"{args.stage}: {n_params / 1e6:.1f}M parameters, {world} process(es) x {accum} micro-batches of "
-           f"{args.micro_batch_size}, steps {start} -> {args.max_steps}, {'FSDP2' if args.fsdp else 'DDP' if ddp else 'single'}")
+    print0(f"{args.stage}: {n_params / 1e6:.1f}M parameters, {'FSDP2' if args.fsdp else 'DDP' if ddp else 'single'}, "
+           f"{world} process(es) x {accum} micro-batches of {args.micro_batch_size}, steps {start} -> {args.max_steps}")
     last = min(args.max_steps, args.stop_at or args.max_steps)
     for step in range(start, last):
         t0 = time.time()
@@ -495,7 +443,8 @@ def train(args, ddp, rank, world, device):
             group["lr"] = lr
         loss = step_loss(ds, step, backward=True)
         norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), args.grad_clip or math.inf)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+        loss, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the device
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise FloatingPointError(f"step {step + 1}: loss {loss}, grad norm {norm}; stopped before the "
                                      "optimizer step and saved nothing. Lower --lr, check the data, or --resume "
@@ -513,7 +462,12 @@ def train(args, ddp, rank, world, device):
         if done % args.log_every == 0 or done == last:
             print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if val and ((args.eval_every and done % args.eval_every == 0) or done == args.max_steps):
-            evaluate(done)
+            objective.eval()
+            with torch.no_grad():
+                val_loss = sum(step_loss(val, i, backward=False) for i in range(args.eval_batches)).item()
+            objective.train()
+            log(dict(step=done, val_loss=val_loss / args.eval_batches))
+            print0(f"step {done}: val loss {val_loss / args.eval_batches:.4f}")
         if done % args.save_every == 0 or done == last:
             position = dict(samples_seen=done * args.batch_size, epoch=done * args.batch_size / n_examples)
             info = dict(step=done, stage=args.stage, data=position, args=vars(args))
@@ -525,3 +479,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"train.py: error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

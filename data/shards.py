@@ -26,10 +26,15 @@ import numpy as np
 import torch
 
 FORMAT = 1
-KINDS = ("tokens", "spans", "pairs")
-# what a writer needs from the tokenizer (data.chat.TokenizerInfo.meta() gives exactly these)
+# what a writer needs from the tokenizer (model.Tokenizer.meta() gives exactly these)
 TOKENIZER_KEYS = ("vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer", "tokenizer_sha256", "vocab_sha256")
 REQUIRED = ("kind", "format", "dtype", "source", "files") + TOKENIZER_KEYS
+# what each kind reads besides REQUIRED: meta.json keys, and files (a tokens dataset's are its meta["shards"])
+KINDS = {"tokens": ("shards", "num_tokens"), "spans": ("num_examples", "num_tokens"),
+         "pairs": ("num_examples", "num_tokens")}
+KIND_FILES = {"spans": ("tokens.bin", "tokens_offsets.bin", "prompt_lens.bin"),
+              "pairs": ("chosen.bin", "chosen_offsets.bin", "rejected.bin", "rejected_offsets.bin", "prompt_lens.bin")}
+PREPARE = "python -m data.shakespeare, data.dolma, data.tulu or data.preferences"
 
 
 def token_dtype(vocab_size):
@@ -74,7 +79,7 @@ class ArrayFile:
 def _full_meta(path, meta):
     missing = [k for k in TOKENIZER_KEYS + ("source",) if k not in meta]
     if missing:
-        raise ValueError(f"meta for {path} lacks {missing}: pass data.chat.TokenizerInfo.meta() plus a 'source'")
+        raise ValueError(f"meta for {path} lacks {missing}: pass model.Tokenizer.meta() plus a 'source'")
     return dict(meta, format=FORMAT, dtype=token_dtype(meta["vocab_size"]))
 
 
@@ -168,8 +173,9 @@ def _write_array(folder, name, values, dtype="int64"):
 
 
 def dataset_done(path, tokenizer_meta=None):
-    """True if a finished dataset is at path. With tokenizer_meta, refuses one made with another
-    tokenizer (so a prepare script never silently mixes vocabularies when it resumes)."""
+    """True if a finished dataset that open_dataset can read is at path (one with missing or truncated
+    files, or of an older layout, is to be written again). With tokenizer_meta, refuses one made with
+    another tokenizer (so a prepare script never silently mixes vocabularies when it resumes)."""
     meta_path = Path(path) / "meta.json"
     if not meta_path.exists():
         return False
@@ -177,6 +183,10 @@ def dataset_done(path, tokenizer_meta=None):
     if tokenizer_meta is not None and meta.get("vocab_sha256") != tokenizer_meta["vocab_sha256"]:
         raise ValueError(f"{path} was made with another tokenizer ({meta.get('tokenizer')}, "
                          f"{meta.get('vocab_size')} ids): delete it or choose another --out")
+    try:
+        check_layout(path, meta)
+    except (ValueError, OSError):
+        return False
     return True
 
 
@@ -186,8 +196,7 @@ def open_dataset(path):
     """Opens a prepared dataset folder; returns a TokenDataset, SpanDataset or PairDataset."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no dataset folder at {path}: run a prepare script first "
-                                "(python -m data.shakespeare, data.dolma, data.tulu or data.preferences)")
+        raise FileNotFoundError(f"no dataset folder at {path}: run a prepare script first ({PREPARE})")
     meta_path = path / "meta.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{path} has no meta.json: its prepare run did not finish, or this is not a "
@@ -196,15 +205,32 @@ def open_dataset(path):
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}): delete {path} and prepare it again") from None
+    check_layout(path, meta)
+    cls = {"tokens": TokenDataset, "spans": SpanDataset, "pairs": PairDataset}[meta["kind"]]
+    return cls(path, meta)
+
+
+def check_layout(path, meta):
+    """Checks up front that meta.json has every key and lists every file its kind reads, and that each
+    listed file is there with the size meta.json gives it, so that no read fails halfway with a KeyError."""
+    meta_path, kind = Path(path) / "meta.json", meta.get("kind")
+    again = f"re-run the prepare script that made it ({PREPARE}) to write it again"
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
-        raise ValueError(f"{meta_path} lacks {missing}: it was not written by data/shards.py; prepare it again")
-    if meta["kind"] not in KINDS:
-        raise ValueError(f"{meta_path}: unknown kind {meta['kind']!r}, expected one of {KINDS}")
+        raise ValueError(f"{meta_path} lacks {missing}: it was not written by data/shards.py; {again}")
+    if kind not in KINDS:
+        raise ValueError(f"{meta_path}: unknown kind {kind!r}, expected one of {tuple(KINDS)}")
     if meta["format"] != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta['format']}, this code reads format {FORMAT}; prepare it again")
+        raise ValueError(f"{meta_path}: format {meta['format']}, this code reads format {FORMAT}; {again}")
+    missing = [k for k in KINDS[kind] if k not in meta]
+    if not missing:
+        needed = meta["shards"] if kind == "tokens" else KIND_FILES[kind]
+        missing = [name for name in needed if name not in meta["files"]]
+    if missing:
+        raise ValueError(f"{meta_path} lacks {missing}, which a {kind!r} dataset reads: it was written by an "
+                         f"older version of data/shards.py; {again}")
     for name, entry in meta["files"].items():
-        file = path / name
+        file = Path(path) / name
         expected = entry["count"] * np.dtype(entry["dtype"]).itemsize
         if not file.exists():
             raise FileNotFoundError(f"{file} is missing but listed in meta.json: delete {path} and prepare it again")
@@ -212,8 +238,6 @@ def open_dataset(path):
             raise ValueError(f"{file} has {file.stat().st_size} bytes but meta.json says {entry['count']} x "
                              f"{entry['dtype']} = {expected}: it is truncated or from another run; "
                              f"delete {path} and prepare it again")
-    cls = {"tokens": TokenDataset, "spans": SpanDataset, "pairs": PairDataset}[meta["kind"]]
-    return cls(path, meta)
 
 
 @functools.lru_cache(maxsize=4)
@@ -379,8 +403,8 @@ def check_tokenizer(meta, tokenizer):
                              f"model has a vocabulary of {tokenizer}: prepare the data again with the model's "
                              "tokenizer (--tokenizer), or train a model with the data's tokenizer")
         return
-    from data.chat import load_tokenizer
-    info = load_tokenizer(tokenizer)
+    from model import Tokenizer
+    info = Tokenizer(tokenizer)
     if info.vocab_size != meta["vocab_size"] or info.vocab_sha256 != meta["vocab_sha256"]:
         raise ValueError(f"the data was tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids) but the "
                          f"tokenizer at {tokenizer} differs ({info.vocab_size} ids, other tokens): prepare the "

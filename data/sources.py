@@ -3,8 +3,10 @@
 read_records() yields dicts from .jsonl / .json / .parquet files (optionally .gz) and plain .txt
 files (one document each, as {"text": ...}). hub_files() picks files of a Hub dataset by glob and
 downloads them into the Hugging Face cache, so a second run does not download again.
+prepare_parser() and input_files() are the flags the prepare scripts share and what they choose.
 """
 
+import argparse
 import fnmatch
 import glob
 import gzip
@@ -83,3 +85,28 @@ def hub_files(repo_id, pattern, limit=None, revision=None):
         raise FileNotFoundError(f"Hub dataset {repo_id!r} has no file matching {pattern!r}: pass another --files glob")
     return [(name, Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=revision)))
             for name in names[:limit]]
+
+
+def prepare_parser(doc, out, dataset, files):
+    """The flags of every prepare script: --tokenizer, --out, and --input (local files) or
+    --dataset/--files/--revision (a Hub dataset)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
+    p.add_argument("--out", default=out, help="output dataset folder")
+    p.add_argument("--input", nargs="+", help="local .jsonl(.gz)/.json(.gz)/.parquet/.txt files (or folders, globs) "
+                                              "instead of the Hub")
+    p.add_argument("--dataset", default=dataset, help="Hub dataset id")
+    p.add_argument("--files", default=files, help="glob of the Hub dataset's files to read (readable types only)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    return p
+
+
+def input_files(args, limit=None):
+    """[(name, local path)] of the files to read and the "source" meta.json records, from the flags of
+    prepare_parser: the files --input names, or the first `limit` Hub files that match --files."""
+    if args.input:
+        files = [(str(f), f) for f in local_files(args.input)]
+        return files, {"input": [name for name, _ in files]}
+    files = hub_files(args.dataset, args.files, limit=limit, revision=args.revision)
+    return [(f"{args.dataset}/{name}", f) for name, f in files], {
+        "dataset": args.dataset, "files": args.files, "revision": args.revision}

@@ -15,18 +15,18 @@ From the Hub: allenai/tulu-v2-sft-mixture holds its ~326k conversations as three
 does not install. Re-running after a finished run does nothing.
 """
 
-import argparse
 import itertools
 from collections import Counter
 
-from data.chat import encode_examples, first_turn, load_tokenizer
+from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_spans
-from data.sources import hub_files, local_files, read_records
+from data.sources import input_files, prepare_parser, read_records
+from model import Tokenizer
 
 
 def conversations(files, counts):
     """(user, assistant) of every record, counting the ones without a first exchange."""
-    for path in files:
+    for _, path in files:
         for record in read_records(path):
             turn = first_turn(record)
             if turn is None:
@@ -47,28 +47,16 @@ def encoded(tok, turns, max_len, counts, chunk=1024):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
-    p.add_argument("--out", default="out/tulu", help="output dataset folder")
-    p.add_argument("--input", nargs="+",
-                   help="local .jsonl/.json/.parquet files (or folders, globs) instead of the Hub")
-    p.add_argument("--dataset", default="allenai/tulu-v2-sft-mixture", help="Hub dataset id")
-    p.add_argument("--files", default="data/*.parquet", help="glob of the Hub dataset's files to read")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p = prepare_parser(__doc__, out="out/tulu", dataset="allenai/tulu-v2-sft-mixture", files="data/*.parquet")
     p.add_argument("--max-len", type=int, default=2048, help="skip examples whose prompt alone is this long")
     p.add_argument("--limit", type=int, help="stop after this many conversations (for quick experiments)")
     args = p.parse_args(argv)
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = Tokenizer(args.tokenizer)
     if dataset_done(args.out, tok.meta()):
         print(f"{args.out} is already prepared: nothing to do")
         return
-    if args.input:
-        files = local_files(args.input)
-        source = {"input": [str(f) for f in files]}
-    else:
-        files = [f for _, f in hub_files(args.dataset, args.files, revision=args.revision)]
-        source = {"dataset": args.dataset, "files": args.files, "revision": args.revision}
+    files, source = input_files(args)
     counts = Counter()  # filled in while the examples stream into the writer, saved in meta.json
     turns = itertools.islice(conversations(files, counts), args.limit)
     examples = encoded(tok, turns, args.max_len, counts)

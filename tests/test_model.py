@@ -332,6 +332,8 @@ def test_save_overwrites_atomically_and_a_failed_save_keeps_the_old_checkpoint(t
     our_model(seed=0).save_pretrained(out, extra_files={"train_state.json": {"step": 1}})
     our_model(seed=1).save_pretrained(out, extra_files={"train_state.json": {"step": 2}})
     assert json.load(open(out / "train_state.json")) == {"step": 2}
+    assert os.stat(out).st_mode & 0o777 == 0o755  # readable by all, like any checkpoint directory
+    assert {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == dict.fromkeys(os.listdir(out), 0o644)
     saved = load_file(out / "model.safetensors")
     assert torch.equal(saved["model.norm.weight"], our_model(seed=1).state_dict()["model.norm.weight"])
 
@@ -462,10 +464,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # tokenizer
 
 
-def make_tokenizer_dir(path, dict_form=False):
+def make_tokenizer_dir(path, dict_form=False, words=("hello", "world", "the", "cat")):
     """A word-level tokenizer.json with Mistral's special tokens and TESS 2's [PAD]."""
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world", "the", "cat", "[PAD]"])}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words, "[PAD]"])}
     tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()  # joins words with spaces
@@ -485,7 +487,38 @@ def test_tokenizer_reads_special_ids_encodes_and_decodes(tmp_path, dict_form):
     ids = tok.encode("hello the cat")
     assert ids == [3, 5, 6]  # no BOS/EOS added
     assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id, tok.pad_id]) == "hello the cat"
-    assert tok.fingerprint() == dict(vocab_size=8, bos_id=1, eos_id=2, pad_id=7)
+    assert tok.encode_batch(["hello", "the cat"]) == [[3], [5, 6]]
+    assert tok.fingerprint() == dict(vocab_size=8, bos_id=1, eos_id=2, pad_id=7, vocab_sha256=tok.vocab_sha256)
+    assert tok.meta() == dict(tok.fingerprint(), tokenizer=str(tmp_path / "tok"), tokenizer_sha256=tok.sha256)
+    assert Tokenizer(tmp_path / "tok" / "tokenizer.json").fingerprint() == tok.fingerprint()  # the file alone
+
+
+def test_tokenizers_of_one_size_with_other_tokens_have_other_fingerprints(tmp_path):
+    a = Tokenizer(make_tokenizer_dir(tmp_path / "a"))
+    b = Tokenizer(make_tokenizer_dir(tmp_path / "b", words=["hello", "world", "a", "dog"]))
+    assert (a.vocab_size, a.bos_id, a.eos_id, a.pad_id) == (b.vocab_size, b.bos_id, b.eos_id, b.pad_id)
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_tokenizer_adds_pad_like_tess_and_fetches_only_tokenizer_files_from_the_hub(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer as HFTokenizer, models
+    tok = HFTokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}, unk_token="<unk>"))
+    repo = tmp_path / "hub" / "org--model"
+    repo.mkdir(parents=True)
+    tok.save(str(repo / "tokenizer.json"))
+    M._write_json(repo / "tokenizer_config.json",
+                  {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "pad_token": None})
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, **kw):
+        fetched.append(filename)
+        return str(tmp_path / "hub" / repo_id.replace("/", "--") / filename)
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    info = Tokenizer("org/model")
+    assert fetched == ["tokenizer.json", "tokenizer_config.json"]  # not the weights
+    assert (info.bos_id, info.eos_id, info.pad_id, info.vocab_size) == (1, 2, 4, 5)  # [PAD] = the next id
+    assert info.meta()["tokenizer"] == "org/model" and info.vocab_sha256 == Tokenizer(repo).vocab_sha256
 
 
 def test_tokenizer_files_travel_with_a_saved_checkpoint_and_a_missing_one_is_named(tmp_path):
@@ -494,3 +527,5 @@ def test_tokenizer_files_travel_with_a_saved_checkpoint_and_a_missing_one_is_nam
     assert Tokenizer(str(tmp_path / "ckpt")).pad_id == 7
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Tokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a Hub repo id"):
+        Tokenizer(str(tmp_path / "nowhere"))

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import data.chat
 import sample
 import tess2
 from model import Tokenizer, Transformer, preset
@@ -135,13 +136,6 @@ def test_one_argmax_step_is_the_models_argmax_on_the_starting_noise(model, tok):
     assert torch.equal(tokens, again)
 
 
-def test_in_place_renoise_is_tess2_renoise():
-    g = torch.Generator().manual_seed(0)
-    eps, tokens, a = torch.randn(2, 5, V, generator=g), torch.randint(V, (2, 5), generator=g), torch.rand(2)
-    expected = tess2.renoise(tokens, eps, a)
-    assert torch.equal(sample.renoise_(eps.clone(), tokens, a), expected)
-
-
 def test_context_tokens_never_change(model, tok):
     ids, span, ends = sample.make_batch(tok, ["write a sonnet", "the cat sat on the mat and the dog"], length=10)
     tokens, _, (preds, conf) = sample.diffuse(model, ids, span, [0, 1], steps=6, record=True)
@@ -150,6 +144,13 @@ def test_context_tokens_never_change(model, tok):
     assert torch.equal(preds[:, ~span], ids[~span].expand(6, -1))  # at every step
     assert torch.all(conf[:, ~span] == 1.0) and torch.all(conf[:, span] < 1.0)
     assert (tokens[span] != ids[span]).any()  # the region was generated
+
+
+def test_chat_prompts_are_stripped_and_templated_as_in_training(tok):
+    ids, span = sample.encode_prompt(tok, "  write a sonnet \n")
+    assert ids == sample.encode_prompt(tok, "write a sonnet")[0] == data.chat.encode_prompt(tok, "write a sonnet")
+    assert ids == [tok.bos_id] + tok.encode("<|user|>\nwrite a sonnet\n<|assistant|>\n") and not any(span)
+    assert sample.encode_prompt(tok, " the cat", chat=False)[0] == [tok.bos_id] + tok.encode(" the cat")
 
 
 def test_infilling_generates_only_inside_the_gaps(model, tok):
@@ -283,11 +284,23 @@ def cli_error(argv, capsys):
 
 
 def test_cli_refuses_bad_flags_before_any_work(ckpt, capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # where out/tess2-shakespeare does not exist
+    monkeypatch.setattr(sample, "DEFAULT_MODEL", str(tmp_path / "no-model"))  # whether or not the repo ships one
+    monkeypatch.setattr(sample, "DEFAULT_REWARD_MODEL", str(tmp_path / "no-rm"))
     assert "pass --model" in cli_error(["--prompt", "hi"], capsys)
     assert "--steps must be at least 1" in cli_error(["--model", ckpt, "--prompt", "hi", "--steps", "0"], capsys)
-    assert "--eta needs --reward-model" in cli_error(["--model", ckpt, "--prompt", "hi", "--eta", "0.25"], capsys)
+    assert "--top-p must be in (0, 1]" in cli_error(["--model", ckpt, "--prompt", "hi", "--top-p", "0"], capsys)
+    # --eta alone guides with the default reward model: refused when that is missing
+    assert "pass --reward-model" in cli_error(["--model", ckpt, "--prompt", "hi", "--eta", "0.25"], capsys)
     assert "no prompt" in cli_error(["--model", ckpt], capsys)
+    assert "leaves nothing to generate" in cli_error(["--model", ckpt, "--prompt", "hi", "--length", "0"], capsys)
+
+
+def test_cli_finds_the_default_model_next_to_sample_py_from_any_directory(ckpt, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(sample, "HERE", os.path.dirname(ckpt))
+    monkeypatch.setattr(sample, "DEFAULT_MODEL", os.path.basename(ckpt))  # relative, like models/tess2-shakespeare
+    monkeypatch.chdir(tmp_path)
+    gens = sample.main(["--prompt", "the cat", "--steps", "2", "--length", "3"])
+    assert capsys.readouterr().out == gens[0].text + "\n"
 
 
 def test_cli_prints_text_and_shows_progress(ckpt, capsys):

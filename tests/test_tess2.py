@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import tess2
 from model import Transformer, preset
 from tess2 import (add_noise, alpha_bar, alpha_bars, diffusion_loss, predict, prefix_mask, project,
-                   random_segmentation, row_noise, simplex, t5_span_mask, ul2_mask)
+                   random_segmentation, renoise, row_generators, row_noise, row_noise_, simplex, t5_span_mask,
+                   ul2_mask)
 
 K = 5.0  # simplex value k (SPEC 1)
 T = 5000  # training timesteps (SPEC 2)
@@ -148,6 +149,18 @@ def test_add_noise_has_the_forward_process_mean_and_variance():
     torch.testing.assert_close(S_t.var(0), torch.full((L, V), (1 - a) * K**2), rtol=0.05, atol=0)
 
 
+def test_add_noise_in_place_is_bitwise_the_same_without_a_second_tensor():
+    """Sampling turns each step's noise buffer into S_{t-1} in place (Eq. 4 is Eq. 2 from the
+    projected tokens); the numbers must be exactly those of the out-of-place version."""
+    g = torch.Generator().manual_seed(0)
+    eps, tokens, a = torch.randn(2, 5, 32, generator=g), torch.randint(32, (2, 5), generator=g), torch.rand(2)
+    expected = add_noise(tokens, eps, a)
+    assert torch.equal(renoise(tokens, eps, a), expected)
+    buf = eps.clone()
+    S = renoise(tokens, buf, a, inplace=True)
+    assert S.data_ptr() == buf.data_ptr() and torch.equal(S, expected)
+
+
 def test_row_noise_depends_only_on_the_rows_seed():
     alone = row_noise([7], 6, 11)
     batched = row_noise([3, 7, 9], 6, 11)
@@ -155,6 +168,12 @@ def test_row_noise_depends_only_on_the_rows_seed():
     assert torch.equal(alone[0], batched[1])  # same row, whatever else is in the batch
     assert not torch.equal(batched[0], batched[1])
     assert torch.equal(row_noise([3, 7, 9], 6, 11), batched)
+    # row b is a fresh generator seeded by seeds[b], filling (L, V): what train.py's data order relies on
+    assert torch.equal(batched[2], torch.empty(6, 11).normal_(generator=torch.Generator().manual_seed(9)))
+    # row_noise_ fills a buffer from generators that sampling keeps: the first draw is row_noise's
+    gens = row_generators([3, 7, 9])
+    assert torch.equal(row_noise_(torch.empty(3, 6, 11), gens), batched)
+    assert not torch.equal(row_noise_(torch.empty(3, 6, 11), gens), batched)  # then the streams go on
     # it is standard normal noise
     big = row_noise([0, 1], 100, 500)
     assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
@@ -172,6 +191,17 @@ def test_predict_matches_the_spec_written_out(model):
         prev = 3 * torch.randn_like(S)
         torch.testing.assert_close(predict(model, ids, span, S, t, prev),
                                    reference_predict(model, ids, span, S, t, prev), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_in_place_uses_S_t_as_scratch_and_gives_the_same_logits(model):
+    """Sampling lets predict write softmax(prev_logits) over S_t, which it redraws anyway."""
+    ids, span, S, t = batch()
+    prev = 3 * torch.randn_like(S)
+    with torch.no_grad():
+        expected = predict(model, ids, span, S, t, prev)
+        scratch = S.clone()
+        assert torch.equal(predict(model, ids, span, scratch, t, prev, inplace=True), expected)
+    assert torch.equal(scratch, torch.softmax(prev, -1))  # S_t was read first, then overwritten
 
 
 def test_context_tokens_are_read_clean_not_from_the_simplex(model):

@@ -19,7 +19,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 
 import train
-from data.chat import load_tokenizer
 from data.shards import write_pairs, write_spans, write_tokens
 from model import Transformer, preset
 from model import Tokenizer as ModelTokenizer
@@ -33,7 +32,7 @@ TIGHT = dict(atol=1e-5, rtol=1e-5)
 
 
 def make_tokenizer(folder, words=57):
-    """A word-level tokenizer: <unk> <s> </s> w0..w56; load_tokenizer adds [PAD] (id 60, V = 61)."""
+    """A word-level tokenizer: <unk> <s> </s> w0..w56; model.Tokenizer adds [PAD] (id 60, V = 61)."""
     os.makedirs(folder, exist_ok=True)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -44,7 +43,7 @@ def make_tokenizer(folder, words=57):
 
 def make_data(root, kind, n=24, seed=0, tok_dir=None):
     tok_dir = tok_dir or make_tokenizer(os.path.join(root, "tok"))
-    info = load_tokenizer(tok_dir)
+    info = ModelTokenizer(tok_dir)
     meta = dict(info.meta(), source="test")
     rng = np.random.default_rng(seed)
     words = lambda k: list(rng.integers(3, 60, k))
@@ -165,8 +164,8 @@ def test_lr_schedules_at_chosen_steps():
 def test_a_sequence_draws_its_randomness_from_its_global_index(data):
     args = train.parse_args(flags("adapt", data, "unused", batch_size=8))
     ds = train.open_dataset(data["tokens"])
-    whole = train.make_batch(args, ds, [3, 4, 5, 6], torch.device("cpu"))
-    part = train.make_batch(args, ds, [5, 6], torch.device("cpu"))
+    whole = train.make_batch(args, ds, [3, 4, 5, 6])
+    part = train.make_batch(args, ds, [5, 6])
     for k in ("ids", "t", "span_mask"):
         assert torch.equal(whole[k][2:], part[k])
     assert whole["noise_seeds"][2:] == part["noise_seeds"]
@@ -251,19 +250,22 @@ def test_each_stage_fits_a_fixed_batch(stage, data, tmp_path):
 def test_checkpoint_layout_and_keep_last(data, tmp_path):
     run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2)
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step-")) == ["step-0000002", "step-0000003"]
+    # resuming from step 2 saves step 3 again: the old folder is replaced, nothing is left behind
+    run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"))
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "step-0000002", "step-0000003"]
     step = tmp_path / "step-0000003"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
               "train_state.pt", "train_state.json"):
         assert (step / f).exists(), f
-    assert not [d for d in os.listdir(tmp_path) if d.startswith(".tmp")]
     state = torch.load(step / "train_state.pt", weights_only=True)
     assert state["step"] == 3 and state["args"]["stage"] == "rm"
     info = json.loads((step / "train_state.json").read_text())
     assert info["step"] == 3 and info["data"]["samples_seen"] == 12
     rm = Transformer.from_pretrained(str(step))
     assert rm.args.head == "score" and rm.args.causal
-    fingerprint = dict(vocab_size=61, bos_id=1, eos_id=2, pad_id=60)  # [PAD] is in the saved tokenizer
-    assert ModelTokenizer(str(step)).fingerprint() == fingerprint  # what sample.py reads
+    saved = ModelTokenizer(str(step)).fingerprint()  # what sample.py reads: the data's tokenizer, [PAD] included
+    assert saved == ModelTokenizer(data["tok"]).fingerprint()
+    assert (saved["vocab_size"], saved["bos_id"], saved["eos_id"], saved["pad_id"]) == (61, 1, 2, 60)
 
 
 def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):
