@@ -144,13 +144,13 @@ def diffusion_loss(model, ids, span_mask, t=None, eps=None, self_condition=None,
         eps = torch.randn(B, L, V, generator=generator, device=gdev).to(dev)
     if self_condition is None:
         self_condition = bool(torch.rand((), generator=generator) < 0.5)
-    ab = alpha_bars(num_steps).to(dev)  # (T,)
+    ab = lambda t: alpha_bar(t.double() / num_steps).float()  # = alpha_bars(T)[t], made on t's device  # noqa: E731
     prev_logits = None
     if self_condition:  # Sec. 3.1: a prediction at t+1 with the same noise, no gradient
         t1 = (t + 1).clamp(max=num_steps - 1)
         with torch.no_grad():
-            prev_logits = predict(model, ids, span_mask, add_noise(ids, eps, ab[t1], k), t1 / num_steps)
-    logits = predict(model, ids, span_mask, add_noise(ids, eps, ab[t], k), t / num_steps, prev_logits)
+            prev_logits = predict(model, ids, span_mask, add_noise(ids, eps, ab(t1), k), t1 / num_steps)
+    logits = predict(model, ids, span_mask, add_noise(ids, eps, ab(t), k), t / num_steps, prev_logits)
     del eps, prev_logits
     targets = ids.masked_fill(~span_mask, -100)  # (B, L)
     targets[:, 0] = -100  # logits[:, 0] predicts nothing
