@@ -27,15 +27,6 @@ VOCAB = ["<s>", "</s>", "[PAD]", "<unk>", "<|", "|>", "user", "assistant"] + WOR
 V = len(VOCAB)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and others share these cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_checkpoint(path, seed=0, **overrides):
     """A tiny random diffusion model plus a word-level tokenizer (<s>, </s>, [PAD]) in one directory."""
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers

@@ -93,15 +93,6 @@ def flags(stage, datasets, out, **kw):
     return argv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: more threads only spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(stage, datasets, out, **kw):
     train.main(flags(stage, datasets, out, **kw))
     return read_log(out)
