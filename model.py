@@ -356,7 +356,7 @@ class Transformer(nn.Module):
         Write config.json + safetensors (sharded with an index above max_shard_bytes) in the Hugging
         Face layout, atomically: everything goes to a temporary directory that then replaces out_dir.
         tokenizer_from copies the tokenizer files of another checkpoint dir; extra_files maps file
-        name -> JSON-serialisable object written beside the weights.
+        name -> object written beside the weights: JSON, or torch.save for a name ending in .pt.
         """
         from safetensors.torch import save_file
         out_dir = os.path.abspath(out_dir)
@@ -390,8 +390,11 @@ class Transformer(nn.Module):
                 for fname in TOKENIZER_FILES:
                     if os.path.exists(os.path.join(src, fname)):
                         shutil.copy(os.path.join(src, fname), tmp)
-            for fname, obj in (extra_files or {}).items():
-                _write_json(os.path.join(tmp, fname), obj)
+            for fname, obj in (extra_files or {}).items():  # *.pt: torch.save (tensors, primitives); else JSON
+                if fname.endswith(".pt"):
+                    torch.save(obj, os.path.join(tmp, fname))
+                else:
+                    _write_json(os.path.join(tmp, fname), obj)
             for fname in os.listdir(tmp):  # like any file: safetensors writes 0600, mkdtemp makes 0700
                 os.chmod(os.path.join(tmp, fname), 0o644)
             os.chmod(tmp, 0o755)

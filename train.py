@@ -308,7 +308,7 @@ def discard(path):
 
 
 def save_checkpoint(args, step, objective, net, opt, extra, rank):
-    """All ranks gather the full state, rank 0 writes it under a hidden name and renames it when whole."""
+    """All ranks gather the full state; rank 0 writes it (atomically: model.save_pretrained)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
     state = get_model_state_dict(objective, options=opts)
     optim = get_optimizer_state_dict(objective, opt, options=opts)
@@ -316,13 +316,9 @@ def save_checkpoint(args, step, objective, net, opt, extra, rank):
         with torch.device("meta"):
             full = Transformer(net.args)
         full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
-        final = os.path.join(args.out, f"step-{step:07d}")
-        tmp = os.path.join(args.out, f".tmp-step-{step:07d}")
-        full.save_pretrained(tmp, extra_files=extra)
-        torch.save({"step": step, "optimizer": optim, "args": vars(args)}, os.path.join(tmp, "train_state.pt"))
-        if os.path.exists(final):  # re-saving a step after --resume from an earlier one
-            discard(final)
-        os.rename(tmp, final)
+        final = os.path.join(args.out, f"step-{step:07d}")  # replaced whole if a --resume saves it again
+        state = {"step": step, "optimizer": optim, "args": vars(args)}
+        full.save_pretrained(final, extra_files={**extra, "train_state.pt": state})
         for old in checkpoints(args.out)[:-args.keep_last] if args.keep_last else []:
             discard(old)
         print0(f"saved {final}")
