@@ -109,8 +109,11 @@ def predict(model, ids, span_mask, S_t, t, prev_logits=None, inplace: bool = Fal
     else:
         p.add_(torch.softmax(prev_logits.float(), dim=-1, out=S_t if inplace else None))
     p.mul_(0.5)
-    h_span = p.to(E.dtype) @ E  # (B, L, D): h = E p (Sec. 3.1)
-    del p  # freed now (sampling); in training autograd keeps it for the gradient of E
+    # h = E p (Sec. 3.1). E is read detached here, as the released model reads `.data`: the span
+    # path gives E no gradient (E learns from context positions and, if tied, the LM head), so
+    # autograd keeps no (B, L, V) p for backward.
+    h_span = p.to(E.dtype) @ E.detach()  # (B, L, D)
+    del p
     h = torch.where(span_mask.unsqueeze(-1), h_span, model.embed_tokens(ids))  # context: clean E[w]
     t_pos = t.view(-1, 1).to(h.dtype) * span_mask  # (B, L): timestep term on span positions only
     hidden = model(embeds=h, t=t_pos, causal=False, hidden_only=True)  # (B, L, D), bidirectional

@@ -52,14 +52,15 @@ def batch(B=2, L=12, V=512, seed=1):
 
 def reference_predict(model, ids, span, S, t, prev_logits=None):
     """SPEC 4 written out with nothing fused: p = (softmax(S) + softmax(prev)) / 2 (prev = 0 means
-    uniform), h = p @ E + W_t t on span positions, E[w] on context positions, a bidirectional pass,
-    then the logits shifted right by one so that logits[:, j] predicts token j, zeros at j = 0."""
+    uniform), h = p @ E.data + W_t t on span positions (E gets no gradient there, as in the released
+    model), E[w] on context positions, a bidirectional pass, then the logits shifted right by one so
+    that logits[:, j] predicts token j, zeros at j = 0."""
     E = model.embed_tokens.weight  # (V, D)
     if prev_logits is None:
         prev_logits = torch.zeros_like(S)
     p = (torch.softmax(S, -1) + torch.softmax(prev_logits, -1)) / 2  # (B, L, V)
     W_t = model.timestep_embed.weight[:, 0]  # (D,)
-    h_span = p @ E + t[:, None, None] * W_t  # (B, L, D)
+    h_span = p @ E.data + t[:, None, None] * W_t  # (B, L, D)
     h = torch.where(span[..., None], h_span, E[ids])
     logits = model(embeds=h, causal=False)  # (B, L, V), position i predicts token i+1
     return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
@@ -367,6 +368,25 @@ def test_gradient_flows_only_through_the_final_pass():
         return F.cross_entropy(logits[:, 1:][span[:, 1:]], ids[:, 1:][span[:, 1:]])
     g_wrong = grads(through_prev())
     assert not torch.allclose(g["model.embed_tokens.weight"], g_wrong["model.embed_tokens.weight"])
+
+
+def test_the_span_path_gives_the_embedding_no_gradient():
+    """The released model reads E through `.data` for h = p @ E: E learns from context positions and the
+    LM head only. With every position a span and an untied head, E gets no gradient at all."""
+    m = tiny(timestep_scale=0.1)
+    ids, _, _, _ = batch()
+    span = torch.ones_like(ids, dtype=torch.bool)
+    t, eps = torch.tensor([7, 3000]), torch.randn(*ids.shape, 512)
+    diffusion_loss(m, ids, span, t=t, eps=eps, self_condition=False).backward()
+    E_grad = m.embed_tokens.weight.grad
+    assert E_grad is None or torch.equal(E_grad, torch.zeros_like(E_grad))
+    assert m.lm_head.weight.grad.abs().sum() > 0
+    # with context positions, E learns from exactly those rows
+    m.zero_grad()
+    span[:, :4] = False
+    diffusion_loss(m, ids, span, t=t, eps=eps, self_condition=False).backward()
+    rows = m.embed_tokens.weight.grad.abs().sum(-1) > 0  # (V,)
+    assert set(rows.nonzero().flatten().tolist()) == set(ids[:, :4].flatten().tolist())
 
 
 def test_self_conditioning_keeps_no_graph_for_its_extra_pass():
