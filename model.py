@@ -1,5 +1,5 @@
 """
-A compact Mistral-architecture transformer for TESS 2, its Hugging Face checkpoints and its tokenizer.
+A compact Mistral-architecture transformer for TESS 2 and its Hugging Face checkpoints.
 
 One network serves every role in the project:
   - the causal LM that TESS 2 starts from (Mistral-7B, Llama, our small AR models),
@@ -16,12 +16,15 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from dataclasses import dataclass, fields, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from common import TOKENIZER_FILES, read_config, read_json, resolve
 
 
 # -----------------------------------------------------------------------------
@@ -46,13 +49,25 @@ class ModelArgs:
     # what TESS adds
     head: str = "lm"  # "lm": (B, T, V) logits; "score": one scalar per sequence (reward model)
     timestep_embed: bool = False  # Linear(1, D, bias=False) added to input embeddings (diffusion)
-    causal: bool = True  # default attention when forward() is not told
+    causal: bool = True  # attention kind when forward() is not told (released config: is_causal)
+    # self-conditioning of the diffusion model (released config names; tess2.predict reads them):
+    # "logits_mean" mixes the previous prediction into the input (paper Eq. 8), None ignores it
+    self_condition: str | None = "logits_mean"
+    self_condition_mix_before_weights: bool = True  # False: the released forward never uses it
 
     def __post_init__(self):
+        for f in fields(self):  # a config.json value of the wrong type fails here, by name
+            value, kinds = getattr(self, f.name), typing.get_args(f.type) or (f.type,)
+            if not any(isinstance(value, k) and not (k is int and isinstance(value, bool))
+                       or (k is float and type(value) is int) for k in kinds):
+                raise ValueError(f"config.json: {f.name} = {value!r} should be {getattr(f.type, '__name__', f.type)}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
+        if self.self_condition not in (None, "logits_mean"):
+            raise ValueError(f"self_condition {self.self_condition!r} is not supported: TESS 2 uses "
+                             "'logits_mean' (paper Eq. 8), or null for none")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
@@ -221,6 +236,7 @@ class Transformer(nn.Module):
         if args.timestep_embed:
             self.timestep_embed = nn.Linear(1, args.hidden_size, bias=False)
         self.gradient_checkpointing = False
+        self.generation_config = None  # from_pretrained: the checkpoint's generation_config.json, if any
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -237,17 +253,13 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
         return self
 
-    def forward(self, ids=None, embeds=None, t=None, causal: bool | None = None,
-                key_padding_mask=None, last_index=None, hidden_only: bool = False):
+    def hidden_states(self, ids=None, embeds=None, t=None, causal: bool | None = None, key_padding_mask=None):
         """
-        ids (B, T) token ids, or embeds (B, T, D) input embeddings.
+        The final (normed) hidden states (B, T, D) of ids (B, T) token ids, or embeds (B, T, D).
         t (B,) or (B, T): scaled time in [0, 1) for the timestep embedding, per sequence or per
           position (0 adds nothing, so context positions can be given t = 0).
         causal: attention kind for this call (default: args.causal).
         key_padding_mask (B, T) bool, True = a real token that may be attended to.
-        last_index (B,): where the score head reads (default: the last position).
-        Returns (B, T, V) logits, (B,) rewards for the score head, or (B, T, D) final hidden
-        states when hidden_only.
         """
         x = self.model.embed_tokens(ids) if embeds is None else embeds  # (B, T, D)
         B, T, _ = x.shape
@@ -272,15 +284,21 @@ class Transformer(nn.Module):
             mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)  # (B, 1, T, T)
         cos, sin = rope(T, a.head_dim, a.rope_theta, x.device)
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+            # recompute each block in backward: training, and reward guidance's gradient w.r.t. its input
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, causal, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, causal, mask)
-        x = self.model.norm(x)  # (B, T, D)
-        if hidden_only:
-            return x
-        if a.head == "lm":
+        return self.model.norm(x)  # (B, T, D)
+
+    def forward(self, ids=None, embeds=None, t=None, causal: bool | None = None, key_padding_mask=None,
+                last_index=None):
+        """hidden_states(...) through the head: (B, T, V) logits, or for the score head (B,) rewards
+        read at last_index (B,) (default: the last position)."""
+        x = self.hidden_states(ids, embeds, t, causal, key_padding_mask)  # (B, T, D)
+        if self.args.head == "lm":
             return self.lm_head(x)  # (B, T, V)
+        B = x.size(0)
         last = x[:, -1] if last_index is None else x[torch.arange(B, device=x.device), last_index]  # (B, D)
         return self.score(last).squeeze(-1)  # (B,)
 
@@ -304,9 +322,8 @@ class Transformer(nn.Module):
         """
         from safetensors import SafetensorError, safe_open
         path = resolve(name_or_path)
+        args = ModelArgs.from_hf(read_config(path), **overrides)
         files = checkpoint_files(path)
-        with open(os.path.join(path, "config.json")) as f:
-            args = ModelArgs.from_hf(json.load(f), **overrides)
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(args)
@@ -344,6 +361,8 @@ class Transformer(nn.Module):
             if name == "score.weight":
                 state[name].normal_(std=0.02)
         model.load_state_dict(state, strict=False, assign=True)
+        gen = os.path.join(path, "generation_config.json")  # the checkpoint's sampling defaults (sample.py)
+        model.generation_config = read_json(gen, "generation config") if os.path.exists(gen) else None
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
         if verbose and (new or ignored):
@@ -412,42 +431,11 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
-# -----------------------------------------------------------------------------
-# Finding checkpoint and tokenizer files, locally or on the Hub
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _hub_id(name: str, what: str) -> str:
-    """name, if it can be a Hub repo id ('owner/name'); else the error that there is no local `what`."""
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"no {what} {name!r} (and it is not a Hub repo id like 'hamishivi/tess2')")
-    return name
-
-
-def resolve(name_or_path: str) -> str:
-    """A local checkpoint directory, or a Hub repo id fetched (config, safetensors, tokenizer only)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.exists(name_or_path):
-        raise ValueError(f"{name_or_path} is a file; pass the checkpoint directory that holds config.json")
-    repo = _hub_id(name_or_path, "checkpoint directory")
-    from huggingface_hub import snapshot_download
-    try:  # offline (HF_HUB_OFFLINE=1 or no network) this returns the cached snapshot, if any
-        return snapshot_download(repo, allow_patterns=[
-            "config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES])
-    except Exception as e:
-        raise FileNotFoundError(f"{repo!r} is not a local directory and could not be fetched "
-                                f"from the Hugging Face Hub: {type(e).__name__}: {e}") from e
-
-
 def checkpoint_files(path: str) -> list[str]:
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    """The safetensors files of a checkpoint directory: one file, or the shards its index names."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        names = sorted(set(read_json(index, "shard index")["weight_map"].values()))
         missing = [n for n in names if not os.path.exists(os.path.join(path, n))]
         if missing:
             raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
@@ -461,90 +449,3 @@ def checkpoint_files(path: str) -> list[str]:
                          "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)")
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
                             "(Hub repos that hold only pickle .bin weights are not read)")
-
-
-def tokenizer_paths(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:
-    """(tokenizer.json, tokenizer_config.json or None) of a folder, a tokenizer.json file, or a Hub
-    model id (of which only these two files are fetched, not the weights)."""
-    if os.path.isfile(name_or_path):
-        return name_or_path, os.path.join(os.path.dirname(name_or_path), "tokenizer_config.json")
-    if os.path.isdir(name_or_path):
-        file = os.path.join(name_or_path, "tokenizer.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{name_or_path} has no tokenizer.json (a `tokenizers` file); a tokenizer.model "
-                                    "alone can be converted once with transformers' AutoTokenizer.save_pretrained")
-        return file, os.path.join(name_or_path, "tokenizer_config.json")
-    repo = _hub_id(name_or_path, "tokenizer folder or file")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    try:
-        file = hf_hub_download(repo, "tokenizer.json", revision=revision)
-    except Exception as e:
-        raise FileNotFoundError(f"{repo!r} is not a local folder or file, and getting its tokenizer.json from the "
-                                f"Hub failed ({type(e).__name__}: {e}). Pass a folder that holds tokenizer.json, "
-                                "or a Hub model id with network access.") from None
-    try:
-        return file, hf_hub_download(repo, "tokenizer_config.json", revision=revision)
-    except EntryNotFoundError:  # a repo may have tokenizer.json alone
-        return file, None
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """
-    A `tokenizers` tokenizer with its special ids, read by tokenizer_paths(). BOS/EOS/PAD are the
-    tokens tokenizer_config.json names (default <s>, </s>, [PAD]); a vocabulary without its pad token
-    gets it as the next id, as TESS does for Mistral (32000 ids + [PAD] = 32001). Text is encoded
-    without special tokens: callers add BOS/EOS where the format says.
-    """
-
-    def __init__(self, name_or_path, revision: str | None = None):
-        from tokenizers import Tokenizer as HFTokenizer
-        self.name = str(name_or_path)  # as given: recorded in each dataset's meta.json
-        file, config_file = tokenizer_paths(self.name, revision)
-        with open(file, "rb") as f:
-            raw = f.read()
-        config = {}
-        if config_file and os.path.exists(config_file):
-            with open(config_file) as f:
-                config = json.load(f)
-        self.tokenizer = tok = HFTokenizer.from_str(raw.decode("utf-8"))
-
-        def special_id(key, default):
-            token = config.get(key)
-            token = (token.get("content") if isinstance(token, dict) else token) or default  # {"content": "<s>", ...}
-            if key == "pad_token" and tok.token_to_id(token) is None:
-                tok.add_special_tokens([token])
-            if tok.token_to_id(token) is None:
-                raise ValueError(f"{file}: {key} {token!r} is not in the vocabulary; fix tokenizer_config.json")
-            return tok.token_to_id(token)
-
-        self.bos_id, self.eos_id = special_id("bos_token", "<s>"), special_id("eos_token", "</s>")
-        self.pad_id = special_id("pad_token", "[PAD]")
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)  # [PAD] included
-        self.sha256 = hashlib.sha256(raw).hexdigest()  # of the file as read (provenance)
-        # of the id -> token table in use, [PAD] included: what data and model must agree on
-        vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-        self.vocab_sha256 = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts) -> list[list[int]]:
-        """Several texts at once, in parallel threads."""
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def meta(self) -> dict:
-        """The tokenizer fields every dataset's meta.json carries (data/shards.py)."""
-        return dict(vocab_size=self.vocab_size, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
-                    tokenizer=self.name, tokenizer_sha256=self.sha256, vocab_sha256=self.vocab_sha256)
-
-    def fingerprint(self) -> dict:
-        """What two models must agree on to share text: the id -> token table and the special ids."""
-        return {k: v for k, v in self.meta().items() if k not in ("tokenizer", "tokenizer_sha256")}

@@ -1,57 +1,119 @@
 """
-Sample from a TESS 2 simplex diffusion model: the reverse process of SPEC.md section 9 (paper
-Eq. 4-5, Fig. 1) with reward guidance (section 10, paper Sec. 3.4), infilling, early exit and two
-ways to watch the text form (--show, --html).
+Sample from a TESS 2 simplex diffusion model: the reverse process (METHOD.md §9, paper Eq. 4-5,
+Fig. 1) with reward guidance (§10, paper Sec. 3.4) and infilling.
 
     python sample.py --prompt "Write a sonnet about the sea."   # models/tess2-shakespeare
     python sample.py --model hamishivi/tess2 --prompt "..." --reward-model hamishivi/tess_mistral_rm
     python sample.py --no-chat --argmax --prompt "The <mask:3> sat on the <mask:2>."
 
 A row is BOS + the prompt (context: clean tokens that never change) + a generation region (span)
-that starts as pure noise. Prompt j of a run is sampled with seed + j from its own generators, so
-its text does not depend on what else is in its batch, given the same row length.
+that starts as pure noise. Prompt j of a run is sampled with seed + j from its own generators and
+attends only to its own row, so its text does not depend on what else is in its batch.
 """
 import argparse
-import html
+import dataclasses
 import json
+import math
 import os
 import re
 import sys
 import time
-import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 import data.chat
 import tess2
-from model import ModelArgs, Tokenizer, Transformer, resolve
+from common import is_hub_id, read_config, read_json, resolve, run_cli
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the default checkpoints are found from here
 DEFAULT_MODEL = "models/tess2-shakespeare"
 DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"  # with --eta and no --reward-model
-GAP = re.compile(r"<mask:(\d+)>")
+GAP = re.compile(r"<mask:([^>]*)>")
 
 
 # -----------------------------------------------------------------------------
-# Rows: prompt -> context ids and span mask
+# Settings: the checkpoint's generation_config.json, else the released evaluation's; then overrides
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = True):
+@dataclass
+class Settings:
+    steps: int = 100  # N
+    top_p: float | None = 0.99  # nucleus projection (released evaluation); None: argmax (paper Eq. 5)
+    total_length: int | None = 2048  # every row's length, prompt + region (released evaluation: 2048)
+    length: int | None = None  # or: positions to generate after each prompt (rows then differ in length)
+    seed: int = 0  # prompt j is sampled with seed + j
+    batch_size: int = 8
+    chat: bool = True  # wrap prompts in the Tulu chat template (§8)
+    eta: float | None = None  # reward guidance step size; None: 0.25 when a reward model is given
+    guidance_steps: int = 1  # G (released default)
+    tau: float = 1.0  # softmax temperature of the reward model's input
+    early_exit: int | None = None  # stop a row once its argmax is unchanged for this many steps
+    guidance_ckpt: bool | None = None  # recompute reward-model blocks in the guidance backward (None: on CUDA)
+
+    def check(self):
+        """Refuse impossible values with the flag to fix."""
+        for name, low in (("steps", 1), ("length", 0), ("total_length", 1), ("batch_size", 1),
+                          ("guidance_steps", 1), ("early_exit", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p} (for argmax: --argmax, top_p=None)")
+        if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"--eta must be a finite number >= 0, got {self.eta}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"--tau must be a finite number > 0 (it divides the logits), got {self.tau}")
+        return self
+
+
+def settings_for(generation_config: dict | None, max_len: int, **overrides) -> Settings:
+    """A checkpoint's settings: its generation_config.json (written by train.py) or, without one (the
+    released hamishivi/tess2), the released evaluation's (rows of 2048 positions, 100 steps, top-p 0.99);
+    the total length at most what the model reads; then overrides (flags, or generate's keywords).
+    Giving `length` alone drops the default total length, so that the rows are prompt + length."""
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    base = {k: v for k, v in (generation_config or {}).items() if k in fields}
+    if "length" in overrides and "total_length" not in overrides:
+        base["total_length"] = None
+    if "total_length" in overrides and "length" not in overrides:
+        base["length"] = None
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {sorted(fields)}")
+    s = Settings(**{**base, **overrides})
+    if "total_length" not in overrides and s.total_length is not None and s.total_length > max_len:
+        s.total_length = max_len
+    return s.check()
+
+
+def max_length(args: ModelArgs) -> int:
+    """The longest row a model reads: its positions, and no more than its sliding window."""
+    return min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
+
+
+# -----------------------------------------------------------------------------
+# Rows: prompt -> context ids, span mask, row length
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True, placeholder: int = 0):
     """One prompt -> (ids, span) lists: BOS + the prompt, stripped and in the Tulu chat template
-    "<|user|>\\n{prompt}\\n<|assistant|>\\n" as in training (SPEC 8) unless chat=False. `<mask:N>`
-    marks a gap of N span positions; such a prompt is used as written, never templated (write the
-    template out to infill an answer), and spaces next to a gap go: generated tokens carry their own."""
+    "<|user|>\\n{prompt}\\n<|assistant|>\\n" as in training (§8) unless chat=False. `<mask:N>`
+    marks a gap of N span positions (filled with `placeholder`, never read); such a prompt is used as
+    written, never templated (write the template out to infill an answer), and spaces next to a gap
+    go: generated tokens carry their own."""
     parts = GAP.split(prompt)  # text, N, text, N, ..., text
     if len(parts) == 1:
         ids = data.chat.encode_prompt(tokenizer, prompt) if chat else [tokenizer.bos_id] + tokenizer.encode(prompt)
         return ids, [False] * len(ids)
-    placeholder = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # never read
     ids, span = [tokenizer.bos_id], [False]
     for j, part in enumerate(parts):
         if j % 2:  # a gap
-            if int(part) < 1:
-                raise ValueError(f"<mask:{part}> in prompt {prompt!r}: a gap needs at least one token")
+            if not part.isdigit() or int(part) < 1:
+                raise ValueError(f"<mask:{part}> in prompt {prompt!r}: a gap is <mask:N> with N a whole number >= 1")
             piece, gap = [placeholder] * int(part), True
         else:
             text = part.lstrip() if j > 0 else part
@@ -62,115 +124,106 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True):
     return ids, span
 
 
+@dataclass
+class Batch:
+    prompts: list
+    ids: torch.Tensor  # (B, L) context tokens; span and padding positions hold a placeholder
+    span_mask: torch.Tensor  # (B, L) bool: positions to generate
+    lengths: list  # each row's own length; positions beyond it are padding, masked out of attention
+    ends: list  # where each prompt ends and its generation region begins
+    seeds: list
 
-def make_batch(tokenizer, prompts, length=None, total_length=None, chat=True, max_len=None):
-    """Prompts -> ids (B, L), span_mask (B, L) bool, ends [B] (where each prompt ends and its
-    generation region begins). The rows share one length L = total_length or the longest prompt +
-    its `length` (default 256, or 0 for a prompt with gaps or when total_length is given), so no
-    attention mask is needed: a shorter prompt gets a longer region, which the model learned to
-    end with EOS and fill up with [PAD]."""
-    rows = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    default = lambda span: 0 if any(span) or total_length else 256  # noqa: E731
-    want = [len(ids) + (default(span) if length is None else length) for ids, span in rows]
-    L = total_length or max(want)
-    for j, (p, (ids, span), w) in enumerate(zip(prompts, rows, want)):
-        if w > L:
-            raise ValueError(f"prompt {j} needs {w} positions ({len(ids)} prompt + {w - len(ids)} to generate) "
-                             f"but --total-length is {L}: raise it or lower --length")
-        if L == len(ids) and not any(span):
-            raise ValueError(f"prompt {j} leaves nothing to generate: pass --length > 0 or put <mask:N> gaps in it")
-    if max_len is not None and L > max_len:
-        raise ValueError(f"rows of {L} positions (longest prompt {max(len(r) for r, _ in rows)} + generation) but "
-                         f"the model reads at most {max_len}: shorten the prompt or lower --length / --total-length")
-    fill = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+
+def row_length(n_prompt: int, gaps: bool, s: Settings) -> int:
+    """A row's length: a prompt with gaps is used as written (plus s.length positions if given);
+    otherwise the prompt plus s.length positions, or s.total_length in all."""
+    if gaps or s.length is not None:
+        return n_prompt + (s.length or 0)
+    if s.total_length is None:
+        raise ValueError("neither --length nor --total-length is set: pass one")
+    return s.total_length
+
+
+def make_batch(tokenizer, prompts, s: Settings, max_len: int, fill: int, first: int = 0) -> Batch:
+    """Prompts first, first+1, ... -> one batch. Rows shorter than the batch are padded and masked
+    out of attention, so each row computes what it would alone."""
+    rows = [encode_prompt(tokenizer, p, s.chat, fill) for p in prompts]
+    lengths = []
+    for j, (ids, span) in enumerate(rows, first):
+        n, need = row_length(len(ids), any(span), s), f"prompt {j} has {len(ids)} tokens"
+        if n < len(ids) or (n == len(ids) and not any(span)):
+            raise ValueError(f"{need} and leaves nothing to generate in rows of {n}: raise --total-length, pass "
+                             "--length N, or put <mask:N> gaps in it")
+        if s.total_length is not None and n > s.total_length and not any(span):
+            raise ValueError(f"{need}: with --length {s.length} it needs {n} positions, over --total-length "
+                             f"{s.total_length}")
+        if n > max_len:
+            raise ValueError(f"{need} and needs rows of {n} positions, but the model reads at most {max_len}: "
+                             "shorten it or lower --length / --total-length")
+        lengths.append(n)
+    L = max(lengths)
     ids = torch.tensor([r + [fill] * (L - len(r)) for r, _ in rows])  # (B, L)
-    span_mask = torch.tensor([s + [True] * (L - len(s)) for _, s in rows])  # (B, L)
-    return ids, span_mask, [len(r) for r, _ in rows]
-
-
-def max_length(args: ModelArgs) -> int:
-    return min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
+    span_mask = torch.tensor([sp + [True] * (n - len(sp)) + [False] * (L - n)
+                              for (_, sp), n in zip(rows, lengths)])  # (B, L)
+    return Batch(list(prompts), ids, span_mask, lengths, [len(r) for r, _ in rows],
+                 [s.seed + j for j in range(first, first + len(prompts))])
 
 
 # -----------------------------------------------------------------------------
-# The reverse process (SPEC 9) and reward guidance (SPEC 10)
+# The reverse process (§9)
 
 
-def reward_guidance(rm, logits, ids, span_mask, eta, steps=5, tau=1.0):
-    """Sec. 3.4, Eq. 9-11: `steps` rounds of x <- x + eta * grad_x R(x) on the logits x (B, L, V).
-    The reward model reads softmax(x / tau) @ E_rm at span positions and E_rm[token] (= one-hot
-    @ E_rm) at context positions, causally, and scores the last position. Computed in the
-    reward model's dtype (the released code: bf16; on CPU use fp32). Rows are independent:
-    their rewards are summed only to get every row's gradient from one backward pass."""
-    E = rm.embed_tokens.weight  # (V, D_rm)
-    context = rm.embed_tokens(ids)  # (B, L, D_rm)
-    x = logits.detach().to(E.dtype)  # (B, L, V), updated in place
-    for _ in range(steps):
-        with torch.enable_grad():
-            x.requires_grad_(True)
-            p = torch.softmax(x if tau == 1.0 else x / tau, dim=-1)  # (B, L, V)
-            h = torch.where(span_mask.unsqueeze(-1), p @ E, context)  # (B, L, D_rm)
-            reward = rm(embeds=h, causal=True)  # (B,)
-            (grad,) = torch.autograd.grad(reward.sum(), x)  # (B, L, V), zero at context positions
-        x = x.detach().add_(grad, alpha=eta)
-        del p, h, grad
-    return x.to(logits.dtype)
+def renoise_(S, tokens, alpha_bar, generators, lengths):
+    """tess2.renoise in S's own buffer: S <- sqrt(alpha_bar) simplex(tokens) + sqrt(1 - alpha_bar) k eps
+    with each row's eps drawn from its generator over its own length (padding stays 0). S (B, L, V) is
+    scaled, shifted by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no second
+    (B, L, V) tensor. alpha_bar is a float (one step for the whole batch)."""
+    k = tess2.SIMPLEX_VALUE
+    S.zero_()
+    for b, (g, n) in enumerate(zip(generators, lengths)):
+        S[b, :n].normal_(generator=g)  # (n, V)
+    S.mul_(math.sqrt(1 - alpha_bar) * k).sub_(math.sqrt(alpha_bar) * k)
+    return S.scatter_add_(-1, tokens.unsqueeze(-1), torch.full_like(S[..., :1], 2 * k * math.sqrt(alpha_bar)))
 
 
-def nucleus(logits, chunks, top_p, generators, size=64):
-    """Eq. 5 by nucleus sampling (tess2.project) on the (row b, positions s..s+size) chunks holding span
-    positions, from generators[b]; chunks keep the sort's (positions, V) temporaries small.
-    logits (B, L, V) -> tokens (B, L), -1 outside the chunks."""
-    out = torch.full(logits.shape[:2], -1, dtype=torch.long, device=logits.device)
-    for b, s in chunks:
-        out[b, s:s + size] = tess2.project(logits[b, s:s + size].unsqueeze(0), top_p, generators[b])[0]
-    return out
-
-
-def confidence(logits):
-    """Top-1 probability (B, L) of logits (B, L, V), one row at a time to keep temporaries small."""
-    return torch.stack([(l.float().amax(-1) - l.float().logsumexp(-1)).exp() for l in logits])
+def project(logits, span_mask, top_p, generators):
+    """Eq. 5 on span positions only: argmax (top_p None) or nucleus sampling with row b's positions
+    drawn from generators[b]. logits (B, L, V) -> tokens (B, L), 0 outside the span."""
+    tokens = torch.zeros(span_mask.shape, dtype=torch.long, device=logits.device)
+    for b, g in enumerate(generators):
+        tokens[b, span_mask[b]] = tess2.project(logits[b, span_mask[b]].unsqueeze(0), top_p, g)[0]  # (n_b,)
+    return tokens
 
 
 @torch.no_grad()
-def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None,
-            record=False, on_step=None, predict=tess2.predict):
+def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None, lengths=None,
+            on_step=None, predict=tess2.predict):
     """The reverse process on one batch. ids (B, L) context tokens (span positions are ignored),
     span_mask (B, L), seeds: one int per row, whose generator draws all its noise and nucleus
-    samples. top_p None projects by argmax (paper Eq. 5), else by nucleus sampling (released
-    default 0.99). guide: logits -> logits (reward guidance). early_exit N: a row stops once the
-    argmax of its span has not changed for N steps in a row; its output is its projection then.
-    Returns tokens (B, L), steps_used (B,) and, if record, the argmax tokens and their top-1
-    confidence at every step, both (n, B, L).
-
-    Memory, in (B, L, V) fp32 tensors (128 KB per position at V = 32001): the loop holds two, the
-    noisy simplex S (each step's noise is drawn into it and turned into S in place; predict also
-    uses it as scratch) and the logits (the next step's self-conditioning input). predict makes the
-    new logits before the previous ones go: 3 at the peak. Nucleus sampling and confidence work a
-    few positions at a time. Reward guidance peaks at 5 (its softmax and two gradients). The
-    released loop holds about 10 (bench/bench_sample.py measures 3.1, 5.4 and 9.9)."""
+    samples; lengths: each row's own length (default: all L; the rest is masked out of attention).
+    top_p None projects by argmax (paper Eq. 5), else by nucleus sampling (released default 0.99).
+    guide: logits -> logits (reward guidance). early_exit N: a row stops once the argmax of its span
+    has not changed for N steps in a row. on_step(n, logits, best) is called after each step.
+    Returns tokens (B, L), the argmax of each row's final (guided) logits at span positions and
+    ids elsewhere (released: the output is the argmax, not the last nucleus sample), and steps_used (B,)."""
     B, L = ids.shape
     V, N, dev = model.args.vocab_size, steps, ids.device
+    lengths = list(lengths or [L] * B)
+    key_mask = None if min(lengths) == L else torch.arange(L, device=dev) < torch.tensor(lengths, device=dev)[:, None]
     generators = tess2.row_generators(seeds, dev)
-    alpha_bars = tess2.alpha_bars(N).to(dev)  # (N,): alpha_bar(i / N)
-    S = tess2.row_noise_(torch.empty(B, L, V, device=dev), generators).mul_(tess2.SIMPLEX_VALUE)  # k * N(0, I)
-    logits, tokens, last_best = None, ids.clone(), None  # logits None: uniform self-conditioning
+    alpha_bars = tess2.alpha_bars(N).tolist()  # alpha_bar(i / N), i = 0..N-1
+    S = renoise_(torch.empty(B, L, V, device=dev), ids, 0.0, generators, lengths)  # k N(0, I): alpha_bar = 0
+    logits, out, last_best = None, ids.clone(), None  # logits None: uniform self-conditioning
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     stable = torch.zeros(B, dtype=torch.long, device=dev)
     steps_used = torch.full((B,), N, dtype=torch.long)
-    chunks = [(b, s) for b, row in enumerate(span_mask.tolist()) for s in range(0, L, 64) if any(row[s:s + 64])]
-    trace = ([], [])
     for n, i in enumerate(range(N - 1, -1, -1)):
         t = torch.full((B,), i / N, device=dev)  # scaled time i / N, per row
-        logits = predict(model, ids, span_mask, S, t, logits, inplace=True)  # (B, L, V); S is scratch now
+        logits = predict(model, ids, span_mask, S, t, logits, key_padding_mask=key_mask)  # (B, L, V)
         if guide is not None:
             logits = guide(logits)  # guided logits feed the projection and the next self-conditioning
         best = torch.where(span_mask, logits.argmax(-1), ids)  # (B, L)
-        new = best if top_p is None else torch.where(span_mask, nucleus(logits, chunks, top_p, generators), ids)
-        tokens = torch.where(done.unsqueeze(-1), tokens, new)  # rows that exited keep their output
-        if record:
-            trace[0].append(best.cpu())
-            trace[1].append(torch.where(span_mask, confidence(logits), 1.0).cpu())
+        out = torch.where(done.unsqueeze(-1), out, best)  # rows that exited keep their output
         if on_step is not None:
             on_step(n + 1, logits, best)
         if early_exit:
@@ -182,32 +235,10 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
             if bool(done.all()):
                 break
         last_best = best
-        if i > 0:  # S_{i-1} = sqrt(alpha_bar_{i-1}) S_hat + sqrt(1 - alpha_bar_{i-1}) k eps (alpha_bar_{-1} = 1: none)
-            tess2.renoise(tokens, tess2.row_noise_(S, generators), alpha_bars[i - 1].expand(B), inplace=True)
-    return tokens, steps_used, (torch.stack(trace[0]), torch.stack(trace[1])) if record else None
-
-
-def check_settings(steps, length, total_length, batch_size, guidance_steps, early_exit, top_p):
-    """The numbers generate() and the command line take, refused with the flag to fix."""
-    for flag, value, low in (("steps", steps, 1), ("length", length, 0), ("total-length", total_length, 1),
-                             ("batch-size", batch_size, 1), ("guidance-steps", guidance_steps, 1),
-                             ("early-exit", early_exit, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"--{flag} must be at least {low}, got {value}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p} (for argmax: --argmax, top_p=None)")
-
-
-def check_reward_model(model, tokenizer, reward_model, reward_tokenizer=None):
-    """Model and reward model must share a tokenizer (SPEC 10): same vocabulary and special ids."""
-    if getattr(reward_model.args, "head", "score") != "score":
-        raise ValueError("the reward model must have a score head (a ...ForSequenceClassification checkpoint)")
-    if reward_model.args.vocab_size != model.args.vocab_size:
-        raise ValueError(f"the reward model has a vocabulary of {reward_model.args.vocab_size} and the diffusion "
-                         f"model {model.args.vocab_size}: reward guidance needs both to share one tokenizer")
-    if reward_tokenizer is not None and reward_tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise ValueError(f"the tokenizers differ: model {tokenizer.fingerprint()}, reward model "
-                         f"{reward_tokenizer.fingerprint()}; reward guidance needs both to share one tokenizer")
+        if i > 0:  # S_{i-1} from the projection (Eq. 4-5); alpha_bar_{-1} = 1: no re-noising after i = 0
+            tokens = best if top_p is None else project(logits, span_mask, top_p, generators)
+            renoise_(S, torch.where(span_mask, tokens, ids), alpha_bars[i - 1], generators, lengths)
+    return out, steps_used
 
 
 # -----------------------------------------------------------------------------
@@ -219,49 +250,109 @@ class Generation:
     prompt: str
     text: str  # the generated text; for a prompt with gaps, the whole document filled in
     tokens: list  # generated ids: the gaps, then the region cut at the first EOS, [PAD] dropped
-    steps_used: int
-    seconds: float  # wall time of its batch
-    predictions: torch.Tensor | None = None  # (n, L) argmax token at each step (prompt: itself)
-    confidence: torch.Tensor | None = None  # (n, L) top-1 probability at each step (prompt: 1)
+    steps_used: int = 0
+    seconds: float = 0.0  # wall time of its batch
+    predictions: torch.Tensor | None = None  # (n, L) argmax token at each step (record=True)
+    confidence: torch.Tensor | None = None  # (n, L) top-1 probability at each step (record=True)
 
 
-def generate(model, tokenizer, prompts, steps=100, length=None, total_length=None, top_p=0.99, seed=0,
-             batch_size=8, chat=True, reward_model=None, reward_tokenizer=None, eta=None, guidance_steps=5,
-             tau=1.0, early_exit=None, details=False, record=False, on_step=None, predict=tess2.predict):
-    """Generate a response for each prompt (a str or list of str) -> list[str]; with details=True
-    (or record=True) a list of Generation: text, tokens, steps used, seconds and, if record,
-    the per-step predictions and confidences. Prompt j is sampled with seed + j. make_batch says
-    what length and total_length mean, encode_prompt how `<mask:N>` gaps infill."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    check_settings(steps, length, total_length, batch_size, guidance_steps, early_exit, top_p)
-    if eta and reward_model is None:
-        raise ValueError(f"eta = {eta} needs a reward model: pass reward_model (--reward-model)")
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.args.vocab_size}: they do not belong together")
-    guide = None
-    if reward_model is not None:
-        check_reward_model(model, tokenizer, reward_model, reward_tokenizer)
-        eta = 0.25 if eta is None else eta  # the paper's best for TESS 2 v0.1 (Table 3a)
+def check_pair(args: ModelArgs, tokenizer, rm_args: ModelArgs | None = None, rm_tokenizer=None):
+    """A model and its tokenizer belong together (a tokenizer may lack only the [PAD] row that we
+    added: sampling never needs it); a reward model must share them (§10)."""
+    if tokenizer.vocab_size - tokenizer.pad_added > args.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size - tokenizer.pad_added} tokens but the model only "
+                         f"{args.vocab_size}: they do not belong together")
+    if args.head != "lm" or not args.timestep_embed:
+        raise ValueError(f"the model is a {args.architecture}, not a diffusion model (a ...ForDiffusionLM with a "
+                         "timestep embedding): adapt it first with train.py --stage adapt")
+    if rm_args is None:
+        return
+    if rm_args.head != "score":
+        raise ValueError("the reward model must have a score head (a ...ForSequenceClassification checkpoint)")
+    if rm_args.vocab_size != args.vocab_size:
+        raise ValueError(f"the reward model has a vocabulary of {rm_args.vocab_size} and the diffusion "
+                         f"model {args.vocab_size}: reward guidance needs both to share one tokenizer")
+    if rm_tokenizer is not None and rm_tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise ValueError(f"the tokenizers differ: model {tokenizer.fingerprint()}, reward model "
+                         f"{rm_tokenizer.fingerprint()}; reward guidance needs both to share one tokenizer")
+
+
+def plan(tokenizer, prompts, s: Settings, args: ModelArgs) -> list[Batch]:
+    """All batches of a run, checked before any sampling: prompt j gets seed s.seed + j."""
+    fill = tokenizer.pad_id if tokenizer.pad_id < args.vocab_size else tokenizer.eos_id  # never read
+    return [make_batch(tokenizer, prompts[i:i + s.batch_size], s, max_length(args), fill, i)
+            for i in range(0, len(prompts), s.batch_size)]
+
+
+@contextmanager
+def guidance_mode(rm, checkpointing: bool):
+    """The reward model during guidance: frozen weights (so no activation is kept for their
+    gradients) and, if asked, per-block recomputation in the backward. Restored afterwards."""
+    flags = [p.requires_grad for p in rm.parameters()]
+    old = getattr(rm, "gradient_checkpointing", False)
+    rm.requires_grad_(False)
+    rm.gradient_checkpointing = checkpointing
+    try:
+        yield rm
+    finally:
+        for p, f in zip(rm.parameters(), flags):
+            p.requires_grad_(f)
+        rm.gradient_checkpointing = old
+
+
+def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None, predict=tess2.predict):
+    """Sample each batch -> list[Generation]. on_step(batch, n, logits, best) after every step."""
     dev = model.embed_tokens.weight.device
-    batches = [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
-    planned = [make_batch(tokenizer, b, length, total_length, chat, max_length(model.args)) for b in batches]
+    eta = s.eta if s.eta is not None else 0.25  # the paper's best for TESS 2 v0.1 (Table 3a)
+    ckpt = dev.type == "cuda" if s.guidance_ckpt is None else s.guidance_ckpt
     out = []
-    for start, batch, (ids, span_mask, ends) in zip(range(0, len(prompts), batch_size), batches, planned):
-        ids, span_mask = ids.to(dev), span_mask.to(dev)
-        if reward_model is not None and eta:
-            guide = lambda x: reward_guidance(reward_model, x, ids, span_mask, eta, guidance_steps, tau)  # noqa: E731
+    for batch in batches:
+        ids, span_mask = batch.ids.to(dev), batch.span_mask.to(dev)
+        guide = None
+        if reward_model is not None and eta > 0:
+            last = torch.tensor(batch.lengths, device=dev) - 1  # the reward reads each row's last position
+
+            def guide(x):
+                with guidance_mode(reward_model, ckpt):
+                    return tess2.reward_guidance(reward_model, x, ids, span_mask, eta, s.guidance_steps, s.tau,
+                                                 last_index=last)
+        step = None if on_step is None else lambda n, logits, best: on_step(batch, n, logits, best)  # noqa: E731
         t0 = time.perf_counter()
-        tokens, steps_used, trace = diffuse(model, ids, span_mask, range(seed + start, seed + start + len(batch)),
-                                            steps, top_p, guide, early_exit, record, on_step, predict)
+        tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p, guide, s.early_exit,
+                                     batch.lengths, step, predict)
         seconds = time.perf_counter() - t0
-        for b, prompt in enumerate(batch):
-            g = decode_row(tokenizer, prompt, tokens[b].tolist(), span_mask[b].tolist(), ends[b])
+        for b, prompt in enumerate(batch.prompts):
+            n = batch.lengths[b]
+            g = decode_row(tokenizer, prompt, tokens[b, :n].tolist(), batch.span_mask[b, :n].tolist(), batch.ends[b])
             g.steps_used, g.seconds = int(steps_used[b]), seconds
-            if trace is not None:
-                g.predictions, g.confidence = trace[0][:g.steps_used, b], trace[1][:g.steps_used, b]
             out.append(g)
-    return out if details or record else [g.text for g in out]
+    return out
+
+
+def generate(model, tokenizer, prompts, settings: Settings | None = None, *, reward_model=None,
+             reward_tokenizer=None, details=False, record=False, on_step=None, predict=tess2.predict, **overrides):
+    """Generate a response for each prompt (a str or list of str) -> list[str]; with details=True
+    (or record=True) a list of Generation: text, tokens, steps used, seconds and, if record, the
+    per-step predictions and confidences. settings: a Settings, else the model's generation_config.json
+    (or the released evaluation defaults); keyword overrides: any Settings field (steps=, top_p=,
+    total_length=, length=, seed=, eta=, ...). Prompt j is sampled with seed + j."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if settings is None:
+        settings = settings_for(getattr(model, "generation_config", None), max_length(model.args), **overrides)
+    else:
+        settings = dataclasses.replace(settings, **overrides).check()
+    if settings.eta and reward_model is None:
+        raise ValueError(f"eta = {settings.eta} needs a reward model: pass reward_model (--reward-model)")
+    check_pair(model.args, tokenizer, reward_model.args if reward_model is not None else None, reward_tokenizer)
+    if record:
+        import views
+        recorder = views.Recorder(on_step)
+        on_step = recorder
+    gens = run(model, tokenizer, plan(tokenizer, prompts, settings, model.args), settings, reward_model, on_step,
+               predict)
+    if record:
+        recorder.attach(gens)
+    return gens if details or record else [g.text for g in gens]
 
 
 def decode_row(tokenizer, prompt, row, span, end):
@@ -272,93 +363,10 @@ def decode_row(tokenizer, prompt, row, span, end):
     tail = [x for x in tail if x != tokenizer.pad_id]
     gaps = [x for x, s in zip(row[:end], span[:end]) if s]
     if not gaps:
-        return Generation(prompt, tokenizer.decode(tail), tail, 0, 0.0)
+        return Generation(prompt, tokenizer.decode(tail), tail)
     specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     doc = [x for x, s in zip(row[1:end], span[1:end]) if not (s and x in specials)]  # the prompt, gaps filled
-    return Generation(prompt, tokenizer.decode(doc + tail), gaps + tail, 0, 0.0)
-
-
-# -----------------------------------------------------------------------------
-# Watching: --show (terminal), --html (Figure 4 of the paper), a progress line
-
-
-def pieces(tokenizer, ids, cache=None):
-    """The text of each token as it reads inside running text (decoded after an anchor token)."""
-    cache = {} if cache is None else cache
-    anchor = tokenizer.encode("a")[-1:]
-    for i in set(ids) - cache.keys():
-        cache[i] = tokenizer.decode(anchor + [i])[len(tokenizer.decode(anchor)):]
-    return [cache[i] for i in ids]
-
-
-class Watcher:
-    """The on_step callback of the CLI: --show redraws the current best text each step; otherwise a
-    progress line with steps/s once a run takes more than a second (both on stderr)."""
-
-    def __init__(self, tokenizer, steps, show, span_mask):
-        self.tok, self.steps, self.show, self.eos = tokenizer, steps, show, tokenizer.eos_id
-        self.starts = span_mask.int().argmax(1).tolist()  # each row's first span position
-        self.tty, self.t0, self.last, self.cache = sys.stderr.isatty(), time.perf_counter(), 0.0, {}
-
-    def __call__(self, n, logits, best):
-        now = time.perf_counter() - self.t0
-        rate = f"step {n}/{self.steps}, {n / max(now, 1e-9):.2f} steps/s"
-        if self.show and (self.tty or n % max(1, self.steps // 10) == 0 or n == self.steps):
-            conf = confidence(logits)
-            rows = []
-            for b, start in enumerate(self.starts):
-                region = best[b, start:].tolist()
-                cut = region.index(self.eos) if self.eos in region else len(region)
-                text = pieces(self.tok, region[:cut], self.cache)
-                if self.tty:  # 256-colour greys: mid grey (unsure) to white (sure)
-                    text = [f"\x1b[38;5;{244 + round(11 * c)}m{p}" for p, c in zip(text, conf[b, start:].tolist())]
-                rows.append("".join(text) + ("\x1b[0m" if self.tty else ""))
-            clear = "\x1b[H\x1b[2J" if self.tty else ""
-            print(f"{clear}[{rate}]\n" + "\n\n".join(rows), file=sys.stderr, flush=True)
-        elif not self.show and now > 1.0 and now - self.last > 0.5:
-            self.last = now
-            print(("\r" if self.tty else "") + rate, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-
-def write_html(path, tokenizer, generations):
-    """One self-contained page: for each prompt, a heatmap of the top-1 confidence at every step
-    (rows, time flowing down) and position (columns; the prompt is 1), as in the paper's Figure 4,
-    and the final text. Hover a cell for its token."""
-    data, sections = [], []
-    for k, g in enumerate(generations):
-        preds = g.predictions.tolist()  # (n, L)
-        used = sorted({x for row in preds for x in row})
-        data.append(dict(conf=[[round(c, 3) for c in row] for row in g.confidence.tolist()], preds=preds,
-                         pieces=dict(zip(map(str, used), pieces(tokenizer, used)))))
-        sections.append(f'<section><h2>Prompt {k + 1} ({g.steps_used} steps, {g.seconds:.1f} s)</h2><pre>'
-                        f'{html.escape(g.prompt)}</pre><canvas id="c{k}"></canvas><div class="tip" id="t{k}">&nbsp;'
-                        f'</div><h3>Text</h3><pre>{html.escape(g.text)}</pre></section>')
-    payload = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>TESS 2 sample</title><style>body {{ font-family: sans-serif;
-margin: 2em; }} canvas {{ image-rendering: pixelated; border: 1px solid #ccc; }} pre {{ white-space: pre-wrap;
-background: #f6f6f6; padding: .5em; }} .tip {{ font-family: monospace; }}</style></head><body>
-<h1>Confidence over diffusion steps</h1><p>Each heatmap row is a diffusion step (time flows down), each column a
-position; darker means a higher top-1 probability. Prompt positions are 1, as in the paper's Figure 4.</p>
-{"".join(sections)}
-<script>
-const DATA = {payload}, CELL = 6;
-DATA.forEach((d, k) => {{
-  const c = document.getElementById("c" + k), n = d.conf.length, L = d.conf[0].length, ctx = c.getContext("2d");
-  c.width = L * CELL; c.height = n * CELL;  // resizing clears the canvas: set the size before drawing
-  d.conf.forEach((row, s) => row.forEach((v, j) => {{
-    ctx.fillStyle = `rgb(${{255 * (1 - v)}}, ${{255 * (1 - v)}}, 255)`; ctx.fillRect(j * CELL, s * CELL, CELL, CELL);
-  }}));
-  c.onmousemove = e => {{
-    const j = Math.floor(e.offsetX / CELL), s = Math.floor(e.offsetY / CELL);
-    if (s < n && j < L) document.getElementById("t" + k).textContent =
-      `step ${{s + 1}}, position ${{j}}: ${{JSON.stringify(d.pieces[d.preds[s][j]])}} (p = ${{d.conf[s][j]}})`;
-  }};
-}});
-</script></body></html>
-"""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    return Generation(prompt, tokenizer.decode(doc + tail), gaps + tail)
 
 
 # -----------------------------------------------------------------------------
@@ -367,98 +375,157 @@ DATA.forEach((d, k) => {{
 
 def read_prompts(path):
     """One prompt per line; in a .jsonl file, a JSON string or {"prompt": ...} per line."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if os.path.isdir(path):
+        raise ValueError(f"--prompts-file {path} is a directory: pass a text file, one prompt per line")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"--prompts-file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not path.endswith(".jsonl"):
-        return lines
-    return [o if isinstance(o, str) else o["prompt"] for o in map(json.loads, lines)]
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            o = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); each line is a JSON string or "
+                             "{\"prompt\": ...}") from None
+        if isinstance(o, dict) and isinstance(o.get("prompt"), str):
+            o = o["prompt"]
+        if not isinstance(o, str):
+            raise ValueError(f"{path}, line {n}: expected a JSON string or an object with a \"prompt\" string")
+        prompts.append(o)
+    return prompts
 
 
-def read_config(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return ModelArgs.from_hf(json.load(f))
-
-
-def checkpoint_dir(name, flag, parser, default):
-    """A local directory, or a Hub id (owner/name) fetched by model.resolve. The default is a
+def checkpoint_dir(name, flag, default):
+    """A local directory, or a Hub id (owner/name) fetched by common.resolve. The default is a
     directory of this repository, found from this file wherever the command runs; it must exist."""
     path = os.path.join(HERE, name) if name == default else name
-    if os.path.isdir(path) or (name != default and name.count("/") == 1 and not name.startswith((".", "/", "~"))):
+    if os.path.isdir(path) or (name != default and is_hub_id(name)):
         return resolve(path)
     hint = f" (the default {flag})" if name == default else ""
-    parser.error(f"no checkpoint directory {path!r}{hint}: pass {flag} DIR, a directory holding config.json, "
-                 "model.safetensors and tokenizer.json (or a Hub id such as hamishivi/tess2)")
+    raise ValueError(f"no checkpoint directory {path!r}{hint}: pass {flag} DIR, a directory holding config.json, "
+                     "model.safetensors and tokenizer.json (or a Hub id such as hamishivi/tess2)")
+
+
+def pick_device(name):
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: sampling runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU visible to PyTorch; use --device cpu")
+    return dev
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Infilling: write <mask:N> in a "
+                                "prompt for a gap of N tokens; the prompt is then used as written (no chat template). "
+                                "Flags left out take the checkpoint's generation_config.json, else the released "
+                                "evaluation's defaults (rows of 2048 positions, 100 steps, top-p 0.99).")
+    arg = p.add_argument
+    arg("--model", default=DEFAULT_MODEL, help=f"diffusion model: checkpoint directory or Hub id (default: "
+        f"{DEFAULT_MODEL} of this repository)")
+    arg("--prompt", action="append", help="a prompt (repeat for several); <mask:N> marks a gap")
+    arg("--prompts-file", help="one prompt per line (.jsonl: a JSON string or {\"prompt\": ...} per line)")
+    arg("--no-chat", action="store_true", help="do not wrap prompts in the Tulu chat template")
+    arg("--steps", type=int, help="diffusion steps N")
+    arg("--length", type=int, help="positions to generate after each prompt (instead of --total-length)")
+    arg("--total-length", type=int, help="every row's length, prompt + region (released evaluation: 2048)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--top-p", type=float, help="nucleus sampling projection (released default 0.99)")
+    g.add_argument("--argmax", action="store_true", help="argmax projection (paper Eq. 5)")
+    arg("--reward-model", help="reward model for guidance: checkpoint directory or Hub id")
+    arg("--eta", type=float, help=f"guidance step size (default 0.25 with --reward-model; --eta alone guides with "
+        f"{DEFAULT_REWARD_MODEL} of this repository)")
+    arg("--guidance-steps", type=int, help="gradient-ascent steps per diffusion step (released default 1)")
+    arg("--tau", type=float, help="softmax temperature of the reward model's input (default 1)")
+    arg("--no-guidance-ckpt", action="store_true", help="keep reward-model activations (default on CPU)")
+    arg("--early-exit", type=int, help="stop a row once its argmax is unchanged for this many steps")
+    arg("--seed", type=int, help="prompt j is sampled with seed + j (default 0)")
+    arg("--batch-size", type=int, help="prompts per batch (default 8)")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    arg("--dtype", choices=["float32", "bfloat16", "float16"],
+        help="weights and logits (default: bfloat16 on cuda, float32 on cpu)")
+    arg("--threads", type=int, help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
+    arg("--compile", action="store_true", help="torch.compile the predict step")
+    arg("--show", action="store_true", help="redraw the current text each step on stderr, shaded by confidence")
+    arg("--html", help="write a page with the confidence of every position at every step")
+    arg("--json", action="store_true", help="print one JSON object per prompt")
+    a = p.parse_args(argv)
+    names = ("steps", "length", "total_length", "seed", "batch_size", "eta", "guidance_steps", "tau", "early_exit")
+    a.overrides = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
+    if a.top_p is not None or a.argmax:
+        a.overrides["top_p"] = None if a.argmax else a.top_p
+    if a.no_chat:
+        a.overrides["chat"] = False
+    if a.no_guidance_ckpt:
+        a.overrides["guidance_ckpt"] = False
+    return a
+
+
+def prepare(a):
+    """Everything the command line can check before loading weights: prompts, paths, configs,
+    tokenizers, settings and every batch. Returns what main needs to load and run."""
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {a.threads}")
+    Settings(**a.overrides).check()  # the flags' own values, before anything is read
+    device = pick_device(a.device)
+    prompts = (a.prompt or []) + (read_prompts(a.prompts_file) if a.prompts_file else [])
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT or --prompts-file FILE")
+    if a.html:
+        folder = os.path.dirname(os.path.abspath(a.html))
+        if os.path.isdir(a.html) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--html {a.html}: cannot write a file there (is the folder missing or read-only?)")
+    path = checkpoint_dir(a.model, "--model", DEFAULT_MODEL)
+    rm_name = a.reward_model or (DEFAULT_REWARD_MODEL if a.eta else None)  # --eta alone: the shipped one
+    rm_path = checkpoint_dir(rm_name, "--reward-model", DEFAULT_REWARD_MODEL) if rm_name else None
+    args, tok = ModelArgs.from_hf(read_config(path)), Tokenizer(path)
+    rm_args = ModelArgs.from_hf(read_config(rm_path)) if rm_path else None
+    rm_tok = Tokenizer(rm_path) if rm_path else None
+    check_pair(args, tok, rm_args, rm_tok)
+    gen_file = os.path.join(path, "generation_config.json")
+    gen_cfg = read_json(gen_file, "generation config") if os.path.exists(gen_file) else None
+    s = settings_for(gen_cfg, max_length(args), **a.overrides)
+    return device, prompts, path, rm_path, tok, s, plan(tok, prompts, s, args)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Infilling: write <mask:N> in a "
-                                "prompt for a gap of N tokens; the prompt is then used as written (no chat template).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"diffusion model: checkpoint directory or Hub id "
-                   f"(default: {DEFAULT_MODEL} of this repository)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for several); <mask:N> marks a gap")
-    p.add_argument("--prompts-file", help="one prompt per line (.jsonl: a JSON string or {\"prompt\": ...} per line)")
-    p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the Tulu chat template")
-    p.add_argument("--steps", type=int, default=100, help="diffusion steps N")
-    p.add_argument("--length", type=int, help="positions to generate after each prompt (default 256; 0 with gaps)")
-    p.add_argument("--total-length", type=int, help="fixed row length L for every batch (prompt + region)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling projection (released default)")
-    g.add_argument("--argmax", action="store_true", help="argmax projection (paper Eq. 5)")
-    p.add_argument("--reward-model", help="reward model for guidance: checkpoint directory or Hub id")
-    p.add_argument("--eta", type=float, help=f"guidance step size (default 0.25 with --reward-model; without one, "
-                   f"guides with {DEFAULT_REWARD_MODEL} of this repository)")
-    p.add_argument("--guidance-steps", type=int, default=5, help="gradient-ascent steps per diffusion step")
-    p.add_argument("--tau", type=float, default=1.0, help="softmax temperature of the reward model's input")
-    p.add_argument("--early-exit", type=int, help="stop a row once its argmax is unchanged for this many steps")
-    p.add_argument("--seed", type=int, default=0, help="prompt j is sampled with seed + j")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights and logits (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the predict step")
-    p.add_argument("--show", action="store_true", help="redraw the current text each step on stderr, shaded by confidence")
-    p.add_argument("--html", help="write a page with the confidence of every position at every step")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    a = p.parse_args(argv)
-    top_p, chat = None if a.argmax else a.top_p, not a.no_chat
-    prompts = (a.prompt or []) + (read_prompts(a.prompts_file) if a.prompts_file else [])
-    try:  # bad input fails here, before any weights load
-        check_settings(a.steps, a.length, a.total_length, a.batch_size, a.guidance_steps, a.early_exit, top_p)
-        if not prompts:
-            raise ValueError("no prompt: pass --prompt TEXT or --prompts-file FILE")
-        path = checkpoint_dir(a.model, "--model", p, DEFAULT_MODEL)
-        rm_name = a.reward_model or (DEFAULT_REWARD_MODEL if a.eta else None)  # --eta alone: the default
-        rm_path = checkpoint_dir(rm_name, "--reward-model", p, DEFAULT_REWARD_MODEL) if rm_name else None
-        tok, cfg = Tokenizer(path), read_config(path)
-        batches = [prompts[s:s + a.batch_size] for s in range(0, len(prompts), a.batch_size)]
-        spans = [make_batch(tok, b, a.length, a.total_length, chat, max_length(cfg))[1] for b in batches]
-        rm_tok = Tokenizer(rm_path) if rm_path else None
-        if rm_path:
-            check_reward_model(types.SimpleNamespace(args=cfg), tok, types.SimpleNamespace(args=read_config(rm_path)),
-                               rm_tok)
-    except ValueError as e:
-        p.error(str(e))
-    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-    load = lambda d: Transformer.from_pretrained(d, dtype=dtype, device=a.device, verbose=False).eval()  # noqa: E731
+    a = parse_args(argv)
+    device, prompts, path, rm_path, tok, s, batches = prepare(a)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    load = lambda d: Transformer.from_pretrained(d, dtype=dtype, device=device, verbose=False).eval()  # noqa: E731
     model, rm = load(path), load(rm_path) if rm_path else None
+    if device.type == "cpu":  # small models run fastest on one thread (BENCHMARKS.md, "Threads")
+        torch.set_num_threads(a.threads or (1 if model.num_params() < 50e6 else os.cpu_count()))
+    import views
+    watch = views.Watcher(tok, s.steps, a.show)
+    recorder = views.Recorder(watch) if a.html else None
     predict = torch.compile(tess2.predict) if a.compile else tess2.predict
     out = []
-    for s, batch, span_mask in zip(range(0, len(prompts), a.batch_size), batches, spans):
-        watch = Watcher(tok, a.steps, a.show, span_mask)  # batch by batch, so the watcher knows the rows
-        gens = generate(model, tok, batch, a.steps, a.length, a.total_length, top_p, a.seed + s, a.batch_size, chat,
-                        rm, rm_tok, a.eta, a.guidance_steps, a.tau, a.early_exit, details=True, record=bool(a.html),
-                        on_step=watch, predict=predict)
-        if watch.last and not a.show and watch.tty:
-            print(file=sys.stderr)
+    for batch in batches:
+        gens = run(model, tok, [batch], s, rm, recorder or watch, predict)
+        watch.end()
         for g in gens:
+            if not g.tokens or not g.text.strip():
+                print(f"sample.py: note: prompt {len(out)} got an empty answer (the model ended it at once)",
+                      file=sys.stderr)
             print(json.dumps(dict(prompt=g.prompt, text=g.text, tokens=g.tokens, steps_used=g.steps_used,
                                   seconds=round(g.seconds, 3))) if a.json else g.text + "\n" * (len(prompts) > 1),
                   flush=True)
-        out += gens
+            out.append(g)
     if a.html:
-        write_html(a.html, tok, out)
+        recorder.attach(out)
+        views.write_html(a.html, tok, out)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "sample.py")

@@ -1,20 +1,15 @@
 """
 TESS 2: simplex diffusion over a language model's vocabulary, equation by equation.
 
-Each function cites the paper equation (seeds/tess2-paper.txt) or the SPEC.md section it
-implements. Training (train.py), sampling (sample.py) and evaluation share these.
+Each function is one step of the method as METHOD.md describes it (section numbers there, "§n")
+and cites the paper's equation (Tae, Ivison, Kumar and Cohan, "TESS 2: A Large-Scale Generalist
+Diffusion Language Model", arXiv:2502.13917). These are the plain statements of the formulas; training
+(train.py), sampling (sample.py) and evaluation (eval/) share them, and where a loop fuses one
+to save memory it is tested equal to the plain version here.
 
 Notation: V vocabulary, D hidden size, k simplex value, T training timesteps, N inference steps,
 B batch, L length. "span" positions are generated (span_mask True), "context" positions are
 given as clean tokens.
-
-Memory: every (B, L, V) float tensor costs 4*V = 128 KB per token in fp32 (262 MB per
-2048-token sequence at V = 32001). predict reads S_t and the previous logits, mixes p in place
-(softmax of the previous logits: a temporary, or with inplace=True S_t's buffer) and frees p once
-embedded (in training autograd keeps it for the gradient of E) before the new logits exist:
-sampling peaks at 3. A training step peaks at 5 with self-conditioning (eps, previous logits,
-S_t, p, new logits) and 4 without (eps, S_t, p, logits; then p, logits, eps and the log-softmax
-the loss keeps for backward).
 """
 import math
 
@@ -26,7 +21,7 @@ NUM_TRAIN_STEPS = 5000  # T
 
 
 # -----------------------------------------------------------------------------
-# Noise schedule (SPEC 2): cosine, "squaredcos_improved_ddpm"
+# Noise schedule (§2): cosine, "squaredcos_improved_ddpm"
 
 
 def alpha_bar(s):
@@ -38,7 +33,7 @@ def alpha_bar(s):
 
 def alpha_bars(num_steps: int) -> torch.Tensor:
     """The curve discretised into num_steps: alpha_bar(i / num_steps), i = 0..num_steps-1, as float32.
-    Training uses num_steps = T = 5000; inference re-discretises with its own N (SPEC 2)."""
+    Training uses num_steps = T = 5000; inference re-discretises with its own N (§2)."""
     if num_steps < 1:
         raise ValueError(f"the number of diffusion steps must be positive, got {num_steps}")
     return alpha_bar(torch.arange(num_steps, dtype=torch.float64) / num_steps).float()
@@ -54,17 +49,11 @@ def simplex(ids, vocab_size: int, k: float = SIMPLEX_VALUE, dtype=torch.float32)
     return s.scatter_(-1, ids.unsqueeze(-1), k)
 
 
-def add_noise(ids, eps, alpha_bar_t, k: float = SIMPLEX_VALUE, inplace: bool = False):
-    """
-    Eq. 2: S_t = sqrt(alpha_bar_t) * S_0 + sqrt(1 - alpha_bar_t) * k * eps, with S_0 = simplex(ids).
-    ids (B, L), eps (B, L, V), alpha_bar_t (B,) -> S_t (B, L, V): a new tensor with eps kept (training
-    reuses it for self-conditioning), or with inplace=True eps itself turned into S_t (sampling).
-    Built without materialising S_0: scale eps, shift by -k sqrt(alpha_bar), add 2k sqrt(alpha_bar) at w.
-    """
-    a = alpha_bar_t.to(eps.dtype).view(-1, 1, 1)  # (B, 1, 1)
-    S = eps.mul_((1 - a).sqrt() * k) if inplace else eps * ((1 - a).sqrt() * k)  # (B, L, V)
-    S.sub_(a.sqrt() * k)
-    return S.scatter_add_(-1, ids.unsqueeze(-1), (2 * k * a.sqrt()).expand(*ids.shape, 1).contiguous())
+def add_noise(ids, eps, alpha_bar_t, k: float = SIMPLEX_VALUE):
+    """Eq. 2: S_t = sqrt(alpha_bar_t) * S_0 + sqrt(1 - alpha_bar_t) * k * eps, with S_0 = simplex(ids).
+    ids (B, L), eps (B, L, V) ~ N(0, I), alpha_bar_t (B,) -> S_t (B, L, V)."""
+    a = alpha_bar_t.to(eps.dtype).view(-1, 1, 1)  # (B, 1, 1): one timestep per sequence
+    return a.sqrt() * simplex(ids, eps.size(-1), k, eps.dtype) + (1 - a).sqrt() * k * eps
 
 
 def row_generators(seeds, device=None):
@@ -88,35 +77,33 @@ def row_noise(seeds, length: int, vocab_size: int, device=None, dtype=torch.floa
 
 
 # -----------------------------------------------------------------------------
-# What the network sees (SPEC 4, Sec. 3.1 self-conditioning Eq. 7-8, Sec. 3.2 label shift)
+# What the network sees (§4; self-conditioning Sec. 3.1, Eq. 7-8; label shift Sec. 3.2)
 
 
-def predict(model, ids, span_mask, S_t, t, prev_logits=None, inplace: bool = False):
+def predict(model, ids, span_mask, S_t, t, prev_logits=None, key_padding_mask=None):
     """
     One pass of the diffusion model. ids (B, L) clean tokens (used at context positions),
     span_mask (B, L) bool, S_t (B, L, V) noisy simplex (used at span positions), t (B,) scaled
-    time in [0, 1), prev_logits (B, L, V) the previous prediction for self-conditioning or None.
+    time in [0, 1), prev_logits (B, L, V) the previous prediction for self-conditioning or None;
+    key_padding_mask (B, L) marks the real positions of rows padded to the batch's length.
     Returns logits (B, L, V) aligned so that logits[:, j] predicts token j; logits[:, 0] = 0.
-    inplace=True: S_t (fp32) is overwritten with softmax(prev_logits) once read, instead of that
-    being a new (B, L, V) tensor (sampling, which draws the next S_t into the same buffer).
+    The checkpoint's config decides the attention kind (is_causal), self-conditioning and the
+    timestep embedding, as in the released model's forward.
     """
-    E = model.embed_tokens.weight  # (V, D)
-    # Eq. 8 "logits_mean": p = (softmax(S_t) + softmax(prev_logits)) / 2; no previous
-    # prediction means prev_logits = 0, i.e. a uniform distribution. Built in place: one tensor.
+    a, E = model.args, model.embed_tokens.weight  # E: (V, D)
     p = torch.softmax(S_t.float(), dim=-1)  # (B, L, V)
-    if prev_logits is None:
-        p.add_(1.0 / p.size(-1))
-    else:
-        p.add_(torch.softmax(prev_logits.float(), dim=-1, out=S_t if inplace else None))
-    p.mul_(0.5)
-    # h = E p (Sec. 3.1). E is read detached here, as the released model reads `.data`: the span
-    # path gives E no gradient (E learns from context positions and, if tied, the LM head), so
-    # autograd keeps no (B, L, V) p for backward.
+    if a.self_condition == "logits_mean" and a.self_condition_mix_before_weights:
+        # Eq. 8: p = (softmax(S_t) + softmax(prev_logits)) / 2, where no previous prediction means
+        # prev_logits = 0, a uniform distribution. (In place on p: one (B, L, V) tensor fewer.)
+        p.add_(torch.softmax(prev_logits.float(), dim=-1) if prev_logits is not None else 1.0 / p.size(-1))
+        p.mul_(0.5)
+    # h = p @ E (Sec. 3.1). E is read detached, as the released model reads `.data`: the span path
+    # gives E no gradient (E learns from context positions and a tied head), so autograd keeps no p.
     h_span = p.to(E.dtype) @ E.detach()  # (B, L, D)
     del p
     h = torch.where(span_mask.unsqueeze(-1), h_span, model.embed_tokens(ids))  # context: clean E[w]
-    t_pos = t.view(-1, 1).to(h.dtype) * span_mask  # (B, L): timestep term on span positions only
-    hidden = model(embeds=h, t=t_pos, causal=False, hidden_only=True)  # (B, L, D), bidirectional
+    t_pos = t.view(-1, 1).to(h.dtype) * span_mask if a.timestep_embed else None  # (B, L): span only
+    hidden = model.hidden_states(embeds=h, t=t_pos, key_padding_mask=key_padding_mask)  # (B, L, D)
     # label shift: the state at position j-1 predicts token j (as in the AR model it came from).
     # Shifting hidden states (not logits) avoids a (B, L, V) copy; the LM head has no bias, so
     # the zero state at position 0 gives logits[:, 0] = 0 exactly.
@@ -177,7 +164,7 @@ def random_segmentation(num_items: int, num_segments: int, generator=None) -> to
 
 
 def t5_span_mask(length: int, noise_density: float, mean_span_length: float, generator=None):
-    """T5's random_spans_noise_mask (SPEC 7): non-overlapping random spans, starting unmasked."""
+    """T5's random_spans_noise_mask (§7): non-overlapping random spans, starting unmasked."""
     num_mask = min(max(int(length * noise_density), 1), length - 1)
     num_spans = max(1, int(num_mask / mean_span_length))
     num_spans = min(num_spans, num_mask, length - num_mask)
@@ -198,7 +185,7 @@ def prefix_mask(length: int, prefix_length: int):
 
 def ul2_mask(length: int, generator=None, prefix: str = "released"):
     """
-    SPEC 7 / App. A.1: one of three objectives with equal weight.
+    §7, App. A.1: one of three objectives with equal weight.
       T5: 15% masked, mean span 3 or 8. Aggressive T5: 50% masked, mean span 3, 8 or 48.
       Prefix-LM: BOS plus a prefix of n tokens is context. prefix="released": n uniform in
                  [1, (L-1)//2) (released code's gpt_span_mask); prefix="paper": n = (L-1)//2,
@@ -241,7 +228,38 @@ def project(logits, top_p: float | None = None, generator=None):
     return order.flatten(0, 1).gather(-1, choice).view(logits.shape[:-1])
 
 
-def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE, inplace: bool = False):
+def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE):
     """Eq. 4: S_{t-1} = sqrt(alpha_bar_{t-1}) S_hat + sqrt(1 - alpha_bar_{t-1}) k eps, S_hat = simplex(tokens):
-    the forward process (add_noise) from the projected tokens; inplace=True turns eps into S_{t-1}."""
-    return add_noise(tokens, eps, alpha_bar_prev, k, inplace)
+    the forward process (Eq. 2) from the projected tokens. tokens (B, L), eps (B, L, V), alpha_bar_prev (B,)."""
+    return add_noise(tokens, eps, alpha_bar_prev, k)
+
+
+# -----------------------------------------------------------------------------
+# Reward guidance (§10; Sec. 3.4, Eq. 9-11)
+
+
+def reward_guidance(rm, logits, ids, span_mask, eta: float, steps: int = 1, tau: float = 1.0,
+                    key_padding_mask=None, last_index=None):
+    """
+    `steps` rounds of gradient ascent on the reward, x <- x + eta * grad_x R(x), from x = logits (B, L, V).
+    The reward model reads p = softmax(x / tau) @ E_rm at span positions and E_rm[token] (= one-hot
+    @ E_rm) at context positions, causally, and scores position last_index (default: the last).
+    Returns new fp32 logits; `logits` is not modified. The update is computed in fp32 whatever the
+    models' dtype: in bf16 most of eta * grad is below the resolution of x and is lost (the released
+    code runs all in bf16). For steps > 1 this is plain gradient ascent; the released loop never
+    zeroes the gradient, so its step g adds eta * (g_1 + ... + g_g).
+    Rows are independent: their rewards are summed only to get every row's gradient in one backward.
+    """
+    E = rm.embed_tokens.weight  # (V, D_rm)
+    context = rm.embed_tokens(ids).detach()  # (B, L, D_rm)
+    x = logits.detach().float()  # (B, L, V), a new tensor when logits are bf16, else a view: never updated in place
+    for _ in range(steps):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            p = torch.softmax(x / tau, dim=-1)  # (B, L, V), Eq. 9
+            h = torch.where(span_mask.unsqueeze(-1), p.to(E.dtype) @ E, context)  # (B, L, D_rm)
+            reward = rm(embeds=h, causal=True, key_padding_mask=key_padding_mask, last_index=last_index)  # (B,)
+            (grad,) = torch.autograd.grad(reward.float().sum(), x)  # (B, L, V), zero at context positions
+        x = x.detach() + eta * grad  # Eq. 10-11
+        del p, h, grad
+    return x

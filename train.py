@@ -38,7 +38,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tess2
 from data.shards import check_tokenizer, global_indices, open_dataset
-from model import Tokenizer, Transformer, preset, resolve, tokenizer_paths
+from common import resolve
+from model import Transformer, preset
+from tokenizer import Tokenizer, tokenizer_paths
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of

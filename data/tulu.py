@@ -21,7 +21,7 @@ from collections import Counter
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_spans
 from data.sources import input_files, prepare_parser, read_records
-from model import Tokenizer
+from tokenizer import Tokenizer
 
 
 def conversations(files, counts):

@@ -23,7 +23,8 @@ import torch
 
 from data.chat import format_prompt
 from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
-from model import Tokenizer, Transformer
+from model import Transformer
+from tokenizer import Tokenizer
 from sample import generate, write_html
 
 

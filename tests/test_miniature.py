@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from model import Tokenizer, Transformer
+from model import Transformer
+from tokenizer import Tokenizer
 from sample import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

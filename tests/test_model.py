@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import model as M
-from model import ModelArgs, Tokenizer, Transformer, preset, resolve
+from common import resolve
+from model import ModelArgs, Transformer, preset
+from tokenizer import Tokenizer
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # fp32 parity
 

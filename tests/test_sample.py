@@ -1,14 +1,15 @@
 """
-sample.py: the reverse process (SPEC 9), reward guidance (SPEC 10), infilling, batching, early exit
-and the command line, on tiny random models written to temporary directories with a small
-word-level tokenizer. Two hand-made stand-ins go through the same code: a "model" that always
-predicts a fixed text and a reward model that likes one token.
+sample.py: the reverse process (METHOD.md §9), reward guidance (§10), generation settings,
+infilling, batching, early exit and the command line, on tiny random models written to temporary
+directories with a small word-level tokenizer. Two hand-made stand-ins go through the same code:
+a "model" that always predicts a fixed text and a reward model that likes one token.
 """
 import html
 import json
 import os
 import subprocess
 import sys
+import math
 import types
 from html.parser import HTMLParser
 
@@ -19,7 +20,9 @@ import torch.nn as nn
 import data.chat
 import sample
 import tess2
-from model import Tokenizer, Transformer, preset
+import views
+from model import Transformer, preset
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the a cat dog sat on mat sea sun and of to in is was it he she they we love write sonnet about".split()
@@ -61,11 +64,12 @@ def tok(ckpt):
 
 class FixedText(nn.Module):
     """Predicts `target` (a whole row) whatever it reads; with `before`, predicts that row instead
-    while the time is above 0.5. Its hidden state at position j is the one-hot e_j and its LM head
-    maps e_j to target[j + 1]: the AR convention (position j predicts the next token) that
-    tess2.predict shifts so that logits[:, j] predicts token j."""
+    while the time is above 0.5; with `second`, gives that row's tokens a logit 1 below target's
+    (p ~ 0.27 each: nucleus samples differ from the argmax). Its hidden state at position j is the
+    one-hot e_j and its LM head maps e_j to target[j + 1]: the AR convention (position j predicts
+    the next token) that tess2.predict shifts so that logits[:, j] predicts token j."""
 
-    def __init__(self, target, before=None):
+    def __init__(self, target, before=None, second=None):
         super().__init__()
         L = len(target)
         self.switch = before is not None
@@ -77,8 +81,10 @@ class FixedText(nn.Module):
             self.lm_head.weight[target[1:], torch.arange(L - 1)] = 10.0
             if before is not None:
                 self.lm_head.weight[before[1:], L + torch.arange(L - 1)] = 10.0
+            if second is not None:
+                self.lm_head.weight[second[1:], torch.arange(L - 1)] = 9.0
 
-    def forward(self, embeds, t=None, causal=None, hidden_only=False):
+    def hidden_states(self, embeds, t=None, key_padding_mask=None):
         B, L, _ = embeds.shape
         early = self.switch and float(t.max()) > 0.5
         h = torch.zeros(B, L, 2 * L)
@@ -98,12 +104,20 @@ class LikesToken(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight.copy_(torch.eye(vocab_size))
 
-    def forward(self, embeds, causal=True):
+    def forward(self, embeds, causal=True, key_padding_mask=None, last_index=None):
         return torch.log(embeds[..., self.x] + 1e-6).sum(-1)  # (B,)
 
 
 # -----------------------------------------------------------------------------
 # The reverse process
+
+
+def settings(**kw):
+    return sample.Settings(**{"total_length": None, **kw}).check()
+
+
+def batch(tok, prompts, **kw):
+    return sample.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
 
 
 def test_seeded_runs_are_reproducible_and_different_seeds_differ(model, tok):
@@ -113,28 +127,111 @@ def test_seeded_runs_are_reproducible_and_different_seeds_differ(model, tok):
     assert run(1) != run(2)
 
 
-def test_one_argmax_step_is_the_models_argmax_on_the_starting_noise(model, tok):
-    """N = 1: the only step is i = 0 (time 0, no noise added after it); the input is k * eps with
-    eps = tess2.row_noise(seed) and the output is the argmax of that one prediction."""
-    ids, span, ends = sample.make_batch(tok, ["the cat", "a dog sat"], length=8)
-    tokens, steps_used, _ = sample.diffuse(model, ids, span, [5, 6], steps=1, top_p=None)
-    S = tess2.SIMPLEX_VALUE * tess2.row_noise([5, 6], ids.shape[1], V)
+def alpha_bar_formula(s):
+    f = lambda x: math.cos((x + 1e-4) / (1 + 1e-4) * math.pi / 2) ** 2
+    return f(s) / f(0.0)
+
+
+def reverse_process_by_hand(model, ids, span, seed, N, top_p):
+    """§9 written out for one row, nothing from sample.py: S = k eps; for i = N-1..0: logits =
+    predict(S, i/N, previous logits); S_hat from the projection (argmax or nucleus, drawn from the
+    row's generator); S = sqrt(ab(i-1)) S_hat + sqrt(1 - ab(i-1)) k eps'. Output: argmax of the last
+    logits on the span. The generator draws the first eps, then per step the nucleus, then eps'."""
+    g = torch.Generator().manual_seed(seed)
+    K, V = tess2.SIMPLEX_VALUE, model.args.vocab_size
+    S = K * torch.empty(ids.shape[1], V).normal_(generator=g)[None]  # (1, L, V)
+    prev = None
+    for i in range(N - 1, -1, -1):
+        with torch.no_grad():
+            logits = tess2.predict(model, ids, span, S, torch.tensor([i / N]), prev)
+        prev = logits
+        if i == 0:
+            break
+        if top_p is None:
+            proj = logits.argmax(-1)
+        else:
+            proj = ids.clone()
+            proj[span] = tess2.project(logits[span][None], top_p, g)[0]
+        proj = torch.where(span, proj, ids)
+        a = alpha_bar_formula((i - 1) / N)
+        eps = torch.empty(ids.shape[1], V).normal_(generator=g)[None]
+        S = math.sqrt(a) * (2 * K * torch.nn.functional.one_hot(proj, V).float() - K) + math.sqrt(1 - a) * K * eps
+    return torch.where(span, logits.argmax(-1), ids)
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """A tiny random model with large weights, whose predictions depend strongly on its inputs."""
+    torch.manual_seed(3)
+    m = Transformer(preset("tiny", timestep_embed=True, causal=False, vocab_size=V)).init_weights(std=0.3)
     with torch.no_grad():
-        logits = tess2.predict(model, ids, span, S, torch.zeros(2))
-    assert torch.equal(tokens, torch.where(span, logits.argmax(-1), ids))
-    assert steps_used.tolist() == [1, 1]
-    again, _, _ = sample.diffuse(model, ids, span, [5, 6], steps=1, top_p=None)
-    assert torch.equal(tokens, again)
+        m.timestep_embed.weight.normal_()
+    return m.eval()
+
+
+@pytest.mark.parametrize("top_p", [None, 0.6])
+def test_the_reverse_process_is_the_one_written_out(sharp, tok, top_p):
+    """Catches re-noising with alpha_bar_i instead of alpha_bar_{i-1}, re-noising from the argmax instead
+    of the projection, and sampling without self-conditioning: each changes the tokens here."""
+    model = sharp
+    b = batch(tok, ["the cat", "write a sonnet about the sea"], length=10)
+    tokens, steps_used = sample.diffuse(model, b.ids, b.span_mask, [11, 12], steps=6, top_p=top_p, lengths=b.lengths)
+    assert steps_used.tolist() == [6, 6]
+    for r in range(2):
+        n = b.lengths[r]
+        expected = reverse_process_by_hand(model, b.ids[r:r + 1, :n], b.span_mask[r:r + 1, :n], 11 + r, 6, top_p)
+        assert torch.equal(tokens[r, :n], expected[0]), r
+
+
+def test_each_check_of_the_written_out_process_has_power(sharp, tok, monkeypatch):
+    """The same comparison fails when the sampler is broken in each of the three ways."""
+    model = sharp
+    b = batch(tok, ["write a sonnet about the sea"], length=12)
+    ids, span, n = b.ids, b.span_mask, b.lengths[0]
+    expected = reverse_process_by_hand(model, ids, span, 3, 6, 0.6)
+    run = lambda: sample.diffuse(model, ids, span, [3], steps=6, top_p=0.6)[0]  # noqa: E731
+    assert torch.equal(run(), expected)
+    real_predict, real_alpha_bars = tess2.predict, tess2.alpha_bars
+    no_self_condition = lambda m, i, s, S, t, prev=None, **kw: real_predict(m, i, s, S, t, None, **kw)  # noqa: E731
+    assert not torch.equal(sample.diffuse(model, ids, span, [3], steps=6, top_p=0.6, predict=no_self_condition)[0],
+                           expected)
+    with monkeypatch.context() as mp:  # alpha_bars[i - 1] now holds alpha_bar(i / N)
+        mp.setattr(tess2, "alpha_bars", lambda N: torch.cat([real_alpha_bars(N)[1:], torch.zeros(1)]))
+        assert not torch.equal(run(), expected)
+    with monkeypatch.context() as mp:  # re-noise from the argmax
+        mp.setattr(sample, "project", lambda logits, span_, top_p, g: logits.argmax(-1))
+        assert not torch.equal(run(), expected)
+
+
+def test_the_output_is_the_argmax_of_the_final_logits_not_the_last_nucleus_sample(tok):
+    """A model whose last logits put ~0.27 on a second text: nucleus samples often pick it, the
+    output never does (the released code returns the argmax of the final guided logits)."""
+    prompt, fixed, answer = fixed_text_setup(tok)
+    b = batch(tok, [prompt], length=8)
+    other = b.ids[0].tolist()[:b.ends[0]] + tok.encode("a dog sat on") + [tok.eos_id] + [tok.pad_id] * 3
+    two = FixedText(fixed.target, second=other)
+    for seed in range(5):
+        g = sample.generate(two, tok, [prompt], steps=4, length=8, top_p=0.99, seed=seed, details=True)[0]
+        assert g.tokens == answer
+    sampled = sample.project(tess2.predict(two, b.ids, b.span_mask, torch.zeros(1, b.ids.shape[1], V),
+                                           torch.zeros(1)), b.span_mask, 0.99, tess2.row_generators([0]))
+    assert (sampled[b.span_mask] != torch.tensor(other)[b.span_mask[0]]).any()  # the sampler does pick both
 
 
 def test_context_tokens_never_change(model, tok):
-    ids, span, ends = sample.make_batch(tok, ["write a sonnet", "the cat sat on the mat and the dog"], length=10)
-    tokens, _, (preds, conf) = sample.diffuse(model, ids, span, [0, 1], steps=6, record=True)
-    assert torch.equal(tokens[~span], ids[~span])
-    assert preds.shape == conf.shape == (6, *ids.shape)
-    assert torch.equal(preds[:, ~span], ids[~span].expand(6, -1))  # at every step
-    assert torch.all(conf[:, ~span] == 1.0) and torch.all(conf[:, span] < 1.0)
-    assert (tokens[span] != ids[span]).any()  # the region was generated
+    gens = sample.generate(model, tok, ["write a sonnet", "the cat sat on the mat and the dog"], steps=6, length=10,
+                           record=True)
+    for g, prompt in zip(gens, ["write a sonnet", "the cat sat on the mat and the dog"]):
+        ids, _ = sample.encode_prompt(tok, prompt)
+        n = len(ids)
+        assert g.predictions.shape == g.confidence.shape == (6, n + 10)
+        assert torch.equal(g.predictions[:, :n], torch.tensor(ids).expand(6, -1))  # at every step
+        assert torch.all(g.confidence[:, :n] == 1.0) and torch.all(g.confidence[:, n:] < 1.0)
+
+
+def test_the_confidence_shown_is_the_top_probability():
+    logits = torch.randn(2, 5, 30, generator=torch.Generator().manual_seed(0)) * 3
+    torch.testing.assert_close(views.confidence(logits), torch.softmax(logits, -1).amax(-1))
 
 
 def test_chat_prompts_are_stripped_and_templated_as_in_training(tok):
@@ -146,33 +243,40 @@ def test_chat_prompts_are_stripped_and_templated_as_in_training(tok):
 
 def test_infilling_generates_only_inside_the_gaps(model, tok):
     prompt = "the cat <mask:3> on the mat <mask:2> sea"
-    ids, span, ends = sample.make_batch(tok, [prompt], chat=False)
+    b = batch(tok, [prompt], chat=False)
     expected = [tok.bos_id] + tok.encode("the cat") + [tok.pad_id] * 3 + tok.encode("on the mat") + [tok.pad_id] * 2 \
         + tok.encode("sea")
-    assert ids[0].tolist() == expected and ends == [len(expected)]  # no generation region: length 0 with gaps
-    assert span[0].tolist() == [x == tok.pad_id for x in expected]
-    tokens, _, _ = sample.diffuse(model, ids, span, [3], steps=6)
-    assert torch.equal(tokens[~span], ids[~span])
-    g = sample.generate(model, tok, [prompt], steps=6, seed=3, details=True)[0]
+    assert b.ids[0].tolist() == expected and b.ends == b.lengths == [len(expected)]  # no region after the prompt
+    assert b.span_mask[0].tolist() == [x == tok.pad_id for x in expected]
+    tokens, _ = sample.diffuse(model, b.ids, b.span_mask, [3], steps=6)
+    assert torch.equal(tokens[~b.span_mask], b.ids[~b.span_mask])
+    g = sample.generate(model, tok, [prompt], steps=6, seed=3, chat=False, details=True)[0]
     assert len(g.tokens) == 5 and g.text.startswith("the cat ") and g.text.endswith(" sea")
     assert " on the mat " in g.text
 
 
-def test_a_row_is_the_same_alone_and_in_a_batch(model, tok):
-    prompts = ["write a sonnet about the sea and the sun", "the cat", "a dog sat on the mat"]
-    kw = dict(steps=8, total_length=32, top_p=0.9, details=True)
-    together = sample.generate(model, tok, prompts, seed=10, batch_size=3, **kw)
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_a_row_is_the_same_alone_and_in_a_batch_of_any_size(model, tok, batch_size):
+    """Rows of different lengths (prompt + --length) share a batch: each is masked to its own
+    length, so prompt j gives, with seed + j, the text it gives alone, across batch boundaries too."""
+    prompts = ["write a sonnet about the sea and the sun", "the cat", "a dog sat on the mat", "we love it",
+               "she was in the sea", "the sun", "it is", "they sat on a mat and wrote a sonnet", "he"]
+    kw = dict(steps=6, length=7, top_p=0.9, details=True, seed=10)
+    together = sample.generate(model, tok, prompts, batch_size=batch_size, **kw)
     for j, prompt in enumerate(prompts):
-        alone = sample.generate(model, tok, [prompt], seed=10 + j, **kw)[0]
-        assert alone.tokens == together[j].tokens and alone.text == together[j].text
+        alone = sample.generate(model, tok, [prompt], **{**kw, "seed": 10 + j})[0]
+        assert alone.tokens == together[j].tokens, j
+    assert len({tuple(g.tokens) for g in together}) > 1
 
 
 def fixed_text_setup(tok):
     prompt = "write a sonnet"
-    ids, span, ends = sample.make_batch(tok, [prompt], length=8)
+    b = batch(tok, [prompt], length=8)
     answer = tok.encode("the sea is love")
-    row = ids[0].tolist()[:ends[0]] + answer + [tok.eos_id] + [tok.pad_id] * 3
-    return prompt, FixedText(row), answer
+    row = b.ids[0].tolist()[:b.ends[0]] + answer + [tok.eos_id] + [tok.pad_id] * 3
+    fixed = FixedText(row)
+    fixed.target = row
+    return prompt, fixed, answer
 
 
 def test_a_model_that_predicts_a_fixed_text_returns_exactly_that_text(tok):
@@ -181,6 +285,16 @@ def test_a_model_that_predicts_a_fixed_text_returns_exactly_that_text(tok):
     g = sample.generate(fixed, tok, [prompt], steps=10, length=8, top_p=None, details=True)[0]
     assert g.tokens == answer and g.text == "the sea is love"
     assert sample.generate(fixed, tok, prompt, steps=10, length=8) == ["the sea is love"]  # nucleus too: p ~ 1
+
+
+def test_text_after_the_first_eos_never_reaches_the_output(tok):
+    prompt = "write a sonnet"
+    b = batch(tok, [prompt], length=10)
+    row = b.ids[0].tolist()[:b.ends[0]] + tok.encode("the sun") + [tok.eos_id] + tok.encode("a dog sat") \
+        + [tok.eos_id] + tok.encode("it is") + [tok.pad_id]
+    assert len(row) == b.lengths[0]
+    g = sample.generate(FixedText(row), tok, [prompt], steps=3, length=10, top_p=None, details=True)[0]
+    assert g.text == "the sun" and g.tokens == tok.encode("the sun")
 
 
 def test_early_exit_stops_a_converged_run_without_changing_its_text(tok):
@@ -194,7 +308,7 @@ def test_early_exit_waits_for_a_late_change(tok):
     4 steps (t = 0.9 .. 0.6), so early_exit=4 must not fire before the change at step 5; it fires
     4 steps later, with the text the full run ends with."""
     prompt, fixed, answer = fixed_text_setup(tok)
-    row = sample.make_batch(tok, [prompt], length=8)[0][0].tolist()
+    row = batch(tok, [prompt], length=8).ids[0].tolist()
     end = len(row) - 8
     before = row[:end] + tok.encode("a cat") + [tok.eos_id] + [tok.pad_id] * 5
     target = row[:end] + answer + [tok.eos_id] + [tok.pad_id] * 3
@@ -207,39 +321,89 @@ def test_early_exit_waits_for_a_late_change(tok):
 
 
 # -----------------------------------------------------------------------------
+# Generation settings: the checkpoint's generation_config.json, the released defaults, overrides
+
+
+def test_a_checkpoint_without_generation_config_gets_the_released_evaluation_defaults(model, tok):
+    s = sample.settings_for(None, 4096)
+    assert (s.steps, s.top_p, s.total_length, s.length, s.guidance_steps, s.tau) == (100, 0.99, 2048, None, 1, 1.0)
+    assert sample.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
+    g = sample.generate(model, tok, ["the cat"], steps=2, details=True)[0]  # tiny model: 1024 positions
+    assert g.steps_used == 2
+    assert sample.plan(tok, ["the cat"], sample.settings_for(None, 1024), model.args)[0].lengths == [1024]
+
+
+def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, tok, capsys):
+    ckpt = write_checkpoint(tmp_path / "m")
+    with open(os.path.join(ckpt, "generation_config.json"), "w") as f:
+        json.dump({"steps": 3, "top_p": 0.9, "total_length": 20, "guidance_steps": 2, "chat": False}, f)
+    m = Transformer.from_pretrained(ckpt, verbose=False)
+    assert m.generation_config["total_length"] == 20
+    s = sample.settings_for(m.generation_config, 1024)
+    assert (s.steps, s.top_p, s.total_length, s.guidance_steps, s.chat) == (3, 0.9, 20, 2, False)
+    g = sample.generate(m, tok, ["the cat"], details=True)[0]
+    assert g.steps_used == 3
+    assert sample.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
+    assert sample.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
+    gens = sample.main(["--model", ckpt, "--prompt", "the cat", "--json", "--steps", "2"])
+    assert gens[0].steps_used == 2 and json.loads(capsys.readouterr().out)["steps_used"] == 2
+
+
+def test_the_shipped_model_carries_short_rows(tok):
+    s = sample.settings_for(sample.read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
+    assert s.total_length <= 256 and s.guidance_steps == 1
+
+
+def test_a_tokenizer_without_pad_that_matches_the_model_samples(tmp_path):
+    """Sampling never needs [PAD]: the tokenizer gets it as an extra id, which the model lacks."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    words = ["<s>", "</s>", "<unk>", "<|", "|>", "user", "assistant"] + WORDS
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", timestep_embed=True, causal=False, vocab_size=len(words))).init_weights()
+    path = tmp_path / "nopad"
+    m.save_pretrained(str(path))
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(path / "tokenizer.json"))
+    t = Tokenizer(str(path))
+    assert t.pad_added and t.vocab_size == len(words) + 1
+    out = sample.generate(Transformer.from_pretrained(str(path), verbose=False), t, ["the cat"], steps=2, length=4,
+                          details=True)[0]
+    assert len(out.tokens) <= 4 and all(x < len(words) for x in out.tokens)
+
+
+# -----------------------------------------------------------------------------
 # Reward guidance
-
-
-def test_reward_guidance_raises_the_reward_of_the_soft_text(model, tok):
-    """One diffusion step's guidance with a real (random) score-head model: the reward of the
-    soft input rises for a small eta, and context positions are left alone."""
-    torch.manual_seed(1)
-    rm = Transformer(preset("tiny", head="score", vocab_size=V)).init_weights().eval()
-    ids, span, _ = sample.make_batch(tok, ["the cat", "write a sonnet about"], length=6)
-    logits = torch.randn(*ids.shape, V)
-
-    def reward(x):
-        p = torch.softmax(x, -1)
-        return rm(embeds=torch.where(span[..., None], p @ rm.embed_tokens.weight, rm.embed_tokens(ids)), causal=True)
-
-    guided = sample.reward_guidance(rm, logits.clone(), ids, span, eta=0.5, steps=5)
-    assert torch.all(reward(guided) > reward(logits))
-    assert torch.equal(guided[~span], logits[~span])
 
 
 def test_reward_guidance_makes_the_liked_token_more_frequent(model, tok):
     liked = tok.encode("sea")[0]
     rm = LikesToken(liked)
     freq, rewards = [], []
-    for eta in (0.0, 0.2, 1.0, 2.0):  # default 5 guidance steps per diffusion step
+    for eta in (0.0, 0.5, 2.0, 5.0):
         gens = sample.generate(model, tok, ["the cat", "a dog"], steps=6, length=16, seed=0, reward_model=rm, eta=eta,
-                               details=True)
+                               guidance_steps=3, details=True)
         tokens = [x for g in gens for x in g.tokens]
-        freq.append(tokens.count(liked) / len(tokens))
-        ids, span, _ = sample.make_batch(tok, [g.text for g in gens], length=0, total_length=20, chat=False)
-        rewards.append(rm(embeds=rm.embed_tokens(ids)).mean().item())
+        freq.append(tokens.count(liked) / max(1, len(tokens)))
+        b = batch(tok, [g.text for g in gens], total_length=20, chat=False)
+        rewards.append(rm(embeds=rm.embed_tokens(b.ids)).mean().item())
     assert freq == sorted(freq) and freq[-1] > 0.5 > freq[0]
     assert rewards == sorted(rewards) and rewards[-1] > rewards[0]
+
+
+def test_guidance_defaults_to_one_step_and_freezes_the_reward_model(model, tok, monkeypatch):
+    torch.manual_seed(1)
+    rm = Transformer(preset("tiny", head="score", vocab_size=V)).init_weights().eval()
+    seen = []
+
+    def spy(rm_, x, ids, span, eta, steps, tau, **kw):
+        seen.append((steps, eta, all(not p.requires_grad for p in rm_.parameters())))
+        return real(rm_, x, ids, span, eta, steps, tau, **kw)
+    real = tess2.reward_guidance
+    monkeypatch.setattr(tess2, "reward_guidance", spy)
+    sample.generate(model, tok, ["the cat"], steps=2, length=4, reward_model=rm)
+    assert seen == [(1, 0.25, True)] * 2  # G = 1 and eta = 0.25 by default, weights frozen meanwhile
+    assert all(p.requires_grad for p in rm.parameters())  # and given back as they were
 
 
 def test_reward_guidance_needs_a_reward_model_with_the_same_tokenizer(model, tok):
@@ -261,29 +425,98 @@ def test_bad_input_is_refused_with_what_to_do(model, tok):
         sample.generate(model, tok, ["the cat"], steps=0)
     with pytest.raises(ValueError, match="at most 1024"):
         sample.generate(model, tok, [" ".join(["cat"] * 1100)], steps=2, length=4)
-    with pytest.raises(ValueError, match="--length"):
+    with pytest.raises(ValueError, match="nothing to generate"):
         sample.generate(model, tok, ["the cat"], steps=2, length=0)
     with pytest.raises(ValueError, match="total-length"):
         sample.generate(model, tok, ["the cat sat on the mat"], steps=2, length=8, total_length=10)
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        sample.generate(model, tok, ["the <mask:-1> cat"], steps=2)
 
 
-def cli_error(argv, capsys):
+def cli_error(argv, capsys, code=2):
     with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
+        sample.run_cli(sample.main, "sample.py", argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
 
 
-def test_cli_refuses_bad_flags_before_any_work(ckpt, capsys, monkeypatch, tmp_path):
+def bad_checkpoints(root, ckpt):
+    """Folders that hold a user's usual mistakes."""
+    import shutil
+    made = {}
+    for name in ("truncated", "wrong-type", "no-tokenizer", "ar"):
+        made[name] = shutil.copytree(ckpt, root / name)
+    cfg = (made["truncated"] / "config.json").read_text()
+    (made["truncated"] / "config.json").write_text(cfg[:len(cfg) // 2])
+    c = json.loads(cfg)
+    (made["wrong-type"] / "config.json").write_text(json.dumps({**c, "hidden_size": "64"}))
+    os.unlink(made["no-tokenizer"] / "tokenizer.json")
+    c_ar = {**c, "architectures": ["MistralForCausalLM"], "timestep_embed": False, "causal": True}
+    (made["ar"] / "config.json").write_text(json.dumps(c_ar))
+    os.unlink(made["ar"] / "model.safetensors")
+    Transformer(preset("tiny", vocab_size=V)).save_pretrained(str(root / "ar-weights"))
+    shutil.copy(root / "ar-weights" / "model.safetensors", made["ar"])
+    run = root / "run"
+    shutil.copytree(ckpt, run / "step-0000010")
+    return made, run
+
+
+def test_user_mistakes_are_one_message_with_what_to_do(ckpt, capsys, tmp_path, monkeypatch):
+    made, run = bad_checkpoints(tmp_path, ckpt)
+    files = {"missing": tmp_path / "nope.txt", "dir": tmp_path, "latin1": tmp_path / "p.txt",
+             "badjson": tmp_path / "bad.jsonl", "noprompt": tmp_path / "np.jsonl"}
+    files["latin1"].write_bytes("caf\xe9\n".encode("latin-1"))
+    files["badjson"].write_text('"ok"\n\n{"prompt": "x"\n')
+    files["noprompt"].write_text('{"text": "x"}\n')
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    m = ["--model", ckpt, "--prompt", "the cat"]
+    cases = [  # (argv, phrase of the message)
+        (["--model", str(tmp_path / "none"), "--prompt", "x"], "no checkpoint directory"),
+        (["--model", str(run), "--prompt", "x"], "training run folder: pass one of its checkpoints"),
+        (["--model", str(made["ar"]), "--prompt", "x"], "not a diffusion model"),
+        (["--model", str(made["truncated"]), "--prompt", "x"], "config.json is not valid JSON"),
+        (["--model", str(made["wrong-type"]), "--prompt", "x"], "hidden_size = '64' should be int"),
+        (["--model", str(made["no-tokenizer"]), "--prompt", "x"], "has no tokenizer.json"),
+        (["--model", "someone/not-cached", "--prompt", "x"], "could not be fetched from the Hugging Face Hub"),
+        (m + ["--device", "meta"], "sampling runs on cpu or cuda"),
+        (m + ["--device", "nonsense"], "is not a device"),
+        (["--model", ckpt, "--prompts-file", str(files["missing"])], "does not exist"),
+        (["--model", ckpt, "--prompts-file", str(files["dir"])], "is a directory"),
+        (["--model", ckpt, "--prompts-file", str(files["latin1"])], "is not UTF-8"),
+        (["--model", ckpt, "--prompts-file", str(files["badjson"])], "line 3: not JSON"),
+        (["--model", ckpt, "--prompts-file", str(files["noprompt"])], "line 1: expected a JSON string"),
+        (m + ["--eta", "nan"], "--eta must be a finite number >= 0"),
+        (m + ["--eta", "-1"], "--eta must be a finite number >= 0"),
+        (m + ["--tau", "0"], "--tau must be a finite number > 0"),
+        (m + ["--tau", "-1"], "--tau must be a finite number > 0"),
+        (m + ["--steps", "0"], "--steps must be a whole number of at least 1"),
+        (m + ["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (m + ["--length", "0"], "leaves nothing to generate"),
+        (m + ["--threads", "0"], "--threads must be at least 1"),
+        (m + ["--html", str(tmp_path / "no-dir" / "x.html")], "cannot write a file there"),
+        (["--model", ckpt, "--prompt", "the <mask:-1> cat", "--no-chat"], "a gap is <mask:N>"),
+        (["--model", ckpt], "no prompt"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((m + ["--device", "cuda"], "no CUDA GPU"))
+    for argv, phrase in cases:
+        err = cli_error(argv, capsys)
+        assert err.startswith("sample.py: error: ") and phrase in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_refuses_a_missing_default_model_and_reward_model(ckpt, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(sample, "DEFAULT_MODEL", str(tmp_path / "no-model"))  # whether or not the repo ships one
     monkeypatch.setattr(sample, "DEFAULT_REWARD_MODEL", str(tmp_path / "no-rm"))
     assert "pass --model" in cli_error(["--prompt", "hi"], capsys)
-    assert "--steps must be at least 1" in cli_error(["--model", ckpt, "--prompt", "hi", "--steps", "0"], capsys)
-    assert "--top-p must be in (0, 1]" in cli_error(["--model", ckpt, "--prompt", "hi", "--top-p", "0"], capsys)
     # --eta alone guides with the default reward model: refused when that is missing
     assert "pass --reward-model" in cli_error(["--model", ckpt, "--prompt", "hi", "--eta", "0.25"], capsys)
-    assert "no prompt" in cli_error(["--model", ckpt], capsys)
-    assert "leaves nothing to generate" in cli_error(["--model", ckpt, "--prompt", "hi", "--length", "0"], capsys)
 
 
 def test_cli_finds_the_default_model_next_to_sample_py_from_any_directory(ckpt, capsys, monkeypatch, tmp_path):

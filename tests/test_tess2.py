@@ -1,7 +1,7 @@
 """
 tess2.py, equation by equation: the schedule, the simplex, the forward process, what the network
 sees, the loss with self-conditioning, the UL2 masks and the projection. Each test is written from
-SPEC.md (sections 1-7, 9), with the formula computed again here rather than called from tess2.py.
+METHOD.md (sections 1-7, 9-10), with the formula computed again here rather than called from tess2.py.
 A tiny random bidirectional model with a timestep embedding, fp32, CPU.
 """
 import math
@@ -17,8 +17,8 @@ from tess2 import (add_noise, alpha_bar, alpha_bars, diffusion_loss, predict, pr
                    random_segmentation, renoise, row_generators, row_noise, row_noise_, simplex, t5_span_mask,
                    ul2_mask)
 
-K = 5.0  # simplex value k (SPEC 1)
-T = 5000  # training timesteps (SPEC 2)
+K = 5.0  # simplex value k (§1)
+T = 5000  # training timesteps (§2)
 
 
 def tiny(seed=0, timestep_scale=1.0):
@@ -51,7 +51,7 @@ def batch(B=2, L=12, V=512, seed=1):
 
 
 def reference_predict(model, ids, span, S, t, prev_logits=None):
-    """SPEC 4 written out with nothing fused: p = (softmax(S) + softmax(prev)) / 2 (prev = 0 means
+    """§4 written out with nothing fused: p = (softmax(S) + softmax(prev)) / 2 (prev = 0 means
     uniform), h = p @ E.data + W_t t on span positions (E gets no gradient there, as in the released
     model), E[w] on context positions, a bidirectional pass, then the logits shifted right by one so
     that logits[:, j] predicts token j, zeros at j = 0."""
@@ -67,13 +67,13 @@ def reference_predict(model, ids, span, S, t, prev_logits=None):
 
 
 def alpha_bar_formula(s):
-    """SPEC 2 in numpy: f(s) = cos^2(((s + 1e-4) / (1 + 1e-4)) pi/2), alpha_bar = f(s) / f(0)."""
+    """§2 in numpy: f(s) = cos^2(((s + 1e-4) / (1 + 1e-4)) pi/2), alpha_bar = f(s) / f(0)."""
     f = lambda x: np.cos((x + 1e-4) / (1 + 1e-4) * np.pi / 2) ** 2
     return f(np.asarray(s, dtype=np.float64)) / f(0.0)
 
 
 # -----------------------------------------------------------------------------
-# Noise schedule (SPEC 2)
+# Noise schedule (§2)
 
 
 def test_alpha_bar_is_one_at_zero_and_vanishes_at_one():
@@ -150,16 +150,13 @@ def test_add_noise_has_the_forward_process_mean_and_variance():
     torch.testing.assert_close(S_t.var(0), torch.full((L, V), (1 - a) * K**2), rtol=0.05, atol=0)
 
 
-def test_add_noise_in_place_is_bitwise_the_same_without_a_second_tensor():
-    """Sampling turns each step's noise buffer into S_{t-1} in place (Eq. 4 is Eq. 2 from the
-    projected tokens); the numbers must be exactly those of the out-of-place version."""
+def test_renoise_is_the_forward_process_from_the_projected_tokens():
+    """Eq. 4 is Eq. 2 applied to the projection: S_{t-1} = sqrt(a) S_hat + sqrt(1 - a) k eps."""
     g = torch.Generator().manual_seed(0)
     eps, tokens, a = torch.randn(2, 5, 32, generator=g), torch.randint(32, (2, 5), generator=g), torch.rand(2)
-    expected = add_noise(tokens, eps, a)
-    assert torch.equal(renoise(tokens, eps, a), expected)
-    buf = eps.clone()
-    S = renoise(tokens, buf, a, inplace=True)
-    assert S.data_ptr() == buf.data_ptr() and torch.equal(S, expected)
+    S_hat = 2 * K * F.one_hot(tokens, 32).float() - K
+    expected = a.sqrt()[:, None, None] * S_hat + (1 - a).sqrt()[:, None, None] * K * eps
+    torch.testing.assert_close(renoise(tokens, eps, a), expected, rtol=1e-6, atol=1e-5)
 
 
 def test_row_noise_depends_only_on_the_rows_seed():
@@ -181,7 +178,7 @@ def test_row_noise_depends_only_on_the_rows_seed():
 
 
 # -----------------------------------------------------------------------------
-# What the network sees (SPEC 4)
+# What the network sees (§4)
 
 
 def test_predict_matches_the_spec_written_out(model):
@@ -192,17 +189,6 @@ def test_predict_matches_the_spec_written_out(model):
         prev = 3 * torch.randn_like(S)
         torch.testing.assert_close(predict(model, ids, span, S, t, prev),
                                    reference_predict(model, ids, span, S, t, prev), rtol=1e-5, atol=1e-5)
-
-
-def test_predict_in_place_uses_S_t_as_scratch_and_gives_the_same_logits(model):
-    """Sampling lets predict write softmax(prev_logits) over S_t, which it redraws anyway."""
-    ids, span, S, t = batch()
-    prev = 3 * torch.randn_like(S)
-    with torch.no_grad():
-        expected = predict(model, ids, span, S, t, prev)
-        scratch = S.clone()
-        assert torch.equal(predict(model, ids, span, scratch, t, prev, inplace=True), expected)
-    assert torch.equal(scratch, torch.softmax(prev, -1))  # S_t was read first, then overwritten
 
 
 def test_context_tokens_are_read_clean_not_from_the_simplex(model):
@@ -286,7 +272,7 @@ def test_timestep_is_added_on_span_positions_only():
 
 
 def reference_loss(model, ids, span, t, eps, self_condition):
-    """SPEC 3, 5, 6 by hand: S_t from Eq. 2, prev_logits at t' = min(t + 1, T - 1) with the same eps
+    """§3, 5, 6 by hand: S_t from Eq. 2, prev_logits at t' = min(t + 1, T - 1) with the same eps
     (detached), cross-entropy on span positions j >= 1, averaged."""
     V = eps.shape[-1]
     S_0 = 2 * K * F.one_hot(ids, V).float() - K
@@ -351,7 +337,7 @@ def test_gradient_flows_only_through_the_final_pass():
 
     # the self-conditioning pass runs without gradient: record grad mode at each model call
     modes = []
-    hook = m.register_forward_pre_hook(lambda mod, args: modes.append(torch.is_grad_enabled()))
+    hook = m.model.norm.register_forward_pre_hook(lambda mod, args: modes.append(torch.is_grad_enabled()))
     g = grads(diffusion_loss(m, ids, span, t=t, eps=eps, self_condition=True))
     hook.remove()
     assert modes == [False, True]
@@ -447,7 +433,7 @@ def test_diffusion_loss_draws_uniform_timesteps_and_self_conditions_half_the_tim
 
 
 # -----------------------------------------------------------------------------
-# Masks (SPEC 7)
+# Masks (§7)
 
 
 def runs(mask):
@@ -653,3 +639,122 @@ def test_a_tiny_model_learns_a_fixed_batch():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(V), abs=0.3)
     assert np.mean(losses[-10:]) < 0.3 * losses[0]
+
+
+# -----------------------------------------------------------------------------
+# The checkpoint's config flags in predict (§4): is_causal, self_condition, mix before weights,
+# disable_timestep_embed, each against the formula written out
+
+
+def flagged(**flags):
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", **{"timestep_embed": True, "causal": False, **flags})).init_weights().eval()
+    if m.args.timestep_embed:
+        with torch.no_grad():
+            m.timestep_embed.weight.normal_()
+    return m
+
+
+def test_is_causal_true_runs_the_diffusion_model_causally():
+    m = flagged(causal=True)
+    ids, span, S, t = batch()
+    prev = 3 * torch.randn_like(S)
+    with torch.no_grad():
+        E, W_t = m.embed_tokens.weight, m.timestep_embed.weight[:, 0]
+        p = (torch.softmax(S, -1) + torch.softmax(prev, -1)) / 2
+        h = torch.where(span[..., None], p @ E + t[:, None, None] * W_t, E[ids])
+        logits = m(embeds=h, causal=True)
+        expected = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+        torch.testing.assert_close(predict(m, ids, span, S, t, prev), expected, rtol=1e-5, atol=1e-5)
+        S2 = S.clone()
+        S2[:, -1] += 10 * torch.randn_like(S2[:, -1])  # a causal model: the last position changes nothing earlier
+        assert torch.equal(predict(m, ids, span, S2, t, prev)[:, :-1], predict(m, ids, span, S, t, prev)[:, :-1])
+
+
+@pytest.mark.parametrize("flags", [dict(self_condition=None), dict(self_condition_mix_before_weights=False)])
+def test_without_self_conditioning_the_previous_prediction_is_not_read(flags):
+    """self_condition null, or (as in the released forward) mixing after the weights: p = softmax(S_t)."""
+    m = flagged(**flags)
+    ids, span, S, t = batch()
+    with torch.no_grad():
+        E, W_t = m.embed_tokens.weight, m.timestep_embed.weight[:, 0]
+        h = torch.where(span[..., None], torch.softmax(S, -1) @ E + t[:, None, None] * W_t, E[ids])
+        logits = m(embeds=h, causal=False)
+        expected = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+        for prev in (None, 5 * torch.randn_like(S)):
+            torch.testing.assert_close(predict(m, ids, span, S, t, prev), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_timestep_embed_gives_a_model_without_a_timestep_term():
+    cfg = {**Transformer(preset("tiny", timestep_embed=True, causal=False)).args.to_hf(),
+           "architectures": ["MistralForDiffusionLM"], "disable_timestep_embed": True}
+    cfg.pop("timestep_embed")
+    from model import ModelArgs
+    args = ModelArgs.from_hf(cfg)
+    assert not args.timestep_embed
+    torch.manual_seed(0)
+    m = Transformer(args).init_weights().eval()
+    ids, span, S, t = batch()
+    with torch.no_grad():
+        E = m.embed_tokens.weight
+        p = (torch.softmax(S, -1) + 1 / 512) / 2
+        logits = m(embeds=torch.where(span[..., None], p @ E, E[ids]), causal=False)
+        expected = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+        torch.testing.assert_close(predict(m, ids, span, S, t), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(predict(m, ids, span, S, t), predict(m, ids, span, S, 1 - t))
+
+
+# -----------------------------------------------------------------------------
+# Reward guidance (§10, Eq. 9-11) against the update written out
+
+
+def tiny_rm(seed=1):
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny", head="score")).init_weights().eval()
+
+
+def literal_guidance_step(rm, x, ids, span, eta, tau):
+    """x + eta * d/dx R(softmax(x / tau) @ E_rm at span, E_rm[w] at context), by autograd on the formula."""
+    x = x.detach().float().requires_grad_(True)
+    E = rm.embed_tokens.weight.detach()
+    h = torch.where(span[..., None], torch.softmax(x / tau, -1) @ E, E[ids])
+    (g,) = torch.autograd.grad(rm(embeds=h, causal=True).sum(), x)
+    return (x + eta * g).detach()
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.5])
+def test_one_guidance_step_is_gradient_ascent_on_the_reward_with_tau_dividing(tau):
+    rm = tiny_rm()
+    ids, span, _, _ = batch()
+    x = 3 * torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    out = tess2.reward_guidance(rm, x, ids, span, eta=0.5, tau=tau)
+    torch.testing.assert_close(out, literal_guidance_step(rm, x, ids, span, 0.5, tau), rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, before)  # the caller's logits are not modified
+    assert torch.equal(out[~span], x[~span])  # no gradient reaches context positions
+    if tau != 1.0:  # tau matters (and divides: a product would give another update)
+        assert not torch.allclose(out, literal_guidance_step(rm, x, ids, span, 0.5, 1.0))
+
+
+def test_several_guidance_steps_are_plain_gradient_ascent():
+    rm = tiny_rm()
+    ids, span, _, _ = batch()
+    x = 3 * torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(5))
+    y = x
+    for _ in range(3):
+        y = literal_guidance_step(rm, y, ids, span, 0.3, 1.0)
+    torch.testing.assert_close(tess2.reward_guidance(rm, x, ids, span, eta=0.3, steps=3), y, rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_updates_bf16_logits_in_fp32():
+    """In bf16 most of eta * grad is below the resolution of x: the update must be made in fp32."""
+    rm = tiny_rm()
+    ids, span, _, _ = batch()
+    x = (3 * torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(6))).bfloat16()
+    out = tess2.reward_guidance(rm, x, ids, span, eta=0.01)
+    assert out.dtype == torch.float32
+    changed = (out != x.float())[span].float().mean()
+    expected = literal_guidance_step(rm, x.float(), ids, span, 0.01, 1.0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    in_bf16 = ((x + (expected - x.float()).bfloat16()) != x)[span].float().mean()  # the update made in bf16
+    assert changed > 0.3 and in_bf16 < changed / 4  # in bf16 arithmetic most of the update is lost

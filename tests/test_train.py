@@ -21,7 +21,7 @@ from torch.testing import assert_close
 import train
 from data.shards import write_pairs, write_spans, write_tokens
 from model import Transformer, preset
-from model import Tokenizer as ModelTokenizer
+from tokenizer import Tokenizer as ModelTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIGHT = dict(atol=1e-5, rtol=1e-5)
@@ -32,7 +32,7 @@ TIGHT = dict(atol=1e-5, rtol=1e-5)
 
 
 def make_tokenizer(folder, words=57):
-    """A word-level tokenizer: <unk> <s> </s> w0..w56; model.Tokenizer adds [PAD] (id 60, V = 61)."""
+    """A word-level tokenizer: <unk> <s> </s> w0..w56; tokenizer.Tokenizer adds [PAD] (id 60, V = 61)."""
     os.makedirs(folder, exist_ok=True)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
