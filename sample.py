@@ -202,42 +202,50 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
     span_mask (B, L), seeds: one int per row, whose generator draws all its noise and nucleus
     samples; lengths: each row's own length (default: all L; the rest is masked out of attention).
     top_p None projects by argmax (paper Eq. 5), else by nucleus sampling (released default 0.99).
-    guide: logits -> logits (reward guidance). early_exit N: a row stops once the argmax of its span
-    has not changed for N steps in a row. on_step(n, logits, best) is called after each step.
+    guide(logits, rows) -> logits: reward guidance of the running rows. early_exit M: a row stops
+    once the argmax of its span has not changed for M steps in a row, from half of the steps on
+    (predictions settle late: bench/bench_early_exit.py); it then leaves the batch, and the other
+    rows go on exactly as before. on_step(n, logits, best, rows) after each step, for the running rows.
     Returns tokens (B, L), the argmax of each row's final (guided) logits at span positions and
     ids elsewhere (released: the output is the argmax, not the last nucleus sample), and steps_used (B,)."""
     B, L = ids.shape
     V, N, dev = model.args.vocab_size, steps, ids.device
     lengths = list(lengths or [L] * B)
-    key_mask = None if min(lengths) == L else torch.arange(L, device=dev) < torch.tensor(lengths, device=dev)[:, None]
     generators = tess2.row_generators(seeds, dev)
     alpha_bars = tess2.alpha_bars(N).tolist()  # alpha_bar(i / N), i = 0..N-1
     S = renoise_(torch.empty(B, L, V, device=dev), ids, 0.0, generators, lengths)  # k N(0, I): alpha_bar = 0
-    logits, out, last_best = None, ids.clone(), None  # logits None: uniform self-conditioning
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    stable = torch.zeros(B, dtype=torch.long, device=dev)
-    steps_used = torch.full((B,), N, dtype=torch.long)
+    out, steps_used = ids.clone(), torch.full((B,), N, dtype=torch.long)
+    rows = list(range(B))  # the running rows; below, every tensor holds just those
+    logits, last_best, stable = None, None, torch.zeros(B, dtype=torch.long, device=dev)
     for n, i in enumerate(range(N - 1, -1, -1)):
-        t = torch.full((B,), i / N, device=dev)  # scaled time i / N, per row
-        logits = predict(model, ids, span_mask, S, t, logits, key_padding_mask=key_mask)  # (B, L, V)
+        ids_r, span_r = ids[rows], span_mask[rows]
+        key_mask = None if min(lengths) == L else torch.arange(L, device=dev) < torch.tensor(lengths, device=dev)[:, None]
+        t = torch.full((len(rows),), i / N, device=dev)  # scaled time i / N, per row
+        logits = predict(model, ids_r, span_r, S, t, logits, key_padding_mask=key_mask)  # (B', L, V)
         if guide is not None:
-            logits = guide(logits)  # guided logits feed the projection and the next self-conditioning
-        best = torch.where(span_mask, logits.argmax(-1), ids)  # (B, L)
-        out = torch.where(done.unsqueeze(-1), out, best)  # rows that exited keep their output
+            logits = guide(logits, rows)  # guided logits feed the projection and the next self-conditioning
+        best = torch.where(span_r, logits.argmax(-1), ids_r)  # (B', L)
+        out[rows] = best
         if on_step is not None:
-            on_step(n + 1, logits, best)
+            on_step(n + 1, logits, best, rows)
+        if i == 0:
+            break
         if early_exit:
-            same = (best == last_best).all(-1) if last_best is not None else torch.zeros_like(done)
-            stable = torch.where(same, stable + 1, 0)
-            newly = ~done & (stable >= early_exit)
-            steps_used[newly.cpu()] = n + 1
-            done |= newly
-            if bool(done.all()):
-                break
-        last_best = best
-        if i > 0:  # S_{i-1} from the projection (Eq. 4-5); alpha_bar_{-1} = 1: no re-noising after i = 0
-            tokens = best if top_p is None else project(logits, span_mask, top_p, generators)
-            renoise_(S, torch.where(span_mask, tokens, ids), alpha_bars[i - 1], generators, lengths)
+            stable = torch.where((best == last_best).all(-1), stable + 1, 0) if last_best is not None else stable
+            leave = ((stable >= early_exit) & (n + 1 >= N / 2)).tolist()
+            if any(leave):
+                keep = [j for j, x in enumerate(leave) if not x]
+                for j, x in enumerate(leave):
+                    if x:
+                        steps_used[rows[j]] = n + 1
+                rows, generators, lengths = [rows[j] for j in keep], [generators[j] for j in keep], [lengths[j] for j in keep]
+                if not rows:
+                    break
+                S, logits, best, stable, span_r, ids_r = (x[keep] for x in (S, logits, best, stable, span_r, ids_r))
+            last_best = best
+        # S_{i-1} from the projection (Eq. 4-5); alpha_bar_{-1} = 1: no re-noising after i = 0
+        tokens = best if top_p is None else project(logits, span_r, top_p, generators)
+        renoise_(S, torch.where(span_r, tokens, ids_r), alpha_bars[i - 1], generators, lengths)
     return out, steps_used
 
 
@@ -301,7 +309,7 @@ def guidance_mode(rm, checkpointing: bool):
 
 
 def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None, predict=tess2.predict):
-    """Sample each batch -> list[Generation]. on_step(batch, n, logits, best) after every step."""
+    """Sample each batch -> list[Generation]. on_step(batch, n, logits, best, rows) after every step."""
     dev = model.embed_tokens.weight.device
     eta = s.eta if s.eta is not None else 0.25  # the paper's best for TESS 2 v0.1 (Table 3a)
     ckpt = dev.type == "cuda" if s.guidance_ckpt is None else s.guidance_ckpt
@@ -312,11 +320,11 @@ def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None,
         if reward_model is not None and eta > 0:
             last = torch.tensor(batch.lengths, device=dev) - 1  # the reward reads each row's last position
 
-            def guide(x):
+            def guide(x, rows):
                 with guidance_mode(reward_model, ckpt):
-                    return tess2.reward_guidance(reward_model, x, ids, span_mask, eta, s.guidance_steps, s.tau,
-                                                 last_index=last)
-        step = None if on_step is None else lambda n, logits, best: on_step(batch, n, logits, best)  # noqa: E731
+                    return tess2.reward_guidance(reward_model, x, ids[rows], span_mask[rows], eta, s.guidance_steps,
+                                                 s.tau, last_index=last[rows])
+        step = None if on_step is None else lambda *a: on_step(batch, *a)  # noqa: E731
         t0 = time.perf_counter()
         tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p, guide, s.early_exit,
                                      batch.lengths, step, predict)

@@ -1,7 +1,8 @@
 """
 Watching the text form: sample.py's --show (the terminal) and --html (the paper's Figure 4: the
 top-1 confidence of every position at every diffusion step, as a self-contained page).
-Both are on_step callbacks of sample.run: (batch, n, logits, best) after each step.
+Both are on_step callbacks of sample.run: (batch, n, logits, best, rows) after each step, for the
+rows of the batch still running (early exit takes rows out).
 """
 import html
 import json
@@ -33,21 +34,20 @@ class Recorder:
     Generations (predictions, confidence: (n, L), cut at the steps the row used). Calls `then` too."""
 
     def __init__(self, then=None):
-        self.then, self.traces = then, []  # per batch: (row lengths, [(best (B, L), confidence (B, L))] per step)
+        self.then, self.traces = then, []  # per batch, per row: [(best (L,), confidence (L,))] per step
 
-    def __call__(self, batch, n, logits, best):
+    def __call__(self, batch, n, logits, best, rows):
         if n == 1:
-            self.traces.append((batch.lengths, []))
-        conf = torch.where(batch.span_mask.to(best.device), confidence(logits), 1.0)  # the prompt is 1
-        self.traces[-1][1].append((best.cpu(), conf.cpu()))
+            self.traces.append([[] for _ in batch.prompts])
+        conf = torch.where(batch.span_mask[rows].to(best.device), confidence(logits), 1.0)  # the prompt is 1
+        for j, r in enumerate(rows):
+            self.traces[-1][r].append((best[j, :batch.lengths[r]].cpu(), conf[j, :batch.lengths[r]].cpu()))
         if self.then is not None:
-            self.then(batch, n, logits, best)
+            self.then(batch, n, logits, best, rows)
 
     def attach(self, generations):
-        rows = [(torch.stack([b for b, _ in steps]), torch.stack([c for _, c in steps]), r, n)
-                for lengths, steps in self.traces for r, n in enumerate(lengths)]
-        for g, (preds, conf, r, n) in zip(generations, rows):
-            g.predictions, g.confidence = preds[:g.steps_used, r, :n], conf[:g.steps_used, r, :n]
+        for g, steps in zip(generations, (row for trace in self.traces for row in trace)):
+            g.predictions, g.confidence = torch.stack([b for b, _ in steps]), torch.stack([c for _, c in steps])
         return generations
 
 
@@ -59,14 +59,15 @@ class Watcher:
         self.tok, self.steps, self.show, self.eos = tokenizer, steps, show, tokenizer.eos_id
         self.tty, self.t0, self.last, self.cache = sys.stderr.isatty(), time.perf_counter(), 0.0, {}
 
-    def __call__(self, batch, n, logits, best):
+    def __call__(self, batch, n, logits, best, rows):
         now = time.perf_counter() - self.t0
         rate = f"step {n}/{self.steps}, {n / max(now, 1e-9):.2f} steps/s"
         if self.show and (self.tty or n % max(1, self.steps // 10) == 0 or n == self.steps):
             conf = confidence(logits)
             rows = []
-            for b, start in enumerate(batch.ends):  # each row's generation region begins at its prompt's end
-                region = best[b, start:batch.lengths[b]].tolist()
+            for b, r in enumerate(rows):  # each row's generation region begins at its prompt's end
+                start = batch.ends[r]
+                region = best[b, start:batch.lengths[r]].tolist()
                 cut = region.index(self.eos) if self.eos in region else len(region)
                 text = pieces(self.tok, region[:cut], self.cache)
                 if self.tty:  # 256-colour greys: mid grey (unsure) to white (sure)

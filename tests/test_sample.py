@@ -300,7 +300,7 @@ def test_text_after_the_first_eos_never_reaches_the_output(tok):
 def test_early_exit_stops_a_converged_run_without_changing_its_text(tok):
     prompt, fixed, answer = fixed_text_setup(tok)
     g = sample.generate(fixed, tok, [prompt], steps=20, length=8, top_p=None, early_exit=3, details=True)[0]
-    assert g.text == "the sea is love" and g.steps_used == 4  # stable for 3 steps after the first
+    assert g.text == "the sea is love" and g.steps_used == 10  # stable from the start, but not before half
 
 
 def test_early_exit_waits_for_a_late_change(tok):
@@ -317,7 +317,28 @@ def test_early_exit_waits_for_a_late_change(tok):
     g = sample.generate(late, tok, [prompt], steps=10, length=8, top_p=None, early_exit=4, details=True)[0]
     assert full.text == g.text == "the sea is love" and (full.steps_used, g.steps_used) == (10, 9)
     g = sample.generate(late, tok, [prompt], steps=10, length=8, top_p=None, early_exit=3, details=True)[0]
-    assert g.text == "a cat" and g.steps_used == 4  # too eager: it stops on the early text
+    assert g.text == "the sea is love" and g.steps_used == 8  # not before half the steps: not on the early text
+
+
+def test_rows_that_exit_leave_the_batch_and_the_others_go_on_unchanged(sharp, tok):
+    """Short gaps settle early, a long region does not: the settled rows leave the batch (no more
+    model passes for them) and the remaining rows compute exactly what they compute in a full run."""
+    prompts = ["the cat sat on the <mask:1> mat", "the cat", "a <mask:2> dog sat on the mat", "we love it"]
+    sizes = []
+
+    def counting(m, ids, span, S, t, prev=None, **kw):
+        sizes.append(S.shape[0])
+        return tess2.predict(m, ids, span, S, t, prev, **kw)
+    kw = dict(steps=30, total_length=20, top_p=None, chat=False, record=True)
+    full = sample.generate(sharp, tok, prompts, **kw)
+    early = sample.generate(sharp, tok, prompts, early_exit=2, predict=counting, **kw)
+    assert [g.steps_used for g in early] == [15, 30, 24, 30]
+    assert sizes == [4] * 15 + [3] * 9 + [2] * 6  # exited rows cost nothing more
+    for f, e in zip(full, early):
+        n = e.steps_used
+        assert torch.equal(e.predictions, f.predictions[:n])  # bit for bit until the row exits
+        if n == 30:
+            assert e.tokens == f.tokens and e.text == f.text
 
 
 # -----------------------------------------------------------------------------
