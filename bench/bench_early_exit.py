@@ -55,11 +55,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--argmax", action="store_true", help="project by argmax instead of nucleus top-p 0.99")
     a = p.parse_args()
     torch.set_num_threads(1)
     path = os.path.join(sample.HERE, sample.DEFAULT_MODEL)
     model, tok = Transformer.from_pretrained(path, verbose=False).eval(), Tokenizer(path)
-    gens = sample.generate(model, tok, PROMPTS[:a.prompts], steps=a.steps, batch_size=8, record=True)
+    gens = sample.generate(model, tok, PROMPTS[:a.prompts], steps=a.steps, batch_size=8, record=True,
+                           top_p=None if a.argmax else 0.99)
     rows = []
     for g in gens:
         start = (g.confidence[0] < 1).nonzero()[0].item()  # the first span position
@@ -67,7 +69,7 @@ def main():
         span[start:] = True
         final = cut(g.predictions[-1, start:].tolist(), tok.eos_id)
         rows.append((g.predictions, g.confidence, span, start, final))
-    print(f"{len(gens)} prompts, {a.steps} steps, nucleus top-p 0.99\n")
+    print(f"{len(gens)} prompts, {a.steps} steps, {'argmax' if a.argmax else 'nucleus top-p 0.99'}\n")
     print("| rule | steps used (mean) | steps saved | outputs identical to the full run |")
     print("| --- | --- | --- | --- |")
     for patience in (3, 5, 10, 20):

@@ -758,3 +758,32 @@ def test_guidance_updates_bf16_logits_in_fp32():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     in_bf16 = ((x + (expected - x.float()).bfloat16()) != x)[span].float().mean()  # the update made in bf16
     assert changed > 0.3 and in_bf16 < changed / 4  # in bf16 arithmetic most of the update is lost
+
+
+def test_guidance_with_frozen_weights_and_recomputed_blocks_is_the_same_update_kept_smaller():
+    """sample.guidance_mode: frozen reward-model weights and per-block recomputation change what
+    the backward keeps, not the update."""
+    import sample
+    rm = tiny_rm()
+    ids, span, _, _ = batch()
+    x = 3 * torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(7))
+    params = {p.data_ptr() for p in rm.parameters()}
+
+    def run():
+        kept = [0]
+
+        def pack(t):
+            kept[0] += 0 if t.data_ptr() in params else t.numel()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return tess2.reward_guidance(rm, x, ids, span, eta=0.5), kept[0]
+    plain, kept_plain = run()
+    with sample.guidance_mode(rm, checkpointing=False):
+        frozen, kept_frozen = run()
+    with sample.guidance_mode(rm, checkpointing=True):
+        assert all(not p.requires_grad for p in rm.parameters()) and rm.gradient_checkpointing
+        recomputed, kept_recomputed = run()
+    assert all(p.requires_grad for p in rm.parameters()) and not rm.gradient_checkpointing  # restored
+    torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
+    assert kept_recomputed < kept_frozen < kept_plain
