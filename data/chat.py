@@ -1,4 +1,4 @@
-"""The Tulu chat template (SPEC 8): how a chat becomes ids.
+"""The Tulu chat template (METHOD.md §8): how a chat becomes ids.
 
     <s><|user|>\n{user}\n<|assistant|>\n{assistant}</s>
 
@@ -44,7 +44,7 @@ def encode_example(tok, user, assistant):
 def first_turn(record):
     """(user, assistant) of the first exchange of a record, or None. Reads the Tulu format
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]} (a leading
-    system message is skipped; SPEC 8 keeps single-turn only) and plain {"user", "assistant"}."""
+    system message is skipped; METHOD.md §8 keeps single-turn only) and plain {"user", "assistant"}."""
     if "messages" in record:
         turns = [m for m in record["messages"] if m.get("role") != "system"]
         if len(turns) >= 2 and turns[0].get("role") == "user" and turns[1].get("role") == "assistant":

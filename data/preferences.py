@@ -1,4 +1,4 @@
-"""Preference pairs as a "pairs" dataset for the reward model (SPEC 10).
+"""Preference pairs as a "pairs" dataset for the reward model (METHOD.md §10).
 
     python -m data.preferences --tokenizer out/shakespeare --input out/shakespeare/rm_val.jsonl --out out/prefs
     python -m data.preferences --tokenizer mistralai/Mistral-7B-v0.1 --out out/ultrafeedback
@@ -16,6 +16,7 @@ reading parquet needs `pip install pyarrow`. Re-running after a finished run doe
 import itertools
 from collections import Counter
 
+from common import run_cli
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_pairs
 from data.sources import input_files, prepare_parser, read_records
@@ -75,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m data.preferences")

@@ -1,4 +1,4 @@
-"""The Tulu 2 SFT mixture as a "spans" dataset for instruction tuning (SPEC 8).
+"""The Tulu 2 SFT mixture as a "spans" dataset for instruction tuning (METHOD.md §8).
 
     python -m data.tulu --tokenizer mistralai/Mistral-7B-v0.1 --out out/tulu
     python -m data.tulu --tokenizer out/shakespeare --input chats.jsonl --out out/chats
@@ -18,6 +18,7 @@ does not install. Re-running after a finished run does nothing.
 import itertools
 from collections import Counter
 
+from common import run_cli
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_spans
 from data.sources import input_files, prepare_parser, read_records
@@ -65,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m data.tulu")

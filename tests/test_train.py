@@ -18,13 +18,17 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 
+import tess2
 import train
-from data.shards import write_pairs, write_spans, write_tokens
+from data.shards import open_dataset, write_pairs, write_spans, write_tokens
 from model import Transformer, preset
 from model import Tokenizer as ModelTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIGHT = dict(atol=1e-5, rtol=1e-5)
+# weights after 4 AdamW steps: Adam divides by sqrt(v), so an element whose gradient is ~0 turns fp32
+# summation-order noise (micro-batches, ranks) into an update of up to 1e-5 here; lr is 3e-3
+WEIGHTS = dict(atol=1e-4, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -157,11 +161,49 @@ def test_a_sequence_draws_its_randomness_from_its_global_index(data):
     ds = train.open_dataset(data["tokens"])
     whole = train.make_batch(args, ds, [3, 4, 5, 6])
     part = train.make_batch(args, ds, [5, 6])
-    for k in ("ids", "t", "span_mask"):
+    for k in ("ids", "t", "span_mask", "self_condition"):
         assert torch.equal(whole[k][2:], part[k])
     assert whole["noise_seeds"][2:] == part["noise_seeds"]
     assert len(set(whole["t"].tolist())) > 1  # but sequences differ from each other
     assert {train.self_condition_coin(0, s) for s in range(20)} == {True, False}
+
+
+def test_the_seed_reaches_every_draw(data):
+    """t, the UL2 mask, the noise and the self-conditioning coin: the same seed repeats them, and another
+    seed (one bit apart, low or high) changes each of them."""
+    ds = open_dataset(data["tokens"])
+
+    def draws(seed):
+        args = train.parse_args(flags("adapt", data, "unused", batch_size=16, seed=seed))
+        b = train.make_batch(args, ds, list(range(16)))
+        return dict(t=b["t"], mask=b["span_mask"], noise=tess2.row_noise(b["noise_seeds"], 4, 61),
+                    coin=b["self_condition"])
+    base = draws(0)
+    for key, value in draws(0).items():
+        assert torch.equal(value, base[key]), key
+    for seed in (1, 2**42, 2**62):
+        other = draws(seed)
+        for key in base:
+            assert not torch.equal(other[key], base[key]), (seed, key)
+
+
+def test_self_conditioning_per_row_is_each_row_alone():
+    """A (B,) coin: self-conditioned rows get the t+1 prediction, the others prev_logits = 0 (uniform),
+    exactly as if each row were its own batch with a bool coin."""
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False)).init_weights()
+    ids = torch.randint(3, 60, (3, 10))
+    span = torch.rand(3, 10) < 0.6
+    span[:, 0], span[:, 5] = False, True
+    t, eps = torch.tensor([10, 2500, 4999]), torch.randn(3, 10, 61)
+    coin = torch.tensor([True, False, True])
+    with torch.no_grad():
+        sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=eps, self_condition=coin, reduction="none")
+        for i in range(3):
+            alone = tess2.diffusion_loss(net, ids[i:i + 1], span[i:i + 1], t=t[i:i + 1], eps=eps[i:i + 1],
+                                         self_condition=bool(coin[i]))
+            assert_close(sums[i] / counts[i], alone, **TIGHT)
+            assert counts[i] == span[i, 1:].sum()
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +223,7 @@ def test_gradient_accumulation_equals_the_large_batch(data, reference, tmp_path)
     log = run("adapt", data, tmp_path, micro_batch_size=1, val_data=data["val"], eval_every=2, eval_batches=2)
     assert_close(losses(log), losses(ref), **TIGHT)
     assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
-    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
+    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
 
 
 def test_two_ddp_processes_equal_one_process(data, reference, tmp_path):
@@ -189,7 +231,7 @@ def test_two_ddp_processes_equal_one_process(data, reference, tmp_path):
     log = torchrun("adapt", data, tmp_path, micro_batch_size=1, val_data=data["val"], eval_every=2, eval_batches=2)
     assert_close(losses(log), losses(ref), **TIGHT)
     assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
-    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
+    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
 
 
 def test_two_fsdp2_processes_equal_one_process_across_a_resume(data, reference, tmp_path):
@@ -202,7 +244,7 @@ def test_two_fsdp2_processes_equal_one_process_across_a_resume(data, reference, 
     assert [r["step"] for r in log["train"]] == [1, 2, 3, 4]
     assert_close(losses(log), losses(ref), **TIGHT)
     assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
-    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4))
+    assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
 
 
 def test_a_stopped_run_resumes_exactly(data, tmp_path):
@@ -214,10 +256,69 @@ def test_a_stopped_run_resumes_exactly(data, tmp_path):
         run("sft", data, tmp_path / "cut", max_steps=6)
     with pytest.raises(ValueError, match="trained with --batch-size 4, this run asks for 8"):
         run("sft", data, tmp_path / "cut", max_steps=6, resume=True, batch_size=8)
+    # every flag that changes the run, and the data, must be the same: the message names the flag
+    for kw, phrase in [(dict(ul2_prefix="paper"), "--ul2-prefix released, this run asks for paper: pass --ul2-prefix released"),
+                       (dict(loss_weighting="token"), "--loss-weighting sequence, this run asks for token"),
+                       (dict(max_steps=7), "--max-steps 6, this run asks for 7"),
+                       (dict(data=make_data(str(tmp_path), "spans", seed=3, tok_dir=data["tok"])),
+                        "trained on --data .*spans-0, this run's --data differs .*: pass --data")]:
+        with pytest.raises(ValueError, match=phrase):
+            run("sft", data, tmp_path / "cut", **{"max_steps": 6, "resume": True, **kw})
+    assert json.loads((tmp_path / "cut" / "step-0000003" / "generation_config.json").read_text()) == {
+        "steps": 100, "top_p": 0.99, "total_length": 24, "guidance_steps": 1, "tau": 1.0, "chat": True}
     resumed = run("sft", data, tmp_path / "cut", max_steps=6, resume=True)
     assert [r["step"] for r in resumed["train"]] == [1, 2, 3, 4, 5, 6]
     assert_close(losses(resumed), losses(whole), atol=0, rtol=0)
     assert_same_weights(weights(tmp_path / "cut", 6), weights(tmp_path / "whole", 6), atol=0, rtol=0)
+
+
+def per_sequence_losses(net, args, ds, keys):
+    """Each sequence's mean cross-entropy over its span targets, computed alone with tess2.diffusion_loss
+    from the draws train.make_batch gives it (t, mask, noise seed, coin)."""
+    b = train.make_batch(args, ds, keys)
+    out = []
+    for i in range(len(keys)):
+        eps = tess2.row_noise(b["noise_seeds"][i:i + 1], args.seq_len, net.args.vocab_size)
+        out.append(tess2.diffusion_loss(net, b["ids"][i:i + 1], b["span_mask"][i:i + 1], t=b["t"][i:i + 1],
+                                        eps=eps, self_condition=bool(b["self_condition"][i]), reduction="sum"))
+    return out  # [(sum, count)] per sequence
+
+
+@pytest.mark.parametrize("weighting", ["sequence", "token"])
+def test_one_step_is_adamw_on_the_loss_written_out(data, tmp_path, weighting):
+    """The first step's weights are torch.optim.AdamW applied, in this test, to the loss written out here:
+    the mean over the 4 sequences of each one's mean CE (sequence weighting, the default), or one mean
+    over all their targets (token weighting). A normalisation error in train.py cannot hide."""
+    kw = dict(max_steps=1, schedule="constant", warmup_steps=0, grad_clip=0, micro_batch_size=2,
+              loss_weighting=weighting)
+    run("adapt", data, tmp_path / "init", lr=0.0, **kw)  # lr 0: its step-1 weights are the initial ones
+    log = run("adapt", data, tmp_path / "step", lr=1e-2, **kw)
+    net = Transformer.from_pretrained(str(tmp_path / "init" / "step-0000001"))
+    args = train.parse_args(flags("adapt", data, "unused", **kw))
+    rows = per_sequence_losses(net, args, open_dataset(data["tokens"]), [0, 1, 2, 3])
+    if weighting == "sequence":
+        loss = sum(total / count for total, count in rows) / 4
+    else:
+        loss = sum(total for total, _ in rows) / sum(count for _, count in rows)
+    assert log["train"][0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
+    loss.backward()
+    opt.step()
+    expected = {k: v.detach() for k, v in net.state_dict().items()}
+    assert_same_weights(weights(tmp_path / "step", 1), expected, **WEIGHTS)
+
+
+def test_held_out_loss_is_the_mean_of_each_held_out_sequences_loss(data, tmp_path):
+    """val_loss at a step: the mean over the first --eval-batches x --batch-size held-out sequences of
+    each one's mean CE, under the weights of that step (sequence weighting)."""
+    log = run("adapt", data, tmp_path, max_steps=2, save_every=1, val_data=data["val"], eval_every=1,
+              eval_batches=2)
+    args = train.parse_args(flags("adapt", data, "unused"))
+    for record in log["val"]:
+        net = Transformer.from_pretrained(str(tmp_path / f"step-{record['step']:07d}"))
+        with torch.no_grad():
+            rows = per_sequence_losses(net, args, open_dataset(data["val"]), list(range(8)))
+        assert record["val_loss"] == pytest.approx(sum(float(s / n) for s, n in rows) / 8, rel=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -241,13 +342,21 @@ def test_each_stage_fits_a_fixed_batch(stage, data, tmp_path):
 def test_checkpoint_layout_and_keep_last(data, tmp_path):
     run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2)
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step-")) == ["step-0000002", "step-0000003"]
-    # resuming from step 2 saves step 3 again: the old folder is replaced, nothing is left behind
-    run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"))
-    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "step-0000002", "step-0000003"]
+    # resuming from step 2 while step 3 exists is refused, unless step 3 is moved aside; then step 3 is
+    # saved again and nothing else is left behind
+    with pytest.raises(ValueError, match="has later checkpoints .step-0000003.*--discard-later"):
+        run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"))
+    run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"),
+        discard_later=True)
+    names = sorted(os.listdir(tmp_path))
+    assert names[:1] == [".lock"] and names[2:] == ["log.jsonl", "step-0000002", "step-0000003"]
+    assert names[1].startswith("discarded-") and os.listdir(tmp_path / names[1]) == ["step-0000003"]
+    assert [r["step"] for r in read_log(tmp_path)["train"]] == [1, 2, 3]  # one history
     step = tmp_path / "step-0000003"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
               "train_state.pt", "train_state.json"):
         assert (step / f).exists(), f
+    assert not (step / "generation_config.json").exists()  # a reward model is not sampled from
     state = torch.load(step / "train_state.pt", weights_only=True)
     assert state["step"] == 3 and state["args"]["stage"] == "rm"
     info = json.loads((step / "train_state.json").read_text())
@@ -274,6 +383,9 @@ def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):
     assert torch.equal(w["timestep_embed.weight"], torch.zeros(64, 1))
     cfg = json.loads((tmp_path / "run" / "step-0000001" / "config.json").read_text())
     assert cfg["vocab_size"] == 61 and cfg["timestep_embed"] and not cfg["causal"]
+    generation = json.loads((tmp_path / "run" / "step-0000001" / "generation_config.json").read_text())
+    assert generation == {"steps": 100, "top_p": 0.99, "total_length": 24, "guidance_steps": 1, "tau": 1.0,
+                          "chat": False}  # adapt: plain text, rows of the trained length
 
 
 # -----------------------------------------------------------------------------
@@ -329,6 +441,6 @@ def test_command_line_errors_are_one_clear_line(data, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
                         *flags("ar", data, tmp_path, batch_size=3, micro_batch_size=2)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: --batch-size 3 must be a multiple")
     assert no_checkpoint(tmp_path)
