@@ -44,6 +44,7 @@ import runs
 import tess2
 from common import run_cli
 from data.shards import check_tokenizer, global_indices, open_dataset
+from data.sources import positive
 from model import Tokenizer, Transformer, preset, resolve, tokenizer_paths
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
@@ -60,15 +61,10 @@ STAGES = {
                max_steps=5000, loss_weighting="token", model=dict()),
 }
 
-def positive(x):
-    if int(x) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x}")
-    return int(x)
-
-
 def non_negative(x):
-    if int(x) < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {x}")
+    """An argparse type: an integer >= 0."""
+    if not x.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {x!r}")
     return int(x)
 
 
@@ -583,15 +579,16 @@ def stop(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world, device = compute_init(args.device)
-    held = runs.lock(args.out) if rank == 0 else None  # only rank 0 writes to --out
     handlers = ({signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
                 if threading.current_thread() is threading.main_thread() else {})
+    held = None
     try:
+        held = runs.lock(args.out) if rank == 0 else None  # only rank 0 writes to --out
         if rank == 0:
             runs.clean(args.out)
         train(args, prepare(args, ddp, rank, world, device))
     finally:
-        if rank == 0:
+        if held is not None:
             runs.clean(args.out)
             held.close()
         for sig, handler in handlers.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import atomic_write, run_cli
 from data.shards import ArrayFile, finish_tokens, token_dtype
-from data.sources import input_files, prepare_parser, read_records
+from data.sources import input_files, positive, prepare_parser, read_records
 from model import Tokenizer
 
 
@@ -47,9 +47,9 @@ def tokenize_file(tok, path, shard, text_field, budget, chunk=256):
 
 def main(argv=None):
     p = prepare_parser(__doc__, out="out/dolma", dataset="emozilla/dolma-v1_7-305B", files="*")
-    p.add_argument("--num-files", type=int, default=1, help="how many Hub files to use (the first by name)")
+    p.add_argument("--num-files", type=positive, default=1, help="how many Hub files to use (the first by name)")
     p.add_argument("--text-field", default="text", help="the field of each record that holds the document")
-    p.add_argument("--max-tokens", type=int, help="stop once the dataset has this many tokens")
+    p.add_argument("--max-tokens", type=positive, help="stop once the dataset has this many tokens")
     args = p.parse_args(argv)
 
     out = Path(args.out)

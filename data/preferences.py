@@ -19,7 +19,7 @@ from collections import Counter
 from common import run_cli
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_pairs
-from data.sources import input_files, prepare_parser, read_records
+from data.sources import input_files, positive, prepare_parser, read_records
 from model import Tokenizer
 
 
@@ -60,7 +60,7 @@ def encoded_pairs(tok, triples, chunk=512):
 def main(argv=None):
     p = prepare_parser(__doc__, out="out/preferences", dataset="HuggingFaceH4/ultrafeedback_binarized",
                        files="data/train_prefs-*.parquet")
-    p.add_argument("--limit", type=int, help="stop after this many records (for quick experiments)")
+    p.add_argument("--limit", type=positive, help="stop after this many records (for quick experiments)")
     args = p.parse_args(argv)
 
     tok = Tokenizer(args.tokenizer)

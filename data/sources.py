@@ -30,7 +30,7 @@ def read_records(path):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"reading {name} needs pyarrow, which tess2 does not install: `pip install pyarrow`, "
+            raise ValueError(f"reading {name} needs pyarrow, which tess2 does not install: `pip install pyarrow`, "
                               "or convert the file to .jsonl and pass it with --input") from None
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
@@ -85,6 +85,17 @@ def hub_files(repo_id, pattern, limit=None, revision=None):
         raise FileNotFoundError(f"Hub dataset {repo_id!r} has no file matching {pattern!r}: pass another --files glob")
     return [(name, Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=revision)))
             for name in names[:limit]]
+
+
+def positive(x):
+    """An argparse type: an integer >= 1 (argparse then reports a bad value as one line, exit 2)."""
+    try:
+        value = int(x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x}")
+    return value
 
 
 def prepare_parser(doc, out, dataset, files):

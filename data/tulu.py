@@ -21,7 +21,7 @@ from collections import Counter
 from common import run_cli
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_spans
-from data.sources import input_files, prepare_parser, read_records
+from data.sources import input_files, positive, prepare_parser, read_records
 from model import Tokenizer
 
 
@@ -49,8 +49,8 @@ def encoded(tok, turns, max_len, counts, chunk=1024):
 
 def main(argv=None):
     p = prepare_parser(__doc__, out="out/tulu", dataset="allenai/tulu-v2-sft-mixture", files="data/*.parquet")
-    p.add_argument("--max-len", type=int, default=2048, help="skip examples whose prompt alone is this long")
-    p.add_argument("--limit", type=int, help="stop after this many conversations (for quick experiments)")
+    p.add_argument("--max-len", type=positive, default=2048, help="skip examples whose prompt alone is this long")
+    p.add_argument("--limit", type=positive, help="stop after this many conversations (for quick experiments)")
     args = p.parse_args(argv)
 
     tok = Tokenizer(args.tokenizer)
