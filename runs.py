@@ -137,8 +137,6 @@ def resume_point(out, resume, fallback=False, discard_later=False):
         if found:
             raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
         return None
-    if resume != "latest" and step_of(resume) is None:
-        raise ValueError(f"--resume {resume}: expected 'latest' or a step-XXXXXXX checkpoint folder")
     candidates = found[::-1] if resume == "latest" else [resume]
     if not candidates:
         print(f"--resume: no checkpoint in {out} yet; starting from --init", flush=True)

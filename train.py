@@ -131,6 +131,9 @@ def check_args(args):
         raise ValueError("--device cuda, but no CUDA device is visible here: pass --device cpu (or auto)")
     if args.fsdp and "RANK" not in os.environ:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
+    if args.resume not in (None, "latest") and runs.step_of(args.resume) is None:
+        raise ValueError(f"--resume {args.resume}: expected no value (--out's latest checkpoint) or a "
+                         "step-XXXXXXX checkpoint folder")
     init = args.resume if args.resume not in (None, "latest") else args.init
     if init and init != "scratch" and os.path.isdir(init) and not os.path.exists(os.path.join(init, "config.json")):
         steps = runs.checkpoints(init)

@@ -46,7 +46,7 @@ def tokenize_file(tok, path, shard, text_field, budget, chunk=256):
 
 
 def main(argv=None):
-    p = prepare_parser(__doc__, out="out/dolma", dataset="emozilla/dolma-v1_7-305B", files="*")
+    p = prepare_parser(__doc__, prog="python -m data.dolma", out="out/dolma", dataset="emozilla/dolma-v1_7-305B", files="*")
     p.add_argument("--num-files", type=positive, default=1, help="how many Hub files to use (the first by name)")
     p.add_argument("--text-field", default="text", help="the field of each record that holds the document")
     p.add_argument("--max-tokens", type=positive, help="stop once the dataset has this many tokens")

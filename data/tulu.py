@@ -48,7 +48,7 @@ def encoded(tok, turns, max_len, counts, chunk=1024):
 
 
 def main(argv=None):
-    p = prepare_parser(__doc__, out="out/tulu", dataset="allenai/tulu-v2-sft-mixture", files="data/*.parquet")
+    p = prepare_parser(__doc__, prog="python -m data.tulu", out="out/tulu", dataset="allenai/tulu-v2-sft-mixture", files="data/*.parquet")
     p.add_argument("--max-len", type=positive, default=2048, help="skip examples whose prompt alone is this long")
     p.add_argument("--limit", type=positive, help="stop after this many conversations (for quick experiments)")
     args = p.parse_args(argv)

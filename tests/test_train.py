@@ -557,6 +557,72 @@ def test_a_non_finite_loss_stops_before_the_update(data, tmp_path):
     assert no_checkpoint(tmp_path / "run")
 
 
+def user_errors(data, tmp):
+    """(case, argv of train.py, exit status, a phrase of its one-line message)."""
+    (tmp / "a_file").write_text("")
+    run_folder = tmp / "run"
+    os.makedirs(run_folder / "step-0000004")
+    return [
+        ("--seq-len 0", dict(seq_len=0), 2, "argument --seq-len: must be a positive integer, got 0"),
+        ("--seq-len 1", dict(seq_len=1), 2, "--seq-len 1: a row needs BOS and at least one target"),
+        ("--save-every 0", dict(save_every=0), 2, "argument --save-every: must be a positive integer"),
+        ("--max-steps 0", dict(max_steps=0), 2, "argument --max-steps: must be a positive integer"),
+        ("--batch-size 0", dict(batch_size=0), 2, "argument --batch-size: must be a positive integer"),
+        ("--keep-last -1", dict(keep_last=-1), 2, "argument --keep-last: must be 0 or a positive integer"),
+        ("--epochs 0", dict(epochs=0, max_steps=None), 2, "--epochs 0.0 must be positive"),
+        ("--lr nan", dict(lr="nan"), 2, "--lr nan must be a finite number"),
+        ("batch not a multiple", dict(batch_size=3, micro_batch_size=2), 2, "--batch-size 3 must be a multiple"),
+        ("--device cuda without CUDA", dict(device="cuda"), 2, "no CUDA device is visible here: pass --device cpu"),
+        ("--fsdp without torchrun", dict(fsdp=True), 2, "launch with torchrun"),
+        ("scratch without --preset", dict(preset=None), 2, "--init scratch needs --preset"),
+        ("--init missing", dict(init=str(tmp / "nowhere")), 2, "no checkpoint folder"),
+        ("--init a run folder", dict(init=str(run_folder)), 2,
+         f"is a run folder: pass one of its checkpoints, e.g. {run_folder}/step-0000004"),
+        ("--resume not a step folder", dict(resume=str(tmp)), 2, "expected no value (--out's latest checkpoint) or a step-XXXXXXX"),
+        ("--out unwritable", dict(out=str(tmp / "a_file" / "run")), 2, "cannot write to --out"),
+        ("--data missing", dict(data=str(tmp / "nowhere")), 2, "no dataset folder"),
+        ("--data of another kind", dict(stage="sft", data=data["tokens"]), 2, "--stage sft trains on spans data"),
+        ("--seq-len beyond the model", dict(seq_len=2048), 2, "--seq-len 2048 is beyond"),
+    ]
+
+
+def test_every_user_error_is_one_line_and_a_non_zero_exit(data, tmp_path, capsys):
+    """Each case: no traceback, `train.py: error: ...` as the last line of stderr, exit status 2."""
+    for case, kw, status, phrase in user_errors(data, tmp_path):
+        out, stage = kw.pop("out", str(tmp_path / "out")), kw.pop("stage", "ar")
+        with pytest.raises(SystemExit) as stop:
+            run_cli(train.main, "train.py", flags(stage, data, out, **kw))
+        err = capsys.readouterr().err
+        assert stop.value.code == status, case
+        assert "Traceback" not in err, case
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("train.py: error:") and phrase in last, (case, last)
+        assert no_checkpoint(tmp_path / "out"), case
+
+
+def test_the_data_scripts_report_user_errors_as_one_line(data, tmp_path, capsys):
+    from data import dolma, preferences, shakespeare, tulu
+    tok = data["tok"]
+    cases = [
+        (dolma, ["--tokenizer", str(tmp_path / "no_tok"), "--input", "x.jsonl"], "no tokenizer folder or file"),
+        (dolma, ["--tokenizer", tok, "--input", str(tmp_path / "missing.jsonl")], "no such file, folder or glob"),
+        (dolma, ["--tokenizer", tok, "--input", "x.jsonl", "--max-tokens", "0"], "must be a positive integer"),
+        (tulu, ["--tokenizer", tok, "--input", str(tmp_path / "bad.jsonl")], "bad.jsonl, line 2: not JSON"),
+        (preferences, ["--tokenizer", tok, "--input", str(tmp_path / "bad.jsonl"), "--limit", "-1"],
+         "must be a positive integer"),
+        (shakespeare, ["--source-dir", str(tmp_path / "nowhere")], "no *_gut.txt under"),
+    ]
+    (tmp_path / "bad.jsonl").write_text('{"messages": 3}\nnot json\n')
+    for module, argv, phrase in cases:
+        prog = f"python -m data.{module.__name__.split('.')[-1]}"
+        with pytest.raises(SystemExit) as stop:
+            run_cli(module.main, prog, [*argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert stop.value.code == 2 and "Traceback" not in err and last.startswith(f"{prog}: error:"), last
+        assert phrase in last, (argv, last)
+
+
 def test_command_line_errors_are_one_clear_line(data, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
                         *flags("ar", data, tmp_path, batch_size=3, micro_batch_size=2)],
