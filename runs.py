@@ -7,6 +7,10 @@ and the checkpoint a --resume continues from, with one coherent log.
   RUN/step-XXXXXXX/     checkpoints (model.save_pretrained: built under .tmp-*, then renamed in)
   RUN/log.jsonl         one JSON record per line; cut back to the step a run resumes from
   RUN/discarded-*/      checkpoints moved aside by --discard-later or --fallback (never deleted)
+
+A checkpoint is the Hugging Face layout (config.json, safetensors, tokenizer with [PAD];
+generation_config.json for a diffusion model) plus train_state.pt (AdamW state) and
+train_state.json (step, data position, the dataset's identity, the run's flags).
 """
 import fcntl
 import json
@@ -19,9 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from common import atomic_write
+from data.shards import check_tokenizer
+from model import Tokenizer, Transformer, tokenizer_paths
 
 STEP = re.compile(r"step-(\d{7})")
 
@@ -183,3 +191,80 @@ def cut_log(path, step):
         if record["step"] <= step:
             kept.append(line + "\n")
     atomic_write(path, "".join(kept))
+
+
+# -----------------------------------------------------------------------------
+# What a checkpoint holds
+
+
+def saved_tokenizer(args, meta, init_source):
+    """tokenizer.json ([PAD] included) and tokenizer_config.json for every checkpoint, from the
+    first of --tokenizer, the --init folder, or the data's own tokenizer that is at hand."""
+    sources = [s for s in (args.tokenizer, init_source, meta["tokenizer"]) if s]
+    for src in sources:
+        try:
+            check_tokenizer(meta, src)
+            tok, cfg_file = Tokenizer(src), tokenizer_paths(src)[1]
+        except (FileNotFoundError, OSError):
+            continue
+        cfg = json.loads(Path(cfg_file).read_text()) if cfg_file and os.path.isfile(cfg_file) else {}
+        name = tok.tokenizer.id_to_token
+        cfg.update(bos_token=name(tok.bos_id), eos_token=name(tok.eos_id), pad_token=name(tok.pad_id))
+        return {"tokenizer.json": json.loads(tok.tokenizer.to_str()), "tokenizer_config.json": cfg}
+    raise FileNotFoundError(f"no tokenizer found among {sources}: checkpoints need one for sample.py; "
+                            "pass --tokenizer, the folder with the tokenizer.json the data was prepared with")
+
+
+def generation_config(args):
+    """generation_config.json of a diffusion checkpoint: sample.py's defaults for it (the released
+    evaluation's, with rows as long as the ones trained on)."""
+    return {"steps": 100, "top_p": 0.99, "total_length": args.seq_len, "guidance_steps": 1, "tau": 1.0,
+            "chat": args.stage == "sft"}
+
+
+# flags that change what a run computes: a --resume must repeat them (--micro-batch-size, --fsdp and
+# the logging flags do not change a step)
+RUN_FLAGS = ("stage", "seq_len", "batch_size", "max_steps", "lr", "schedule", "warmup_steps", "weight_decay",
+             "adam_betas", "grad_clip", "loss_weighting", "ul2_prefix", "overfit", "seed")
+
+
+def dataset_identity(path, ds):
+    return dict(path=os.path.realpath(path), kind=ds.meta["kind"], vocab_sha256=ds.meta["vocab_sha256"],
+                num_tokens=ds.meta["num_tokens"], num_examples=ds.meta.get("num_examples"))
+
+
+def check_resume(path, args, identity):
+    """Refuses to continue a checkpoint with another run's flags or data, naming the flag to fix."""
+    info = json.loads(Path(path, "train_state.json").read_text())
+    run = info.get("run", info["args"])
+    for key in RUN_FLAGS:
+        old, new = run.get(key), getattr(args, key)
+        if key in run and (list(old) if isinstance(old, (list, tuple)) else old) != \
+                (list(new) if isinstance(new, (list, tuple)) else new):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume {path}: it was trained with {flag} {old}, this run asks for {new}: "
+                             f"pass {flag} {old}, or start a new --out")
+    old = info.get("dataset")
+    if old is not None and old != identity:
+        diff = ", ".join(f"{k} {old.get(k)} -> {identity[k]}" for k in identity if old.get(k) != identity[k])
+        raise ValueError(f"--resume {path}: it was trained on --data {old['path']}, this run's --data differs "
+                         f"({diff}): pass --data {old['path']}, or start a new --out")
+    return info["step"]
+
+
+def save_checkpoint(args, step, objective, net, opt, extra, rank):
+    """All ranks gather the full state; rank 0 writes it (atomically: model.save_pretrained)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
+    state = get_model_state_dict(objective, options=opts)
+    optim = get_optimizer_state_dict(objective, opt, options=opts)
+    if rank == 0:
+        with torch.device("meta"):
+            full = Transformer(net.args)
+        full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
+        final = os.path.join(args.out, f"step-{step:07d}")  # replaced whole if a --resume saves it again
+        state = {"step": step, "optimizer": optim, "args": vars(args)}
+        full.save_pretrained(final, extra_files={**extra, "train_state.pt": state})
+        prune(args.out, args.keep_last)
+        print(f"saved {final}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()

@@ -28,15 +28,13 @@ import resource
 import signal
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -45,7 +43,7 @@ import tess2
 from common import run_cli
 from data.shards import check_tokenizer, global_indices, open_dataset
 from data.sources import positive
-from model import Tokenizer, Transformer, preset, resolve, tokenizer_paths
+from model import Transformer, preset, resolve
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -320,79 +318,6 @@ def build_model(args, meta, init, device):
     return net, path if has_tokenizer else None
 
 
-def saved_tokenizer(args, meta, init_source):
-    """tokenizer.json ([PAD] included) and tokenizer_config.json for every checkpoint, from the
-    first of --tokenizer, the --init folder, or the data's own tokenizer that is at hand."""
-    sources = [s for s in (args.tokenizer, init_source, meta["tokenizer"]) if s]
-    for src in sources:
-        try:
-            check_tokenizer(meta, src)
-            tok, cfg_file = Tokenizer(src), tokenizer_paths(src)[1]
-        except (FileNotFoundError, OSError):
-            continue
-        cfg = json.loads(Path(cfg_file).read_text()) if cfg_file and os.path.isfile(cfg_file) else {}
-        name = tok.tokenizer.id_to_token
-        cfg.update(bos_token=name(tok.bos_id), eos_token=name(tok.eos_id), pad_token=name(tok.pad_id))
-        return {"tokenizer.json": json.loads(tok.tokenizer.to_str()), "tokenizer_config.json": cfg}
-    raise FileNotFoundError(f"no tokenizer found among {sources}: checkpoints need one for sample.py; "
-                            "pass --tokenizer, the folder with the tokenizer.json the data was prepared with")
-
-
-def generation_config(args):
-    """generation_config.json of a diffusion checkpoint: sample.py's defaults for it (the released
-    evaluation's, with rows as long as the ones trained on)."""
-    return {"steps": 100, "top_p": 0.99, "total_length": args.seq_len, "guidance_steps": 1, "tau": 1.0,
-            "chat": args.stage == "sft"}
-
-
-# flags that change what a run computes: a --resume must repeat them (--micro-batch-size, --fsdp and
-# the logging flags do not change a step)
-RUN_FLAGS = ("stage", "seq_len", "batch_size", "max_steps", "lr", "schedule", "warmup_steps", "weight_decay",
-             "adam_betas", "grad_clip", "loss_weighting", "ul2_prefix", "overfit", "seed")
-
-
-def dataset_identity(path, ds):
-    return dict(path=os.path.realpath(path), kind=ds.meta["kind"], vocab_sha256=ds.meta["vocab_sha256"],
-                num_tokens=ds.meta["num_tokens"], num_examples=ds.meta.get("num_examples"))
-
-
-def check_resume(path, args, identity):
-    """Refuses to continue a checkpoint with another run's flags or data, naming the flag to fix."""
-    info = json.loads(Path(path, "train_state.json").read_text())
-    run = info.get("run", info["args"])
-    for key in RUN_FLAGS:
-        old, new = run.get(key), getattr(args, key)
-        if key in run and (list(old) if isinstance(old, (list, tuple)) else old) != \
-                (list(new) if isinstance(new, (list, tuple)) else new):
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"--resume {path}: it was trained with {flag} {old}, this run asks for {new}: "
-                             f"pass {flag} {old}, or start a new --out")
-    old = info.get("dataset")
-    if old is not None and old != identity:
-        diff = ", ".join(f"{k} {old.get(k)} -> {identity[k]}" for k in identity if old.get(k) != identity[k])
-        raise ValueError(f"--resume {path}: it was trained on --data {old['path']}, this run's --data differs "
-                         f"({diff}): pass --data {old['path']}, or start a new --out")
-    return info["step"]
-
-
-def save_checkpoint(args, step, objective, net, opt, extra, rank):
-    """All ranks gather the full state; rank 0 writes it (atomically: model.save_pretrained)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
-    state = get_model_state_dict(objective, options=opts)
-    optim = get_optimizer_state_dict(objective, opt, options=opts)
-    if rank == 0:
-        with torch.device("meta"):
-            full = Transformer(net.args)
-        full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
-        final = os.path.join(args.out, f"step-{step:07d}")  # replaced whole if a --resume saves it again
-        state = {"step": step, "optimizer": optim, "args": vars(args)}
-        full.save_pretrained(final, extra_files={**extra, "train_state.pt": state})
-        runs.prune(args.out, args.keep_last)
-        print0(f"saved {final}")
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def flops_per_token(a, n_params, seq_len, stage):
     """Model FLOPs per trained token (PaLM, App. B): 6N for the weights' forward and backward plus
     12 * layers * D * L for attention. Diffusion steps self-condition half the time with one more
@@ -451,9 +376,9 @@ def prepare(args, ddp, rank, world, device):
         args.max_steps = max(1, math.ceil(epochs * n_examples / args.batch_size)) if epochs else stage["max_steps"]
     if args.warmup_steps is None:
         args.warmup_steps = round(stage["warmup"] * args.max_steps)
-    identity = dataset_identity(args.data, ds)
+    identity = runs.dataset_identity(args.data, ds)
     resume = choose_resume(args, ddp, rank)
-    start = check_resume(resume, args, identity) if resume else 0
+    start = runs.check_resume(resume, args, identity) if resume else 0
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
     net, init_tok = build_model(args, ds.meta, resume or args.init, device)
@@ -461,9 +386,9 @@ def prepare(args, ddp, rank, world, device):
     if args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({limit}, "
                          "max_position_embeddings / sliding_window): lower --seq-len")
-    extra = saved_tokenizer(args, ds.meta, init_tok)
+    extra = runs.saved_tokenizer(args, ds.meta, init_tok)
     if args.stage in ("adapt", "sft"):
-        extra["generation_config.json"] = generation_config(args)
+        extra["generation_config.json"] = runs.generation_config(args)
     net.gradient_checkpointing = args.grad_ckpt
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     objective, opt = wrap(args, net, ddp, device, bf16)
@@ -571,8 +496,8 @@ def train(args, r):
         if done % args.save_every == 0 or done == last:
             position = dict(samples_seen=done * args.batch_size, epoch=done * args.batch_size / r.n_examples)
             info = dict(step=done, stage=args.stage, data=position, dataset=r.identity,
-                        run={k: getattr(args, k) for k in RUN_FLAGS}, args=vars(args))
-            save_checkpoint(args, done, r.objective, r.net, r.opt, {**r.extra, "train_state.json": info}, r.rank)
+                        run={k: getattr(args, k) for k in runs.RUN_FLAGS}, args=vars(args))
+            runs.save_checkpoint(args, done, r.objective, r.net, r.opt, {**r.extra, "train_state.json": info}, r.rank)
 
 
 def stop(signum, frame):

@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 
-import runs
 import tess2
 import train
 from common import run_cli
