@@ -435,6 +435,51 @@ def test_leftovers_of_interrupted_saves_are_removed_and_a_torn_log_line_dropped(
     assert losses(log) == losses(whole)  # it resumed from the restored step 2
 
 
+def children(pid):
+    """The pids whose parent is pid (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def running(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_stop_when_their_torchrun_launcher_dies(data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           os.path.join(ROOT, "train.py"), *flags("ar", data, tmp_path, max_steps=100000, save_every=100000)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 180
+        while not read_text(tmp_path / "log.jsonl") and time.time() < deadline:
+            time.sleep(0.2)  # training has started
+        workers = children(launcher.pid)
+        assert len(workers) == 2, workers
+        launcher.kill()  # SIGKILL: torchrun cannot stop its workers itself
+        launcher.wait()
+        deadline = time.time() + 60
+        while any(map(running, workers)) and time.time() < deadline:
+            time.sleep(0.2)
+        alive = [w for w in workers if running(w)]
+    finally:
+        for w in [w for w in workers if running(w)]:
+            os.kill(w, signal.SIGKILL)
+    assert not alive, "orphaned workers kept training"
+    assert len(run("ar", data, tmp_path, max_steps=1)["train"]) == 1  # and rank 0's lock went with it
+
+
 @pytest.mark.parametrize("damage", ["train_state.pt", "model.safetensors", "train_state.json"])
 def test_an_unreadable_latest_checkpoint_is_named_and_skipped_only_with_fallback(data, tmp_path, damage):
     run("ar", data, tmp_path, max_steps=4, save_every=1, stop_at=3)
