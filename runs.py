@@ -137,9 +137,10 @@ def problem(path):
     return None
 
 
-def resume_point(out, resume, fallback=False, discard_later=False):
+def resume_point(out, resume, fallback=False, discard_later=False, check=None):
     """The checkpoint folder to continue from (None: start from --init), after making --out one history:
-    later checkpoints than it are moved aside (--discard-later), unreadable latest ones too (--fallback)."""
+    later checkpoints than it are moved aside (--discard-later), unreadable latest ones too (--fallback).
+    check(path) may refuse the chosen checkpoint (raise) before anything is moved."""
     found = checkpoints(out)
     if not resume:
         if found:
@@ -159,6 +160,8 @@ def resume_point(out, resume, fallback=False, discard_later=False):
     if bad and not fallback:
         raise ValueError(f"{bad[0][1]}: pass --fallback to resume from {path}, the latest readable checkpoint "
                          f"(the unreadable ones are moved aside, not deleted), or repair the file")
+    if check is not None:
+        check(path)
     later = [p for p in found if step_of(p) > step_of(path)]
     unreadable = [p for p, _ in bad]
     if later and not discard_later and sorted(later) != sorted(unreadable):

@@ -347,12 +347,13 @@ def wrap(args, net, ddp, device, bf16):
     return objective, opt
 
 
-def choose_resume(args, ddp, rank):
-    """Rank 0 picks the checkpoint to continue from (moving later or unreadable ones aside) and cuts
-    the log back to it; every rank gets its path."""
+def choose_resume(args, ddp, rank, identity):
+    """Rank 0 picks the checkpoint to continue from (checked against this run's flags and data first,
+    then later or unreadable ones are moved aside); every rank gets its path."""
     choice = [None]
     if rank == 0:
-        choice = [runs.resume_point(args.out, args.resume, args.fallback, args.discard_later)]
+        check = lambda path: runs.check_resume(path, args, identity)  # noqa: E731
+        choice = [runs.resume_point(args.out, args.resume, args.fallback, args.discard_later, check)]
     if ddp:
         dist.broadcast_object_list(choice, src=0)
     return choice[0]
@@ -377,7 +378,7 @@ def prepare(args, ddp, rank, world, device):
     if args.warmup_steps is None:
         args.warmup_steps = round(stage["warmup"] * args.max_steps)
     identity = runs.dataset_identity(args.data, ds)
-    resume = choose_resume(args, ddp, rank)
+    resume = choose_resume(args, ddp, rank, identity)
     start = runs.check_resume(resume, args, identity) if resume else 0
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")

@@ -354,6 +354,10 @@ def test_checkpoint_layout_and_keep_last(data, tmp_path):
     # saved again and nothing else is left behind
     with pytest.raises(ValueError, match="has later checkpoints .step-0000003.*--discard-later"):
         run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"))
+    with pytest.raises(ValueError, match="trained with --batch-size 4"):  # refused before anything moves
+        run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"),
+            discard_later=True, batch_size=8)
+    assert (tmp_path / "step-0000003").is_dir()
     run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"),
         discard_later=True)
     names = sorted(os.listdir(tmp_path))
