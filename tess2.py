@@ -112,17 +112,22 @@ def predict(model, ids, span_mask, S_t, t, prev_logits=None, key_padding_mask=No
 
 
 # -----------------------------------------------------------------------------
-# Training loss (Eq. 3, SPEC 5-6)
+# Training loss (Eq. 3, §5-6)
 
 
 def diffusion_loss(model, ids, span_mask, t=None, eps=None, self_condition=None, generator=None,
-                   k: float = SIMPLEX_VALUE, num_steps: int = NUM_TRAIN_STEPS, reduction="mean"):
+                   k: float = SIMPLEX_VALUE, num_steps: int = NUM_TRAIN_STEPS, reduction="mean",
+                   extra_pass=None):
     """
     One training step's loss. ids (B, L), span_mask (B, L) bool.
-    t (B,) integer timesteps in [0, T), eps (B, L, V) noise and self_condition (bool) are drawn
-    from `generator` when not given (uniform t per sequence; self-conditioning with prob 0.5).
-    Returns the cross-entropy over span positions j >= 1: their mean, or with reduction="sum"
-    the pair (sum, count) so that a caller can normalise over a global batch.
+    t (B,) integer timesteps in [0, T), eps (B, L, V) noise and self_condition are drawn from
+    `generator` when not given (uniform t per sequence; self-conditioning with prob 0.5).
+    self_condition: a bool for the whole batch, or a (B,) bool tensor, one coin per sequence
+    (a row without it sees prev_logits = 0, i.e. uniform, as in predict). The t+1 pass runs if any
+    row needs it, or always with extra_pass=True (a sharded model runs the same passes on every rank).
+    Returns the cross-entropy over span positions j >= 1: their mean; with reduction="sum" the
+    pair (sum, count) so that a caller can normalise over a global batch; with reduction="none"
+    the per-sequence pair (sums (B,), counts (B,)) for a per-sequence mean.
     """
     B, L = ids.shape
     V = model.args.vocab_size
@@ -134,22 +139,27 @@ def diffusion_loss(model, ids, span_mask, t=None, eps=None, self_condition=None,
         eps = torch.randn(B, L, V, generator=generator, device=gdev).to(dev)
     if self_condition is None:
         self_condition = bool(torch.rand((), generator=generator) < 0.5)
+    rows = torch.as_tensor(self_condition, dtype=torch.bool).expand(B)  # (B,), on the host when given so
     ab = lambda t: alpha_bar(t.double() / num_steps).float()  # = alpha_bars(T)[t], made on t's device  # noqa: E731
     prev_logits = None
-    if self_condition:  # Sec. 3.1: a prediction at t+1 with the same noise, no gradient
+    if extra_pass or bool(rows.any()):  # Sec. 3.1: a prediction at t+1 with the same noise, no gradient
         t1 = (t + 1).clamp(max=num_steps - 1)
         with torch.no_grad():
             prev_logits = predict(model, ids, span_mask, add_noise(ids, eps, ab(t1), k), t1 / num_steps)
+            if not bool(rows.all()):  # the other rows: zero logits, i.e. the uniform distribution
+                prev_logits.masked_fill_(~rows.to(dev).view(B, 1, 1), 0.0)
     logits = predict(model, ids, span_mask, add_noise(ids, eps, ab(t), k), t / num_steps, prev_logits)
     del eps, prev_logits
     targets = ids.masked_fill(~span_mask, -100)  # (B, L)
     targets[:, 0] = -100  # logits[:, 0] predicts nothing
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
-    count = (targets != -100).sum()
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                          reduction="none").view(B, L)  # 0 where ignored
+    sums, counts = nll.sum(1), (targets != -100).sum(1)  # (B,), (B,)
+    if reduction == "none":
+        return sums, counts
     if reduction == "sum":
-        return loss, count
-    return loss / count.clamp(min=1)
+        return sums.sum(), counts.sum()
+    return sums.sum() / counts.sum().clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
@@ -210,7 +220,7 @@ def ul2_mask(length: int, generator=None, prefix: str = "released"):
 
 
 # -----------------------------------------------------------------------------
-# Reverse process (Eq. 4-5, SPEC 9)
+# Reverse process (Eq. 4-5, §9)
 
 
 def project(logits, top_p: float | None = None, generator=None):

@@ -1,4 +1,4 @@
-"""The Tulu chat template (SPEC 8): how a chat becomes ids.
+"""The Tulu chat template (METHOD.md §8): how a chat becomes ids.
 
     <s><|user|>\n{user}\n<|assistant|>\n{assistant}</s>
 
@@ -44,12 +44,18 @@ def encode_example(tok, user, assistant):
 def first_turn(record):
     """(user, assistant) of the first exchange of a record, or None. Reads the Tulu format
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]} (a leading
-    system message is skipped; SPEC 8 keeps single-turn only) and plain {"user", "assistant"}."""
-    if "messages" in record:
-        turns = [m for m in record["messages"] if m.get("role") != "system"]
-        if len(turns) >= 2 and turns[0].get("role") == "user" and turns[1].get("role") == "assistant":
-            return turns[0]["content"], turns[1]["content"]
+    system message is skipped; METHOD.md §8 keeps single-turn only) and plain {"user", "assistant"}."""
+    if not isinstance(record, dict):
         return None
-    if "user" in record and "assistant" in record:
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return None  # malformed: skipped and counted like any other unusable record
+        turns = [m for m in messages if m.get("role") != "system"]
+        if len(turns) >= 2 and turns[0].get("role") == "user" and turns[1].get("role") == "assistant":
+            pair = turns[0].get("content"), turns[1].get("content")
+            return pair if all(isinstance(x, str) for x in pair) else None
+        return None
+    if isinstance(record.get("user"), str) and isinstance(record.get("assistant"), str):
         return record["user"], record["assistant"]
     return None

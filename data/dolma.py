@@ -1,9 +1,10 @@
-"""Dolma v1.7 text (or any documents) as a "tokens" dataset for diffusion adaptation (SPEC 7).
+"""Dolma v1.7 text (or any documents) as a "tokens" dataset for diffusion adaptation (METHOD.md §7).
 
     python -m data.dolma --tokenizer mistralai/Mistral-7B-v0.1 --out out/dolma --num-files 4
     python -m data.dolma --tokenizer out/shakespeare --input docs/*.jsonl.gz --out out/docs --max-tokens 10000000
 
-Each document's "text" (--text-field) is tokenized and followed by EOS. Each input file becomes one
+Each document's "text" (--text-field) is tokenized as BOS + text + EOS, as the released tokenizer
+(add_eos_token=True) did before packing. Each input file becomes one
 shard, tokens_NNNNN.bin. Resumable per input file: OUT/progress.json (written atomically after each
 file) records the finished ones, so a re-run skips them and goes on with the rest; meta.json is
 rewritten at the end to cover every finished shard. --max-tokens stops after the document that
@@ -20,8 +21,9 @@ import itertools
 import json
 from pathlib import Path
 
-from data.shards import ArrayFile, finish_tokens, token_dtype, write_json_atomic
-from data.sources import input_files, prepare_parser, read_records
+from common import atomic_write, run_cli
+from data.shards import ArrayFile, finish_tokens, token_dtype
+from data.sources import input_files, positive, prepare_parser, read_records
 from tokenizer import Tokenizer
 
 
@@ -37,17 +39,17 @@ def tokenize_file(tok, path, shard, text_field, budget, chunk=256):
     docs = documents(path, text_field)
     while batch := list(itertools.islice(docs, chunk)):
         for ids in tok.encode_batch(batch):
-            shard.append(ids + [tok.eos_id])
+            shard.append([tok.bos_id] + ids + [tok.eos_id])
             if budget is not None and shard.count >= budget:
                 return False
     return True
 
 
 def main(argv=None):
-    p = prepare_parser(__doc__, out="out/dolma", dataset="emozilla/dolma-v1_7-305B", files="*")
-    p.add_argument("--num-files", type=int, default=1, help="how many Hub files to use (the first by name)")
+    p = prepare_parser(__doc__, prog="python -m data.dolma", out="out/dolma", dataset="emozilla/dolma-v1_7-305B", files="*")
+    p.add_argument("--num-files", type=positive, default=1, help="how many Hub files to use (the first by name)")
     p.add_argument("--text-field", default="text", help="the field of each record that holds the document")
-    p.add_argument("--max-tokens", type=int, help="stop once the dataset has this many tokens")
+    p.add_argument("--max-tokens", type=positive, help="stop once the dataset has this many tokens")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -74,7 +76,7 @@ def main(argv=None):
         budget = None if args.max_tokens is None else args.max_tokens - total
         complete = tokenize_file(tok, path, shard, args.text_field, budget)
         progress["done"][name] = dict(shard.commit(), shard=shard.name, complete=complete)
-        write_json_atomic(progress_path, progress)
+        atomic_write(progress_path, progress)
         total += shard.count
         print(f"{name}: {shard.count} tokens{'' if complete else ' (stopped at --max-tokens)'}; {total} in all")
 
@@ -90,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m data.dolma")

@@ -1,4 +1,4 @@
-"""Preference pairs as a "pairs" dataset for the reward model (SPEC 10).
+"""Preference pairs as a "pairs" dataset for the reward model (METHOD.md §10).
 
     python -m data.preferences --tokenizer out/shakespeare --input out/shakespeare/rm_val.jsonl --out out/prefs
     python -m data.preferences --tokenizer mistralai/Mistral-7B-v0.1 --out out/ultrafeedback
@@ -16,14 +16,17 @@ reading parquet needs `pip install pyarrow`. Re-running after a finished run doe
 import itertools
 from collections import Counter
 
+from common import run_cli
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_pairs
-from data.sources import input_files, prepare_parser, read_records
+from data.sources import input_files, positive, prepare_parser, read_records
 from tokenizer import Tokenizer
 
 
 def preference(record):
     """(prompt, chosen response, rejected response) of one record, or None."""
+    if not isinstance(record, dict):
+        return None
     chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
         return prompt, chosen, rejected
@@ -57,9 +60,9 @@ def encoded_pairs(tok, triples, chunk=512):
 
 
 def main(argv=None):
-    p = prepare_parser(__doc__, out="out/preferences", dataset="HuggingFaceH4/ultrafeedback_binarized",
+    p = prepare_parser(__doc__, prog="python -m data.preferences", out="out/preferences", dataset="HuggingFaceH4/ultrafeedback_binarized",
                        files="data/train_prefs-*.parquet")
-    p.add_argument("--limit", type=int, help="stop after this many records (for quick experiments)")
+    p.add_argument("--limit", type=positive, help="stop after this many records (for quick experiments)")
     args = p.parse_args(argv)
 
     tok = Tokenizer(args.tokenizer)
@@ -75,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m data.preferences")

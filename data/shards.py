@@ -2,7 +2,7 @@
 
 A dataset is a folder with a meta.json and raw little-endian arrays read with np.memmap:
 
-  kind "tokens" (adapt, ar)  tokens_00000.bin ...   one stream: each document followed by EOS (SPEC 7)
+  kind "tokens" (adapt, ar)  tokens_00000.bin ...   one stream: each document as BOS + text + EOS (METHOD.md §7)
   kind "spans"  (sft)        tokens.bin, tokens_offsets.bin (int64, N+1), prompt_lens.bin (int64, N)
   kind "pairs"  (reward)     chosen.bin, chosen_offsets.bin, rejected.bin, rejected_offsets.bin,
                              prompt_lens.bin (the prompt is the same tokens at the start of both)
@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import atomic_write
+
 FORMAT = 1
 # what a writer needs from the tokenizer (tokenizer.Tokenizer.meta() gives exactly these)
 TOKENIZER_KEYS = ("vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer", "tokenizer_sha256", "vocab_sha256")
@@ -46,13 +48,6 @@ def _np_dtype(name):
 
 
 # ----------------------------------------------------------------------------- writing
-
-def write_json_atomic(path, obj):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
 
 class ArrayFile:
     """Appends arrays to NAME.tmp; commit() renames it to NAME. Returns its entry for meta["files"]."""
@@ -117,7 +112,7 @@ def finish_tokens(path, meta, shards, files):
     """Writes meta.json for a tokens dataset whose shard files are already in place."""
     meta = dict(_full_meta(path, meta), kind="tokens", shards=list(shards), files=files,
                 num_tokens=sum(files[s]["count"] for s in shards))
-    write_json_atomic(Path(path) / "meta.json", meta)
+    atomic_write(Path(path) / "meta.json", meta)
     return meta
 
 
@@ -137,7 +132,7 @@ def write_spans(path, examples, meta):
              "tokens_offsets.bin": _write_array(path, "tokens_offsets.bin", offsets),
              "prompt_lens.bin": _write_array(path, "prompt_lens.bin", prompt_lens)}
     meta = dict(meta, kind="spans", files=files, num_examples=len(prompt_lens), num_tokens=tokens.count)
-    write_json_atomic(path / "meta.json", meta)
+    atomic_write(path / "meta.json", meta)
     return meta
 
 
@@ -162,7 +157,7 @@ def write_pairs(path, pairs, meta):
         files[f"{side}_offsets.bin"] = _write_array(path, f"{side}_offsets.bin", offsets[side])
     meta = dict(meta, kind="pairs", files=files, num_examples=len(prompt_lens),
                 num_tokens=data["chosen"].count + data["rejected"].count)
-    write_json_atomic(path / "meta.json", meta)
+    atomic_write(path / "meta.json", meta)
     return meta
 
 
@@ -279,7 +274,7 @@ def global_indices(step, micro, rank, world, global_batch, micro_batch):
 
 
 def span_row(ids, prompt_len, seq_len, pad_id):
-    """One SFT row of length seq_len (SPEC 8): BOS + prompt are context (False); the response,
+    """One SFT row of length seq_len (METHOD.md §8): BOS + prompt are context (False); the response,
     its EOS and the padding after it are the span (True).
     Too long: the response is cut on the right (it then has no EOS). If the prompt alone does not
     leave room for a response, it keeps BOS and its last seq_len // 2 - 1 tokens, and the
@@ -365,7 +360,7 @@ class TokenDataset(_Dataset):
 
 
 class SpanDataset(_Dataset):
-    """SFT examples; batch() lays them out as SPEC 8 with span_row."""
+    """SFT examples; batch() lays them out as METHOD.md §8 with span_row."""
 
     def example(self, i):
         return self._sequence("tokens", i), int(self.array("prompt_lens.bin")[i])
@@ -378,7 +373,7 @@ class SpanDataset(_Dataset):
 
 
 class PairDataset(_Dataset):
-    """Preference pairs for the reward model (SPEC 10); batch() pads them with pair_row."""
+    """Preference pairs for the reward model (METHOD.md §10); batch() pads them with pair_row."""
 
     def pair(self, i):
         return self._sequence("chosen", i), self._sequence("rejected", i), int(self.array("prompt_lens.bin")[i])

@@ -30,7 +30,7 @@ def read_records(path):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"reading {name} needs pyarrow, which tess2 does not install: `pip install pyarrow`, "
+            raise ValueError(f"reading {name} needs pyarrow, which tess2 does not install: `pip install pyarrow`, "
                               "or convert the file to .jsonl and pass it with --input") from None
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
@@ -87,10 +87,21 @@ def hub_files(repo_id, pattern, limit=None, revision=None):
             for name in names[:limit]]
 
 
-def prepare_parser(doc, out, dataset, files):
+def positive(x):
+    """An argparse type: an integer >= 1 (argparse then reports a bad value as one line, exit 2)."""
+    try:
+        value = int(x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x}")
+    return value
+
+
+def prepare_parser(doc, out, dataset, files, prog=None):
     """The flags of every prepare script: --tokenizer, --out, and --input (local files) or
     --dataset/--files/--revision (a Hub dataset)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
     p.add_argument("--out", default=out, help="output dataset folder")
     p.add_argument("--input", nargs="+", help="local .jsonl(.gz)/.json(.gz)/.parquet/.txt files (or folders, globs) "

@@ -1,4 +1,4 @@
-"""The Tulu 2 SFT mixture as a "spans" dataset for instruction tuning (SPEC 8).
+"""The Tulu 2 SFT mixture as a "spans" dataset for instruction tuning (METHOD.md §8).
 
     python -m data.tulu --tokenizer mistralai/Mistral-7B-v0.1 --out out/tulu
     python -m data.tulu --tokenizer out/shakespeare --input chats.jsonl --out out/chats
@@ -18,9 +18,10 @@ does not install. Re-running after a finished run does nothing.
 import itertools
 from collections import Counter
 
+from common import run_cli
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_spans
-from data.sources import input_files, prepare_parser, read_records
+from data.sources import input_files, positive, prepare_parser, read_records
 from tokenizer import Tokenizer
 
 
@@ -47,9 +48,9 @@ def encoded(tok, turns, max_len, counts, chunk=1024):
 
 
 def main(argv=None):
-    p = prepare_parser(__doc__, out="out/tulu", dataset="allenai/tulu-v2-sft-mixture", files="data/*.parquet")
-    p.add_argument("--max-len", type=int, default=2048, help="skip examples whose prompt alone is this long")
-    p.add_argument("--limit", type=int, help="stop after this many conversations (for quick experiments)")
+    p = prepare_parser(__doc__, prog="python -m data.tulu", out="out/tulu", dataset="allenai/tulu-v2-sft-mixture", files="data/*.parquet")
+    p.add_argument("--max-len", type=positive, default=2048, help="skip examples whose prompt alone is this long")
+    p.add_argument("--limit", type=positive, help="stop after this many conversations (for quick experiments)")
     args = p.parse_args(argv)
 
     tok = Tokenizer(args.tokenizer)
@@ -65,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m data.tulu")

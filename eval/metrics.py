@@ -1,5 +1,5 @@
 """
-Metrics of the paper's adaptation evaluation (Sec. 4.1, App. D; SPEC 11), as plain functions:
+Metrics of the paper's adaptation evaluation (Sec. 4.1, App. D; METHOD.md §11), as plain functions:
 distinct-n, unigram entropy, perplexity of continuations under a held-out AR model, mean reward.
 
 Text metrics count whitespace-separated words over the whole set of generations (corpus level),

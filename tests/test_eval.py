@@ -58,3 +58,12 @@ def test_mean_reward_reads_each_sequence_at_its_last_real_token():
     seqs = [[1, 5, 6, 2], [1, 9, 2]]
     alone = [rm(torch.tensor([s]), causal=True).item() for s in seqs]
     assert mean_reward(rm, seqs, pad_id=0, batch_size=2) == pytest.approx(sum(alone) / 2, rel=1e-5)
+
+
+def test_mean_reward_is_over_sequences_whatever_the_batch_size():
+    """3 sequences in batches of 2 (a full one and a last one of 1): the mean of the 3 rewards."""
+    rm = tiny("score")
+    seqs = [[1, 5, 6, 2], [1, 9, 2], [1, 7, 8, 9, 10, 2]]
+    alone = [rm(torch.tensor([s]), causal=True).item() for s in seqs]
+    for batch_size in (1, 2, 5):
+        assert mean_reward(rm, seqs, pad_id=0, batch_size=batch_size) == pytest.approx(sum(alone) / 3, rel=1e-5)

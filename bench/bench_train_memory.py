@@ -1,0 +1,67 @@
+"""
+Training memory of one diffusion step: the bytes autograd keeps for backward (saved tensors, each
+storage counted once), with and without self-conditioning, and the peak RSS growth of the step.
+At V = 32001 the (B, L, V) tensors dominate, so the result is also given in units of one fp32
+(B, L, V) tensor. Not a test: a measurement.
+
+    python bench/bench_train_memory.py                        # this checkout's tess2.py
+    git show 068256b:tess2.py > /tmp/tess2_068256b.py         # before the span path read E detached
+    python bench/bench_train_memory.py --tess2 /tmp/tess2_068256b.py
+"""
+import argparse
+import importlib.util
+import os
+import resource
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import Transformer, preset  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--tess2", default=os.path.join(ROOT, "tess2.py"), help="the tess2.py to measure")
+parser.add_argument("--preset", default="tiny", help="model preset (model.PRESETS)")
+parser.add_argument("--vocab", type=int, default=32001, help="vocabulary size V")
+parser.add_argument("--batch", type=int, default=2, help="B")
+parser.add_argument("--seq", type=int, default=256, help="L")
+args = parser.parse_args()
+torch.set_num_threads(1)
+
+spec = importlib.util.spec_from_file_location("tess2_measured", args.tess2)
+tess2 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tess2)
+
+
+def saved_bytes(net, batch, self_condition):
+    """Bytes of the distinct storages autograd saves during the loss's forward, then runs backward."""
+    storages = {}
+
+    def pack(x):
+        s = x.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss, count = tess2.diffusion_loss(net, *batch, self_condition=self_condition, reduction="sum")
+    (loss / count).backward()
+    net.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+torch.manual_seed(0)
+net = Transformer(preset(args.preset, vocab_size=args.vocab, timestep_embed=True, causal=False)).init_weights()
+B, L, V = args.batch, args.seq, args.vocab
+ids = torch.randint(3, V, (B, L))
+span = torch.ones(B, L, dtype=torch.bool)
+span[:, : L // 4] = False  # a prefix-LM row: context, then span
+batch = (ids, span, torch.randint(0, tess2.NUM_TRAIN_STEPS, (B,)), torch.randn(B, L, V))
+unit = B * L * V * 4  # one fp32 (B, L, V) tensor
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rows = [(sc, saved_bytes(net, batch, sc)) for sc in (False, True)]
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+print(f"# {args.tess2}: preset {args.preset}, B {B} x L {L} x V {V} "
+      f"(one fp32 (B, L, V) tensor = {unit / 2**20:.1f} MiB), torch {torch.__version__}")
+for sc, n in rows:
+    print(f"self_condition={sc!s:5}  saved for backward {n / 2**20:8.1f} MiB = {n / unit:.2f} (B, L, V)")
+print(f"peak RSS growth over both steps {rss / 2**20:.1f} MiB = {rss / unit:.2f} (B, L, V)")
