@@ -516,7 +516,9 @@ def main(argv=None):
     import views
     watch = views.Watcher(tok, s.steps, a.show)
     recorder = views.Recorder(watch) if a.html else None
-    predict = torch.compile(tess2.predict) if a.compile else tess2.predict
+    # --compile: one graph for the whole step (tests: no graph break); on CUDA, replayed as a CUDA graph
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    predict = torch.compile(tess2.predict, fullgraph=True, mode=mode) if a.compile else tess2.predict
     out = []
     for batch in batches:
         gens = run(model, tok, [batch], s, rm, recorder or watch, predict)

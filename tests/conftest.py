@@ -10,3 +10,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def word_tokenizer(folder, vocab, config=None, decoder=False, split_on_punctuation=True):
+    """The test suite's tokenizer: a word-level tokenizer.json whose ids are the positions in `vocab`,
+    so that tests can write ids down. <unk>, <s>, </s> and [PAD], where present, are special tokens;
+    config, if given, is written as tokenizer_config.json; decoder=True joins decoded words with
+    spaces through WordPiece's decoder. Returns the folder (a str)."""
+    import json
+    import os
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace() if split_on_punctuation else pre_tokenizers.WhitespaceSplit()
+    if decoder:
+        tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens([w for w in ("<unk>", "<s>", "</s>", "[PAD]") if w in vocab])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    if config is not None:
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+    return str(folder)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import model as M
+from conftest import word_tokenizer
 from common import resolve
 from model import ModelArgs, Transformer, preset
 from tokenizer import Tokenizer
@@ -468,18 +469,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def make_tokenizer_dir(path, dict_form=False, words=("hello", "world", "the", "cat")):
     """A word-level tokenizer.json with Mistral's special tokens and TESS 2's [PAD]."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words, "[PAD]"])}
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()  # joins words with spaces
-    tok.add_special_tokens(["<unk>", "<s>", "</s>", "[PAD]"])
-    os.makedirs(path)
-    tok.save(os.path.join(path, "tokenizer.json"))
     special = lambda s: dict(content=s, lstrip=False, rstrip=False, normalized=False, single_word=False) if dict_form else s
-    M._write_json(os.path.join(path, "tokenizer_config.json"),
-                  dict(bos_token=special("<s>"), eos_token=special("</s>"), pad_token=special("[PAD]")))
-    return str(path)
+    return word_tokenizer(path, ["<unk>", "<s>", "</s>", *words, "[PAD]"], decoder=True,
+                          config=dict(bos_token=special("<s>"), eos_token=special("</s>"), pad_token=special("[PAD]")))
 
 
 @pytest.mark.parametrize("dict_form", [False, True], ids=["str", "dict"])
@@ -503,13 +495,9 @@ def test_tokenizers_of_one_size_with_other_tokens_have_other_fingerprints(tmp_pa
 
 
 def test_tokenizer_adds_pad_like_tess_and_fetches_only_tokenizer_files_from_the_hub(tmp_path, monkeypatch):
-    from tokenizers import Tokenizer as HFTokenizer, models
-    tok = HFTokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}, unk_token="<unk>"))
     repo = tmp_path / "hub" / "org--model"
-    repo.mkdir(parents=True)
-    tok.save(str(repo / "tokenizer.json"))
-    M._write_json(repo / "tokenizer_config.json",
-                  {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "pad_token": None})
+    word_tokenizer(repo, ["<unk>", "<s>", "</s>", "hi"],
+                   config={"bos_token": {"content": "<s>"}, "eos_token": "</s>", "pad_token": None})
     fetched = []
 
     def hf_hub_download(repo_id, filename, **kw):

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import data.chat
+from conftest import word_tokenizer
 import sample
 import tess2
 import views
@@ -32,19 +33,12 @@ V = len(VOCAB)
 
 def write_checkpoint(path, seed=0, **overrides):
     """A tiny random diffusion model plus a word-level tokenizer (<s>, </s>, [PAD]) in one directory."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
     torch.manual_seed(seed)
     model = Transformer(preset("tiny", timestep_embed=True, causal=False, vocab_size=V, **overrides)).init_weights()
     with torch.no_grad():
         model.timestep_embed.weight.normal_()  # so that time matters
     model.save_pretrained(str(path))
-    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<s>", "</s>", "[PAD]"])
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]"}, f)
-    return str(path)
+    return word_tokenizer(path, VOCAB, config={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]"})
 
 
 @pytest.fixture(scope="module")
@@ -377,16 +371,12 @@ def test_the_shipped_model_carries_short_rows(tok):
 
 def test_a_tokenizer_without_pad_that_matches_the_model_samples(tmp_path):
     """Sampling never needs [PAD]: the tokenizer gets it as an extra id, which the model lacks."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
     words = ["<s>", "</s>", "<unk>", "<|", "|>", "user", "assistant"] + WORDS
     torch.manual_seed(0)
     m = Transformer(preset("tiny", timestep_embed=True, causal=False, vocab_size=len(words))).init_weights()
     path = tmp_path / "nopad"
     m.save_pretrained(str(path))
-    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    hf.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf.save(str(path / "tokenizer.json"))
-    t = Tokenizer(str(path))
+    t = Tokenizer(word_tokenizer(path, words))
     assert t.pad_added and t.vocab_size == len(words) + 1
     out = sample.generate(Transformer.from_pretrained(str(path), verbose=False), t, ["the cat"], steps=2, length=4,
                           details=True)[0]

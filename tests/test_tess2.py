@@ -787,3 +787,17 @@ def test_guidance_with_frozen_weights_and_recomputed_blocks_is_the_same_update_k
     torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
     assert kept_recomputed < kept_frozen < kept_plain
+
+
+def test_the_compiled_step_equals_eager_without_graph_breaks():
+    """sample.py --compile: torch.compile(predict, fullgraph=True) fails on any graph break."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", timestep_embed=True, causal=False, num_hidden_layers=1)).init_weights().eval()
+    ids, span, S, t = batch()
+    prev = 3 * torch.randn_like(S)
+    real = torch.arange(ids.shape[1]) < torch.tensor([12, 9])[:, None]  # rows of their own length
+    step = torch.compile(tess2.predict, fullgraph=True)
+    with torch.no_grad():
+        for kw in (dict(prev_logits=prev, key_padding_mask=real), dict(prev_logits=None)):
+            torch.testing.assert_close(step(m, ids, span, S, t, **kw), predict(m, ids, span, S, t, **kw),
+                                       rtol=1e-5, atol=1e-5)
