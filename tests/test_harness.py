@@ -197,3 +197,182 @@ def test_paper_item_samples_are_fixed_and_sized():
     a, b = paper.triviaqa_docs(docs), paper.triviaqa_docs(docs)
     assert len(a) == 2000 and a["i"] == b["i"] and a["i"] != list(range(2000))
     assert len(paper.squad_docs(docs)) == 512 and len(paper.squad_docs(docs.select(range(10)))) == 10
+
+
+# -----------------------------------------------------------------------------
+# generate_until: batching, seeds, stop strings, resume, progress
+
+
+class Request:  # what lm-eval hands a model: .args
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_generate_until_groups_by_length_seeds_by_position_and_resumes(monkeypatch, tmp_path, tiny, tok, capsys):
+    stub = Stub({"short": "A.\nB", "a longer prompt": "C. D", "x": "cut. here"})
+    monkeypatch.setattr(harness.sample, "generate", stub)
+    out = str(tmp_path / "out")
+    lm = harness.TESS2(model=tiny, tokenizer=tok, batch_size=2, seed=10, output=out, progress_every=0)
+    reqs = [Request("a longer prompt", {"until": ["\n"], "max_gen_toks": 32}),
+            Request("short", {"until": ["\n"], "max_gen_toks": 32}),
+            Request("x", {"until": ".", "max_gen_toks": 8})]
+    assert lm.generate_until(reqs) == ["C. D", "A.", "cut"]
+    # sorted by (max_gen_toks, length): ["x"] alone (8 positions), then ["short", "a longer prompt"]
+    assert [(c[0], c[1]["length"], c[1]["seed"], c[1]["batch_size"]) for c in stub.calls] == [
+        (["x"], 8, 10, 1), (["short", "a longer prompt"], 32, 11, 2)]
+    assert "tess2 generate_until: 3/3 items" in capsys.readouterr().err
+    with open(os.path.join(out, "generations.jsonl")) as f:
+        assert sorted(json.loads(line)["raw"] for line in f) == ["A.\nB", "C. D", "cut. here"]
+    # a second run with the same settings reads every generation back; other settings sample anew
+    monkeypatch.setattr(harness.sample, "generate", lambda *a, **k: pytest.fail("resumed run sampled again"))
+    again = harness.TESS2(model=tiny, tokenizer=tok, batch_size=2, seed=10, output=out)
+    assert again.generate_until(reqs) == ["C. D", "A.", "cut"]
+    other = harness.TESS2(model=tiny, tokenizer=tok, batch_size=2, seed=11, output=out)
+    with pytest.raises(pytest.fail.Exception):
+        other.generate_until(reqs)
+
+
+def test_cut_at_stop_takes_the_earliest_stop_string():
+    assert harness.cut_at_stop("a Q b \n\n c", ["\n\n", "Q"]) == "a "
+    assert harness.cut_at_stop("abc", []) == "abc" and harness.cut_at_stop("abc", "c") == "ab"
+
+
+def test_progress_reports_items_per_second_and_eta():
+    import io
+    s = io.StringIO()
+    p = harness.Progress("generate_until", 4, every=0, stream=s)
+    p.t0 -= 10  # 10 s ago
+    p.update(2)
+    line = s.getvalue()
+    assert "2/4 items" in line and "0.20 items/s" in line and "ETA 0:00:10" in line
+
+
+# -----------------------------------------------------------------------------
+# The likelihood estimate
+
+
+def constant_model(favoured: int, V: int = 64):
+    """A diffusion model whose every prediction puts (nearly) all mass on one token: no attention or
+    MLP output, an embedding with a constant first coordinate, a final norm that keeps only it, and an
+    LM head that maps it to token `favoured`: its logit is 50 sqrt(D) = 400 (D = 64), every other 0."""
+    args = preset("tiny", vocab_size=V, timestep_embed=True, causal=False)
+    m = Transformer(args).init_weights().eval()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        m.embed_tokens.weight.zero_()
+        m.embed_tokens.weight[:, 0] = 1.0  # p @ E and E[w] are both (1, 0, ..., 0): after the norm sqrt(D) e_0
+        m.model.norm.weight.zero_()
+        m.model.norm.weight[0] = 1.0
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[favoured, 0] = 50.0
+    return m
+
+
+def test_likelihood_ranks_the_continuation_the_model_favours():
+    m = constant_model(favoured=7)
+    right, r_greedy = harness.estimate_loglikelihood(m, [1, 5, 6], [7, 7], samples=4, seed=0)
+    wrong, w_greedy = harness.estimate_loglikelihood(m, [1, 5, 6], [9, 7], samples=4, seed=0)
+    assert right > wrong and r_greedy and not w_greedy
+    assert right == pytest.approx(0.0, abs=1e-6) and wrong == pytest.approx(-400.0, rel=1e-3)
+
+
+def test_likelihood_estimate_is_the_documented_monte_carlo_mean(tiny):
+    """Restated: K = 2 draws, t_k = floor((k + 1/2) T / K), eps_k from seed + k, self-conditioned on the
+    prediction at t_k + 1 with the same eps; the mean over draws of the continuation's summed log-probs."""
+    import tess2
+    torch.manual_seed(1)
+    m = Transformer(preset("tiny", timestep_embed=True, causal=False)).init_weights().eval()
+    ctx, cont, T, V = [1, 5, 6, 8], [9, 10, 11], 5000, m.args.vocab_size
+    ids = torch.tensor([ctx + cont])
+    span = torch.tensor([[False] * 4 + [True] * 3])
+    ab = tess2.alpha_bar(torch.arange(T, dtype=torch.float64) / T).float()
+    want = 0.0
+    for k, t in enumerate([1250, 3750]):
+        g = torch.Generator().manual_seed(3 + k)
+        eps = torch.empty(1, 7, V).normal_(generator=g)
+        with torch.no_grad():
+            s1 = (ab[t + 1].sqrt() * (2 * 5.0 * torch.nn.functional.one_hot(ids, V) - 5.0) + (1 - ab[t + 1]).sqrt() * 5.0 * eps)
+            prev = tess2.predict(m, ids, span, s1, torch.tensor([(t + 1) / T]))
+            s0 = (ab[t].sqrt() * (2 * 5.0 * torch.nn.functional.one_hot(ids, V) - 5.0) + (1 - ab[t]).sqrt() * 5.0 * eps)
+            logp = torch.log_softmax(tess2.predict(m, ids, span, s0, torch.tensor([t / T]), prev)[0, 4:], -1)
+        want += sum(logp[j, c].item() for j, c in enumerate(cont)) / 2
+    got, _ = harness.estimate_loglikelihood(m, ctx, cont, samples=2, seed=3, chunk=1)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert harness.estimate_loglikelihood(m, ctx, cont, samples=2, seed=3, chunk=2)[0] == pytest.approx(got, rel=1e-5)
+    assert harness.estimate_loglikelihood(m, ctx, cont, samples=2, seed=4)[0] != got  # another seed, other noise
+
+
+def test_multiple_choice_task_through_lm_eval(tmp_path, manager, tok):
+    """A multiple-choice task (loglikelihood requests): the choice the model favours wins every item."""
+    favoured = tok.encode(" lord")
+    assert len(favoured) == 1 and len(tok.encode(" king")) == 1
+    m = constant_model(favoured[0], V=tok.vocab_size)
+    docs = [{"q": "Who rules?", "gold": 0}, {"q": "Who speaks?", "gold": 0}, {"q": "Who is crowned?", "gold": 1}]
+    task = {"task": "yes_no", "dataset_path": "json", "dataset_kwargs": {"data_files": {
+        "test": write_jsonl(tmp_path / "yn.jsonl", docs)}}, "test_split": "test", "output_type": "multiple_choice",
+        "doc_to_text": "{{q}}", "doc_to_choice": ["lord", "king"], "doc_to_target": "gold",
+        "metric_list": [{"metric": "acc"}]}
+    lm = harness.TESS2(model=m, tokenizer=tok, chat=False, mc_samples=2, progress_every=0)
+    res = harness.evaluate(lm, [task], manager, bootstrap_iters=0)
+    assert res["results"]["yes_no"]["acc,none"] == pytest.approx(2 / 3)  # always " lord": right on 2 of 3
+    assert len(lm.scores.records) == 6  # 3 items x 2 choices, each estimated once
+
+
+def test_loglikelihood_rolling_sums_disjoint_windows(tok):
+    m = constant_model(favoured=tok.encode(" lord")[0], V=tok.vocab_size)
+    lm = harness.TESS2(model=m, tokenizer=tok, chat=False, mc_samples=1, progress_every=0)
+    lm.max_len = 6  # windows of 4 tokens
+    text = " lord" * 10
+    (total,) = lm.loglikelihood_rolling([Request(text)])
+    assert total == pytest.approx(0.0, abs=1e-4)  # every token is the favoured one
+    assert len(lm.scores.records) == 3  # 10 tokens: windows of 4, 4, 2
+    (worse,) = lm.loglikelihood_rolling([Request(" king" + " lord" * 9)])
+    assert worse == pytest.approx(-400.0, rel=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# The shipped miniature model through the whole harness, and the command line
+
+
+def test_miniature_model_runs_a_task_through_the_command_line(tmp_path, tok, monkeypatch):
+    seen = []
+    real = sample.diffuse
+
+    def spy(model, ids, *args, **kwargs):  # records the rows the model saw
+        seen.extend(tok.tokenizer.decode(r, skip_special_tokens=False) for r in ids.tolist())
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "diffuse", spy)
+    docs = [{"question": "Who says this in Hamlet? To be, or not to be", "question_id": "a",
+             "answer": {"aliases": ["Hamlet"], "value": "Hamlet"}},
+            {"question": "Who says this in Julius Caesar? Friends, Romans, countrymen", "question_id": "b",
+             "answer": {"aliases": ["Antony"], "value": "Antony"}}]
+    val = write_jsonl(tmp_path / "val.jsonl", docs)
+    out = tmp_path / "out"
+    harness.main(["--tasks", "tess2_triviaqa", "--data-files", f"train={val},validation={val}", "--steps", "2",
+                  "--num-fewshot", "0", "--output", str(out), "--bootstrap-iters", "0"])
+    res = json.loads((out / "results.json").read_text())["results"]["tess2_triviaqa"]
+    with open(out / "generations.jsonl") as f:
+        gens = [json.loads(line) for line in f]
+    assert len(gens) == 2 and len(seen) == 2
+    assert all(r.startswith("<s><|user|>\nQuestion: Who says this in ") and "\nAnswer:\n<|assistant|>\n" in r
+               for r in seen)  # the Tulu template around each prompt, as the model saw it
+    by_q = {g["context"].split("\n")[0][len("Question: "):]: g["raw"] for g in gens}
+    want = sum(paper.triviaqa_results(d, [harness.cut_at_stop(by_q[d["question"]], ["\n"])])["alias_match"]
+               for d in docs) / 2
+    assert res["alias_match,none"] == want
+    assert (out / "samples_tess2_triviaqa.jsonl").exists()
+
+
+def test_command_line_mistakes_are_one_line(tmp_path, capsys):
+    from common import run_cli
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--tasks", "tess2_squad", "--output", str(tmp_path / "file")], "is a file"),
+                          (["--tasks", "tess2_nope", "--output", str(tmp_path / "o")], "unknown task"),
+                          (["--tasks", "tess2_squad", "--data-files", "train", "--output", str(tmp_path / "o")],
+                           "SPLIT=PATH")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(harness.main, "eval.harness", argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
