@@ -20,7 +20,7 @@ import sys
 
 import sample
 from common import atomic_write, run_cli
-from eval.harness import Progress, Store, check_output, request_key, resolve_default
+from eval.harness import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Progress, Store, check_output, request_key, resolve_default
 from model import Tokenizer, Transformer
 
 HUB_DATASET = "tatsu-lab/alpaca_eval"  # its alpaca_eval.json holds the 805 instructions
@@ -62,10 +62,12 @@ def generate_outputs(model, tok, rows, out_dir, generator, batch_size=8, **setti
                  dataset=r["dataset"]) for r, k in zip(rows, keys)]
 
 
-def judge(outputs_path, out_dir, annotators_config, reference_outputs=None):
+def judge(outputs_path, out_dir, annotators_config, reference_outputs=None, version: int = 1):
     """alpaca_eval's evaluate: the leaderboard row as a dict, annotations in out_dir. The metric is
-    AlpacaEval 1's win rate, the paper's (the length-controlled AlpacaEval 2 metric also downloads
-    its regression data)."""
+    the win rate; version 1 (the paper's AlpacaEval 1) also makes alpaca_eval's default reference
+    the text-davinci-003 outputs. Its length-controlled AlpacaEval 2 metric is not computed (it
+    downloads regression data)."""
+    os.environ["IS_ALPACA_EVAL_2"] = str(version == 2)  # read when alpaca_eval is first imported
     from alpaca_eval import evaluate
     kwargs = dict(reference_outputs=reference_outputs) if reference_outputs else {}
     leaderboard, _ = evaluate(model_outputs=outputs_path, annotators_config=annotators_config,
@@ -77,7 +79,7 @@ def judge(outputs_path, out_dir, annotators_config, reference_outputs=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="eval.alpaca", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=sample.DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--output", required=True, help="folder: model_outputs.json, generations.jsonl, the judge's files")
     p.add_argument("--prompts", help="local JSON/JSONL of {\"instruction\"} (default: the Hub's 805)")
     p.add_argument("--limit", type=int, help="only the first N instructions")
@@ -94,6 +96,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotators-config", help="alpaca_eval judge: a config name (e.g. alpaca_eval_gpt4) or YAML path")
     p.add_argument("--reference-outputs", help="the judge's reference outputs (default: alpaca_eval's)")
+    p.add_argument("--alpaca-eval-version", type=int, choices=[1, 2], default=1,
+                   help="1: the paper's AlpacaEval 1 (text-davinci-003 reference); 2: GPT-4 Turbo reference")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     return p.parse_args(argv)
@@ -109,11 +113,11 @@ def main(argv=None):
     rows = read_prompts(a.prompts)[:a.limit]
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-    path = resolve_default(a.model, sample.DEFAULT_MODEL)
+    path = resolve_default(a.model, DEFAULT_MODEL)
     model, tok = Transformer.from_pretrained(path, dtype=dtype, device=dev, verbose=False).eval(), Tokenizer(path)
     reward = reward_tok = None
     if a.reward_model or a.eta:
-        rpath = resolve_default(a.reward_model or sample.DEFAULT_REWARD_MODEL, sample.DEFAULT_REWARD_MODEL)
+        rpath = resolve_default(a.reward_model or DEFAULT_REWARD_MODEL, DEFAULT_REWARD_MODEL)
         reward = Transformer.from_pretrained(rpath, dtype=dtype, device=dev, verbose=False).eval()
         reward_tok = Tokenizer(rpath)
     settings = dict(steps=a.steps, top_p=None if a.argmax else a.top_p, seed=a.seed,
@@ -126,7 +130,7 @@ def main(argv=None):
     atomic_write(outputs_path, outputs)
     print(f"{len(outputs)} outputs: {outputs_path}")
     if a.annotators_config:
-        result = judge(outputs_path, a.output, a.annotators_config, a.reference_outputs)
+        result = judge(outputs_path, a.output, a.annotators_config, a.reference_outputs, a.alpaca_eval_version)
         atomic_write(os.path.join(a.output, "leaderboard.json"), result)
         for name, row in result.items():
             print(f"{name}: win rate {row['win_rate']:.2f} (n = {row.get('n_total')})", file=sys.stdout)

@@ -58,6 +58,9 @@ from common import atomic_write, run_cli
 from model import Tokenizer, Transformer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped models are found from here
+DEFAULT_MODEL = "models/tess2-shakespeare"
+DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"
 
 
 def task_manager(builtin: bool = True):
@@ -157,7 +160,7 @@ class TESS2(LM):
     """A TESS 2 checkpoint behind lm-eval's LM interface. Arguments (model_args) as sample.py's flags;
     model/tokenizer/reward/reward_tok take already loaded objects (Python callers, tests)."""
 
-    def __init__(self, pretrained: str = sample.DEFAULT_MODEL, reward_model: str | None = None, eta=None,
+    def __init__(self, pretrained: str = DEFAULT_MODEL, reward_model: str | None = None, eta=None,
                  steps: int = 100, batch_size: int = 8, top_p=0.99, argmax: bool = False, seed: int = 0,
                  chat: bool = True, length: int = 256, total_length=None, guidance_steps=None, tau: float = 1.0,
                  mc_samples: int = 8, device=None, dtype=None, output=None, model=None, tokenizer=None,
@@ -167,11 +170,11 @@ class TESS2(LM):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         dtype = dtype or (torch.bfloat16 if str(dev).startswith("cuda") else torch.float32)
         if model is None:
-            pretrained = resolve_default(pretrained, sample.DEFAULT_MODEL)
+            pretrained = resolve_default(pretrained, DEFAULT_MODEL)
             model = Transformer.from_pretrained(pretrained, dtype=dtype, device=dev, verbose=False).eval()
             tokenizer = Tokenizer(pretrained)
         if reward is None and reward_model:
-            reward_model = resolve_default(reward_model, sample.DEFAULT_REWARD_MODEL)
+            reward_model = resolve_default(reward_model, DEFAULT_REWARD_MODEL)
             reward = Transformer.from_pretrained(reward_model, dtype=dtype, device=dev, verbose=False).eval()
             reward_tok = Tokenizer(reward_model)
         self.model, self.tok, self.reward, self.reward_tok = model, tokenizer, reward, reward_tok
@@ -180,11 +183,14 @@ class TESS2(LM):
         self.eta = None if eta is None else float(eta)
         self.length, self.total_length = int(length), None if total_length is None else int(total_length)
         self.guidance_steps, self.tau, self.mc_samples = guidance_steps, float(tau), int(mc_samples)
-        sample.check_settings(self.steps, self.length, self.total_length, self.batch_size_,
-                              self.guidance_steps, None, self.top_p)
-        if self.mc_samples < 1:
-            raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
-        self.max_len = sample.max_length(model.args)
+        for name, value in (("steps", self.steps), ("batch_size", self.batch_size_), ("length", self.length),
+                            ("mc_samples", self.mc_samples), ("total_length", self.total_length or 1)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p} (argmax=True projects by argmax)")
+        a = model.args  # the positions the model reads: its window, if it has one
+        self.max_len = min(a.max_position_embeddings, a.sliding_window or a.max_position_embeddings)
         self.progress_every = float(progress_every)
         self.name = str(pretrained if isinstance(pretrained, str) else "model")
         if output:
@@ -247,7 +253,7 @@ class TESS2(LM):
         """Drop the start of a context that, with its template and `length` generated positions,
         does not fit the model (as lm-eval does for causal models), keeping its last tokens."""
         room = (self.total_length or self.max_len) - length
-        n = len(sample.encode_prompt(self.tok, context, self.chat)[0])
+        n = len(self.encode_context(context))
         if n <= room:
             return context
         ids = self.tok.encode(context)
@@ -258,6 +264,12 @@ class TESS2(LM):
         print(f"tess2: a context of {n} tokens was cut to its last {keep} to fit {room}", file=sys.stderr)
         return self.tok.decode(ids[-keep:])
 
+    def encode_context(self, context: str) -> list[int]:
+        """BOS + the context, in the Tulu template if chat (what sample.generate makes of a prompt)."""
+        if self.chat:
+            return data.chat.encode_prompt(self.tok, context)
+        return [self.tok.bos_id] + self.tok.encode(context)
+
     # -------------------------------------------------------------------------
     # loglikelihood: the Monte Carlo estimate of the module docstring
 
@@ -266,7 +278,7 @@ class TESS2(LM):
         the continuation begins the assistant's reply; otherwise the pair is tokenized as one text
         and split where the context's tokens end (trailing spaces moved to the continuation)."""
         if self.chat:
-            return data.chat.encode_prompt(self.tok, context), self.tok.encode(continuation)
+            return self.encode_context(context), self.tok.encode(continuation)
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
@@ -350,9 +362,9 @@ def estimate_loglikelihood(model, context: list[int], continuation: list[int], s
 
 
 def resolve_default(name: str, default: str) -> str:
-    """The shipped default checkpoints are found next to sample.py, wherever this is run from."""
+    """The shipped default checkpoints are found in the repository's models/, wherever this is run from."""
     if name == default and not os.path.isdir(name):
-        return os.path.join(sample.HERE, default)
+        return os.path.join(ROOT, default)
     return name
 
 
@@ -376,7 +388,7 @@ def parse_data_files(text: str | None) -> dict | None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="eval.harness", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=sample.DEFAULT_MODEL, help="diffusion checkpoint: folder or Hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusion checkpoint: folder or Hub id")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (eval/tasks/ included)")
     p.add_argument("--output", required=True, help="folder for results.json, samples and the resumable cache")
     p.add_argument("--reward-model", help="reward model for guidance (with --eta)")
@@ -428,17 +440,17 @@ def main(argv=None):
     a = parse_args(argv)
     check_output(a.output)
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    files = parse_data_files(a.data_files)
+    if files and len(names) != 1:
+        raise ValueError("--data-files applies to one task: pass a single --tasks name")
     manager = task_manager(builtin=not ours(names))
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; ours are in {TASKS_DIR} "
                          "(`lm-eval ls tasks` lists lm-eval's)")
-    files = parse_data_files(a.data_files)
-    if files and len(names) != 1:
-        raise ValueError("--data-files applies to one task: pass a single --tasks name")
     tasks = [local_task(manager, names[0], files)] if files else names
     if a.eta and not a.reward_model:
-        a.reward_model = sample.DEFAULT_REWARD_MODEL
+        a.reward_model = DEFAULT_REWARD_MODEL
     lm = TESS2(pretrained=a.model, reward_model=a.reward_model, eta=a.eta, steps=a.steps, batch_size=a.batch_size,
                top_p=a.top_p, argmax=a.argmax, seed=a.seed, chat=not a.no_chat, total_length=a.total_length,
                guidance_steps=a.guidance_steps, mc_samples=a.mc_samples, device=a.device, dtype=a.dtype,

@@ -25,7 +25,7 @@ import torch
 
 import sample
 from common import atomic_write, run_cli
-from eval.harness import check_output, resolve_default
+from eval.harness import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, check_output, resolve_default
 from eval.metrics import distinct_n, perplexity, unigram_entropy
 from model import Tokenizer, Transformer
 
@@ -83,14 +83,14 @@ def measure(rows, texts, scorer=None, scorer_tok=None) -> dict:
     return m
 
 
-def load(path, dtype, device, default=sample.DEFAULT_MODEL):
+def load(path, dtype, device, default=DEFAULT_MODEL):
     path = resolve_default(path, default)
     return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False).eval(), Tokenizer(path)
 
 
 def common_flags(p):
     """The flags eval.intrinsic and eval.sweep share."""
-    p.add_argument("--model", default=sample.DEFAULT_MODEL, help="diffusion checkpoint: folder or Hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusion checkpoint: folder or Hub id")
     p.add_argument("--prompts", required=True, help="JSONL {\"prompt\", \"reference\"} or one prompt a line")
     p.add_argument("--scorer", help="held-out causal LM for perplexity and MAUVE features (folder or Hub id)")
     p.add_argument("--output", required=True, help="folder for the results and every generation")
@@ -119,8 +119,8 @@ def setup(a):
     if scorer is not None and scorer.args.head != "lm":
         raise ValueError(f"--scorer {a.scorer} has no LM head: give a causal language model")
     wants_reward = a.reward_model or getattr(a, "eta", None)
-    reward, reward_tok = load(a.reward_model or sample.DEFAULT_REWARD_MODEL, dtype, dev,
-                              sample.DEFAULT_REWARD_MODEL) if wants_reward else (None, None)
+    reward, reward_tok = load(a.reward_model or DEFAULT_REWARD_MODEL, dtype, dev,
+                              DEFAULT_REWARD_MODEL) if wants_reward else (None, None)
     settings = dict(length=a.length, top_p=None if a.argmax else a.top_p, seed=a.seed, batch_size=a.batch_size,
                     chat=a.chat, reward_model=reward, reward_tokenizer=reward_tok,
                     **({"guidance_steps": a.guidance_steps} if a.guidance_steps else {}))

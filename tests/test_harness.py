@@ -370,9 +370,21 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
     from common import run_cli
     (tmp_path / "file").write_text("x")
     for argv, message in ((["--tasks", "tess2_squad", "--output", str(tmp_path / "file")], "is a file"),
-                          (["--tasks", "tess2_nope", "--output", str(tmp_path / "o")], "unknown task"),
+                          (["--tasks", "tess2_squad,tess2_ifeval", "--data-files", "test=x.jsonl", "--output",
+                            str(tmp_path / "o")], "one task"),
+                          (["--tasks", "tess2_squad", "--data-files", "test=missing.jsonl", "--output",
+                            str(tmp_path / "o")], "no such file"),
                           (["--tasks", "tess2_squad", "--data-files", "train", "--output", str(tmp_path / "o")],
                            "SPLIT=PATH")):
         with pytest.raises(SystemExit) as e:
             run_cli(harness.main, "eval.harness", argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_task_is_named(tmp_path, capsys, monkeypatch):
+    from common import run_cli
+    ours_only = harness.task_manager
+    monkeypatch.setattr(harness, "task_manager", lambda builtin=True: ours_only(builtin=False))  # skip lm-eval's index
+    with pytest.raises(SystemExit) as e:
+        run_cli(harness.main, "eval.harness", ["--tasks", "tess2_nope", "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and "unknown task(s) tess2_nope" in capsys.readouterr().err
