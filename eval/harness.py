@@ -157,15 +157,16 @@ def cut_at_stop(text: str, until) -> str:
 
 @register_model("tess2")
 class TESS2(LM):
-    """A TESS 2 checkpoint behind lm-eval's LM interface. Arguments (model_args) as sample.py's flags;
-    model/tokenizer/reward/reward_tok take already loaded objects (Python callers, tests)."""
+    """A TESS 2 checkpoint behind lm-eval's LM interface. Arguments (lm-eval's model_args) as the
+    command line's flags; model/tokenizer/reward/reward_tok take already loaded objects (Python
+    callers, tests). length: positions generated when a request gives no max_gen_toks."""
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, reward_model: str | None = None, eta=None,
                  steps: int = 100, batch_size: int = 8, top_p=0.99, argmax: bool = False, seed: int = 0,
                  chat: bool = True, length: int = 256, total_length=None, guidance_steps=None, tau: float = 1.0,
                  mc_samples: int = 8, device=None, dtype=None, output=None, model=None, tokenizer=None,
-                 reward=None, reward_tok=None, progress_every: float = 10.0, **unused):
-        super().__init__()
+                 reward=None, reward_tok=None, progress_every: float = 10.0, max_batch_size=None):
+        super().__init__()  # max_batch_size: passed by lm-eval, unused (batches are --batch-size rows)
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         dtype = dtype or (torch.bfloat16 if str(dev).startswith("cuda") else torch.float32)
@@ -178,6 +179,8 @@ class TESS2(LM):
             reward = Transformer.from_pretrained(reward_model, dtype=dtype, device=dev, verbose=False).eval()
             reward_tok = Tokenizer(reward_model)
         self.model, self.tok, self.reward, self.reward_tok = model, tokenizer, reward, reward_tok
+        if eta and reward is None:
+            raise ValueError(f"eta = {eta} needs a reward model: pass reward_model (--reward-model)")
         self.steps, self.batch_size_, self.seed, self.chat = int(steps), int(batch_size), int(seed), bool(chat)
         self.top_p = None if argmax or top_p is None else float(top_p)
         self.eta = None if eta is None else float(eta)

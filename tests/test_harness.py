@@ -388,3 +388,17 @@ def test_an_unknown_task_is_named(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_cli(harness.main, "eval.harness", ["--tasks", "tess2_nope", "--output", str(tmp_path / "o")])
     assert e.value.code == 2 and "unknown task(s) tess2_nope" in capsys.readouterr().err
+
+
+def test_registered_as_tess2_for_simple_evaluate(tmp_path, manager, monkeypatch):
+    """lm-eval builds the model from its name and a model_args string."""
+    docs = [{"question": "Which band recorded Abbey Road", "question_id": "a",
+             "answer": {"aliases": ["The Beatles"], "value": "The Beatles"}}]
+    val = write_jsonl(tmp_path / "val.jsonl", docs)
+    stub = Stub({"Question: Which band recorded Abbey Road\nAnswer:": "The Beatles\n"})
+    monkeypatch.setattr(harness.sample, "generate", stub)
+    task = harness.local_task(manager, "tess2_triviaqa", {"train": val, "validation": val})
+    res = lm_eval.simple_evaluate(model="tess2", model_args=f"pretrained={SHIPPED},steps=7,seed=3", tasks=[task],
+                                  task_manager=manager, num_fewshot=0, bootstrap_iters=0)
+    assert res["results"]["tess2_triviaqa"]["alias_match,none"] == 1.0
+    assert stub.calls[0][1]["steps"] == 7 and stub.calls[0][1]["seed"] == 3
