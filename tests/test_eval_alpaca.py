@@ -19,7 +19,8 @@ def judge_config(tmp_path, prefers: int):
     through alpaca_eval's own prompt template, ranking parser and pairwise annotator, with no network."""
     template = os.path.join(os.path.dirname(alpaca_eval.__file__), "evaluators_configs", "alpaca_eval_gpt4",
                             "alpaca_eval.txt")
-    ranking = [{"model": "model_1", "rank": 1 if prefers == 1 else 2}, {"model": "model_2", "rank": 2 if prefers == 1 else 1}]
+    ranking = [{"model": "model_1", "rank": 1 if prefers == 1 else 2},
+               {"model": "model_2", "rank": 2 if prefers == 1 else 1}]
     cfg = tmp_path / f"judge{prefers}" / "configs.yaml"
     cfg.parent.mkdir()
     cfg.write_text(f"judge{prefers}:\n  prompt_template: \"{template}\"\n  fn_completions: test_completions\n"
@@ -70,5 +71,6 @@ def test_a_stopped_run_resumes_without_sampling_again(tmp_path, monkeypatch):
 def test_a_judge_that_needs_a_key_is_refused_up_front(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(SystemExit) as e:
-        run_cli(alpaca.main, "eval.alpaca", ["--output", str(tmp_path / "o"), "--annotators-config", "alpaca_eval_gpt4"])
+        run_cli(alpaca.main, "eval.alpaca",
+                ["--output", str(tmp_path / "o"), "--annotators-config", "alpaca_eval_gpt4"])
     assert e.value.code == 2 and "OPENAI_API_KEY" in capsys.readouterr().err

@@ -106,5 +106,6 @@ def test_eta_sweep_measures_the_reward(tmp_path):
 def test_sweep_refuses_two_sweeps_at_once(tmp_path, capsys):
     from common import run_cli
     with pytest.raises(SystemExit) as e:
-        run_cli(sweep.main, "eval.sweep", ["--prompts", "p", "--steps", "1,2", "--eta", "0,1", "--output", str(tmp_path)])
+        run_cli(sweep.main, "eval.sweep",
+                ["--prompts", "p", "--steps", "1,2", "--eta", "0,1", "--output", str(tmp_path)])
     assert e.value.code == 2 and "one thing at a time" in capsys.readouterr().err

@@ -117,7 +117,8 @@ def test_squad_token_f1_and_exact_match(monkeypatch, tmp_path, manager, tiny, to
     # by hand: "Santa Clara, California" vs "Santa Clara": P = 2/3, R = 1, F1 = 0.8, not exact.
     # "the Carolina team" vs "Carolina Panthers": "carolina team" / "carolina panthers", F1 = 0.5.
     docs = [{"id": f"v{j}", "title": "Super Bowl 50", "context": "Super Bowl 50 was an American football game.",
-             "question": q, "answers": {"text": g, "answer_start": [0] * len(g)}} for j, (q, g, _, _) in enumerate(SQUAD)]
+             "question": q, "answers": {"text": g, "answer_start": [0] * len(g)}}
+            for j, (q, g, _, _) in enumerate(SQUAD)]
     files = {"train": write_jsonl(tmp_path / "train.jsonl", SQUAD_TRAIN),
              "validation": write_jsonl(tmp_path / "val.jsonl", docs)}
     pick = {"right": [2, 2, 2], "wrong": [3, 3, 3], "mix": [2, 3, 3]}[mode]
@@ -161,7 +162,8 @@ IFEVAL = [{"key": 1, "prompt": "Write about cats, in lowercase letters only.",
 
 @pytest.mark.parametrize("mode,loose,strict", [("right", 1.0, 1.0), ("wrong", 0.0, 0.0), ("mix", 2 / 3, 1 / 3)])
 def test_ifeval_loose_and_strict_offline(monkeypatch, tmp_path, manager, tiny, tok, mode, loose, strict):
-    cats, hello = "the cats sleep on the warm mat all day and dream of fish.", "hello there, my friend, how are you today?"
+    cats = "the cats sleep on the warm mat all day and dream of fish."
+    hello = "hello there, my friend, how are you today?"
     right = [cats, "The sea is wide. It is blue.", hello]
     wrong = [cats.upper(), "One. Two. Three. Four.", hello.title()]
     # mix: item 1 passes only loosely (its first line is dropped), item 2 passes, item 3 fails.
@@ -292,10 +294,11 @@ def test_likelihood_estimate_is_the_documented_monte_carlo_mean(tiny):
     for k, t in enumerate([1250, 3750]):
         g = torch.Generator().manual_seed(3 + k)
         eps = torch.empty(1, 7, V).normal_(generator=g)
+        simplex = 2 * 5.0 * torch.nn.functional.one_hot(ids, V) - 5.0  # k = 5
         with torch.no_grad():
-            s1 = (ab[t + 1].sqrt() * (2 * 5.0 * torch.nn.functional.one_hot(ids, V) - 5.0) + (1 - ab[t + 1]).sqrt() * 5.0 * eps)
+            s1 = ab[t + 1].sqrt() * simplex + (1 - ab[t + 1]).sqrt() * 5.0 * eps
             prev = tess2.predict(m, ids, span, s1, torch.tensor([(t + 1) / T]))
-            s0 = (ab[t].sqrt() * (2 * 5.0 * torch.nn.functional.one_hot(ids, V) - 5.0) + (1 - ab[t]).sqrt() * 5.0 * eps)
+            s0 = ab[t].sqrt() * simplex + (1 - ab[t]).sqrt() * 5.0 * eps
             logp = torch.log_softmax(tess2.predict(m, ids, span, s0, torch.tensor([t / T]), prev)[0, 4:], -1)
         want += sum(logp[j, c].item() for j, c in enumerate(cont)) / 2
     got, _ = harness.estimate_loglikelihood(m, ctx, cont, samples=2, seed=3, chunk=1)
