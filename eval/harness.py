@@ -316,11 +316,11 @@ class TESS2(LM):
         settings = dict(model=self.name, mc_samples=self.mc_samples, seed=self.seed)
         out = []
         for ctx, cont in pairs:
-            if len(ctx) + len(cont) > self.max_len:  # keep the continuation and the context's end
+            if len(cont) >= self.max_len:
+                raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's "
+                                 f"{self.max_len} positions with BOS before it")
+            if len(ctx) + len(cont) > self.max_len:  # keep BOS, the context's end and the continuation
                 ctx = [self.tok.bos_id] + ctx[len(ctx) + len(cont) - self.max_len + 1:]
-                if len(ctx) < 1 or len(cont) >= self.max_len:
-                    raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's "
-                                     f"{self.max_len} positions")
             key = request_key("ll", settings, ctx, cont)
             if key not in self.scores.records:
                 logp, greedy = estimate_loglikelihood(self.model, ctx, cont, self.mc_samples, self.seed,

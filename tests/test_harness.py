@@ -405,3 +405,16 @@ def test_registered_as_tess2_for_simple_evaluate(tmp_path, manager, monkeypatch)
                                   task_manager=manager, num_fewshot=0, bootstrap_iters=0)
     assert res["results"]["tess2_triviaqa"]["alias_match,none"] == 1.0
     assert stub.calls[0][1]["steps"] == 7 and stub.calls[0][1]["seed"] == 3
+
+
+def test_a_long_context_keeps_bos_its_end_and_the_continuation(tok, monkeypatch):
+    m = constant_model(favoured=tok.encode(" lord")[0], V=tok.vocab_size)
+    lm = harness.TESS2(model=m, tokenizer=tok, chat=False, mc_samples=1, progress_every=0)
+    lm.max_len = 8
+    seen = []
+    monkeypatch.setattr(harness, "estimate_loglikelihood",
+                        lambda model, c, x, *a: seen.append((c, x)) or (0.0, True))
+    lm.score_pairs([([1, 10, 11, 12, 13, 14, 15], [20, 21, 22])], "loglikelihood")
+    assert seen == [([1, 12, 13, 14, 15], [20, 21, 22])]  # 8 positions: BOS, the last 4 of the context, 3
+    with pytest.raises(ValueError, match="does not fit"):
+        lm.score_pairs([([1], list(range(20, 28)))], "loglikelihood")
