@@ -1,0 +1,420 @@
+"""eval/harness.py and eval/tasks/: TESS 2 through lm-evaluation-harness, offline.
+
+Each task runs end to end through lm-eval on a few items written here as JSONL. Where the answers
+must be known, sample.generate is replaced by a stub that answers each prompt from a table (a
+real model cannot be steered to a chosen text); it records what it was asked. The shipped
+miniature model then runs one task through the whole harness for real.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")  # requirements-eval.txt
+
+import eval.harness as harness  # noqa: E402
+import sample  # noqa: E402
+from eval.tasks import paper  # noqa: E402
+from model import Tokenizer, Transformer, preset  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
+LM_EVAL_TASKS = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
+
+
+@pytest.fixture(scope="module")
+def manager():
+    return harness.task_manager(builtin=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    """A random model of the shipped tokenizer's vocabulary that reads 4096 positions (stubbed runs never
+    call it; it only has to accept the prompts)."""
+    torch.manual_seed(0)
+    args = preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=4096, sliding_window=None,
+                  timestep_embed=True, causal=False)
+    return Transformer(args).init_weights().eval()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+class Stub:
+    """Stands in for sample.generate: answers the prompt that ends with a known question, records the calls."""
+
+    def __init__(self, answers: dict):
+        self.answers, self.calls = answers, []
+
+    def __call__(self, model, tokenizer, prompts, **kwargs):
+        self.calls.append((list(prompts), kwargs))
+        out = []
+        for p in prompts:
+            hits = [a for q, a in self.answers.items() if p.rstrip().endswith(q)]
+            assert len(hits) == 1, f"the stub knows no answer to ...{p[-80:]!r}"
+            out.append(hits[0])
+        return out
+
+
+def run(monkeypatch, tmp_path, manager, tiny, tok, yaml, files, answers, **lm_args):
+    stub = Stub(answers)
+    monkeypatch.setattr(harness.sample, "generate", stub)
+    lm = harness.TESS2(model=tiny, tokenizer=tok, output=str(tmp_path / "out"), progress_every=0, **lm_args)
+    task = harness.local_task(manager, yaml, files)
+    res = harness.evaluate(lm, [task], manager, str(tmp_path / "out"), bootstrap_iters=0)
+    return res["results"][task["task"]], stub
+
+
+# -----------------------------------------------------------------------------
+# The paper's tasks, scored exactly: all right, all wrong, a known mix
+
+GSM8K = [("Tom has 40 apples and buys 2 more. How many apples does he have?", "40 + 2 = 42", "42"),
+         ("Ann had 9 pens and lost 3. How many are left?", "9 - 3 = 6", "6"),
+         ("A box holds 5 eggs. How many eggs are in 3 boxes?", "5 * 3 = 15", "15")]
+
+
+def gsm8k_answer(mode, j, gold):
+    right = mode == "right" or (mode == "mix" and j != 1)
+    # a new question after the answer: its number would be "the last number" unless "Q:" cuts it
+    return f"So the answer is {gold if right else int(gold) + 1}.\n\nQ: What is 7 + 100?"
+
+
+@pytest.mark.parametrize("mode,expected", [("right", 1.0), ("wrong", 0.0), ("mix", 2 / 3)])
+def test_gsm8k_cot_last_number_after_stop_strings(monkeypatch, tmp_path, manager, tiny, tok, mode, expected):
+    docs = [{"question": q, "answer": f"{w}\n#### {a}"} for q, w, a in GSM8K]
+    files = {"test": write_jsonl(tmp_path / "gsm8k.jsonl", docs)}
+    answers = {f"Q: {q}\nA:": gsm8k_answer(mode, j, a) for j, (q, _, a) in enumerate(GSM8K)}
+    r, stub = run(monkeypatch, tmp_path, manager, tiny, tok, os.path.join(LM_EVAL_TASKS, "gsm8k", "gsm8k-cot.yaml"),
+                  files, answers)
+    assert r["exact_match,flexible-extract"] == pytest.approx(expected)
+    prompts, kwargs = stub.calls[0]
+    assert prompts[0].startswith("Q: There are 15 trees in the grove.")  # the 8 chain-of-thought examples
+    assert sum(p.count("The answer is") for p in prompts[:1]) == 8
+    assert kwargs["chat"] is True and kwargs["length"] == 256  # lm-eval's default max_gen_toks
+
+
+SQUAD_TRAIN = [{"id": str(j), "title": f"T{j}", "context": f"Context {j}.", "question": f"Train question {j}?",
+                "answers": {"text": [f"answer {j}"], "answer_start": [0]}} for j in range(4)]
+SQUAD = [("Which team won Super Bowl 50?", ["Denver Broncos", "The Denver Broncos"], "The Denver Broncos.",
+          "the Carolina team"),
+         ("Who lost Super Bowl 50?", ["Carolina Panthers"], "Carolina Panthers", "the Carolina team"),
+         ("Where was Super Bowl 50 played?", ["Santa Clara"], "Santa Clara, California", "Paris")]
+
+
+@pytest.mark.parametrize("mode,f1,em", [("right", (1 + 1 + 2 * (2 / 3) / (1 + 2 / 3)) / 3, 2 / 3),
+                                        ("wrong", 0.5 / 3, 0.0),
+                                        ("mix", (1 + 0.5 + 0) / 3, 1 / 3)])
+def test_squad_token_f1_and_exact_match(monkeypatch, tmp_path, manager, tiny, tok, mode, f1, em):
+    # by hand: "Santa Clara, California" vs "Santa Clara": P = 2/3, R = 1, F1 = 0.8, not exact.
+    # "the Carolina team" vs "Carolina Panthers": "carolina team" / "carolina panthers", F1 = 0.5.
+    docs = [{"id": f"v{j}", "title": "Super Bowl 50", "context": "Super Bowl 50 was an American football game.",
+             "question": q, "answers": {"text": g, "answer_start": [0] * len(g)}}
+            for j, (q, g, _, _) in enumerate(SQUAD)]
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", SQUAD_TRAIN),
+             "validation": write_jsonl(tmp_path / "val.jsonl", docs)}
+    pick = {"right": [2, 2, 2], "wrong": [3, 3, 3], "mix": [2, 3, 3]}[mode]
+    answers = {f"Question: {row[0]}\nAnswer:": row[pick[j]] + "\nQuestion: Who else?" for j, row in enumerate(SQUAD)}
+    r, stub = run(monkeypatch, tmp_path, manager, tiny, tok, "tess2_squad", files, answers)
+    assert r["f1,none"] == pytest.approx(f1)
+    assert r["exact_match,none"] == pytest.approx(em)
+    prompts, kwargs = stub.calls[0]
+    assert prompts[0].count("Background: ") == 4 and prompts[0].count("Title: ") == 4  # 3 examples + the item
+    assert prompts[0].startswith("Title: T") and kwargs["length"] == 50
+
+
+TRIVIA = [("Which band recorded Abbey Road", ["The Beatles", "Beatles"], "It was the Beatles, of course", "Queen"),
+          ("How many moons does Earth have", ["1", "one"], "Just one.", "10 of them"),
+          ("What is the capital of France", ["Paris"], "paris", "Lyon")]
+
+
+@pytest.mark.parametrize("mode,expected", [("right", 1.0), ("wrong", 0.0), ("mix", 1 / 3)])
+def test_triviaqa_any_alias_appears_as_whole_words(monkeypatch, tmp_path, manager, tiny, tok, mode, expected):
+    docs = [{"question": q, "question_id": str(j), "answer": {"aliases": a, "value": a[0]}}
+            for j, (q, a, _, _) in enumerate(TRIVIA)]
+    train = [{"question": f"Train {j}", "question_id": f"t{j}", "answer": {"aliases": [f"x{j}"], "value": f"x{j}"}}
+             for j in range(3)]
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", train),
+             "validation": write_jsonl(tmp_path / "val.jsonl", docs)}
+    pick = {"right": [2, 2, 2], "wrong": [3, 3, 3], "mix": [2, 3, 3]}[mode]  # "10 of them" is not "1"
+    answers = {f"Question: {row[0]}\nAnswer:": row[pick[j]] + "\nQuestion: next" for j, row in enumerate(TRIVIA)}
+    r, stub = run(monkeypatch, tmp_path, manager, tiny, tok, "tess2_triviaqa", files, answers)
+    assert r["alias_match,none"] == pytest.approx(expected)
+    assert stub.calls[0][0][0].count("Question: ") == 3  # 2 examples + the item
+
+
+IFEVAL = [{"key": 1, "prompt": "Write about cats, in lowercase letters only.",
+           "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+          {"key": 2, "prompt": "Describe the sea in fewer than 3 sentences.",
+           "instruction_id_list": ["length_constraints:number_sentences"],
+           "kwargs": [{"relation": "less than", "num_sentences": 3}]},
+          {"key": 3, "prompt": "Say hello, in lowercase letters only.",
+           "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}]
+
+
+@pytest.mark.parametrize("mode,loose,strict", [("right", 1.0, 1.0), ("wrong", 0.0, 0.0), ("mix", 2 / 3, 1 / 3)])
+def test_ifeval_loose_and_strict_offline(monkeypatch, tmp_path, manager, tiny, tok, mode, loose, strict):
+    cats = "the cats sleep on the warm mat all day and dream of fish."
+    hello = "hello there, my friend, how are you today?"
+    right = [cats, "The sea is wide. It is blue.", hello]
+    wrong = [cats.upper(), "One. Two. Three. Four.", hello.title()]
+    # mix: item 1 passes only loosely (its first line is dropped), item 2 passes, item 3 fails.
+    # The sentence count runs NLTK-free punkt (paper.py): "Mr." ends no sentence. Language detection
+    # (English is part of the lowercase check) is seeded in paper.py, so the scores are reproducible.
+    mix = ["Sure!\n" + cats, "Mr. Smith saw the sea. It was calm.", hello.upper()]
+    texts = {"right": right, "wrong": wrong, "mix": mix}[mode]
+    files = {"train": write_jsonl(tmp_path / "ifeval.jsonl", IFEVAL)}
+    r, stub = run(monkeypatch, tmp_path, manager, tiny, tok, "tess2_ifeval", files,
+                  {d["prompt"]: t for d, t in zip(IFEVAL, texts)})
+    assert r["prompt_level_loose_acc,none"] == pytest.approx(loose)
+    assert r["prompt_level_strict_acc,none"] == pytest.approx(strict)
+    assert stub.calls[0][1]["length"] == 1280 and stub.calls[0][1]["chat"] is True
+
+
+@pytest.mark.parametrize("mode,expected", [("right", 1.0), ("wrong", 0.0), ("mix", 0.5)])
+def test_bbh_cot_the_answer_is(monkeypatch, tmp_path, manager, tiny, tok, mode, expected):
+    docs = [{"input": "not ( True ) and ( True ) is", "target": "False"},
+            {"input": "True and not not ( not False ) is", "target": "True"}]
+    files = {"test": write_jsonl(tmp_path / "bbh.jsonl", docs)}
+    right = ["not True is False. So the answer is False.\n\nQ: not True is", "So the answer is True.\n\nQ:"]
+    wrong = ["So the answer is True.", "So the answer is False."]
+    texts = {"right": right, "wrong": wrong, "mix": [right[0], wrong[1]]}[mode]
+    answers = {f"Q: {d['input']}\nA: Let's think step by step.": t for d, t in zip(docs, texts)}
+    yaml = os.path.join(LM_EVAL_TASKS, "bbh", "cot_fewshot", "boolean_expressions.yaml")
+    r, _ = run(monkeypatch, tmp_path, manager, tiny, tok, yaml, files, answers)
+    assert r["exact_match,get-answer"] == pytest.approx(expected)
+
+
+def test_paper_item_samples_are_fixed_and_sized():
+    datasets = pytest.importorskip("datasets")
+    docs = datasets.Dataset.from_dict({"i": list(range(3000))})
+    a, b = paper.triviaqa_docs(docs), paper.triviaqa_docs(docs)
+    assert len(a) == 2000 and a["i"] == b["i"] and a["i"] != list(range(2000))
+    assert len(paper.squad_docs(docs)) == 512 and len(paper.squad_docs(docs.select(range(10)))) == 10
+
+
+# -----------------------------------------------------------------------------
+# generate_until: batching, seeds, stop strings, resume, progress
+
+
+class Request:  # what lm-eval hands a model: .args
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_generate_until_groups_by_length_seeds_by_position_and_resumes(monkeypatch, tmp_path, tiny, tok, capsys):
+    stub = Stub({"short": "A.\nB", "a longer prompt": "C. D", "x": "cut. here"})
+    monkeypatch.setattr(harness.sample, "generate", stub)
+    out = str(tmp_path / "out")
+    lm = harness.TESS2(model=tiny, tokenizer=tok, batch_size=2, seed=10, output=out, progress_every=0)
+    reqs = [Request("a longer prompt", {"until": ["\n"], "max_gen_toks": 32}),
+            Request("short", {"until": ["\n"], "max_gen_toks": 32}),
+            Request("x", {"until": ".", "max_gen_toks": 8})]
+    assert lm.generate_until(reqs) == ["C. D", "A.", "cut"]
+    # sorted by (max_gen_toks, length): ["x"] alone (8 positions), then ["short", "a longer prompt"]
+    assert [(c[0], c[1]["length"], c[1]["seed"], c[1]["batch_size"]) for c in stub.calls] == [
+        (["x"], 8, 10, 1), (["short", "a longer prompt"], 32, 11, 2)]
+    assert "tess2 generate_until: 3/3 items" in capsys.readouterr().err
+    with open(os.path.join(out, "generations.jsonl")) as f:
+        assert sorted(json.loads(line)["raw"] for line in f) == ["A.\nB", "C. D", "cut. here"]
+    # a second run with the same settings reads every generation back; other settings sample anew
+    monkeypatch.setattr(harness.sample, "generate", lambda *a, **k: pytest.fail("resumed run sampled again"))
+    again = harness.TESS2(model=tiny, tokenizer=tok, batch_size=2, seed=10, output=out)
+    assert again.generate_until(reqs) == ["C. D", "A.", "cut"]
+    other = harness.TESS2(model=tiny, tokenizer=tok, batch_size=2, seed=11, output=out)
+    with pytest.raises(pytest.fail.Exception):
+        other.generate_until(reqs)
+
+
+def test_cut_at_stop_takes_the_earliest_stop_string():
+    assert harness.cut_at_stop("a Q b \n\n c", ["\n\n", "Q"]) == "a "
+    assert harness.cut_at_stop("abc", []) == "abc" and harness.cut_at_stop("abc", "c") == "ab"
+
+
+def test_progress_reports_items_per_second_and_eta():
+    import io
+    s = io.StringIO()
+    p = harness.Progress("generate_until", 4, every=0, stream=s)
+    p.t0 -= 10  # 10 s ago
+    p.update(2)
+    line = s.getvalue()
+    assert "2/4 items" in line and "0.20 items/s" in line and "ETA 0:00:10" in line
+
+
+# -----------------------------------------------------------------------------
+# The likelihood estimate
+
+
+def constant_model(favoured: int, V: int = 64):
+    """A diffusion model whose every prediction puts (nearly) all mass on one token: no attention or
+    MLP output, an embedding with a constant first coordinate, a final norm that keeps only it, and an
+    LM head that maps it to token `favoured`: its logit is 50 sqrt(D) = 400 (D = 64), every other 0."""
+    args = preset("tiny", vocab_size=V, timestep_embed=True, causal=False)
+    m = Transformer(args).init_weights().eval()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        m.embed_tokens.weight.zero_()
+        m.embed_tokens.weight[:, 0] = 1.0  # p @ E and E[w] are both (1, 0, ..., 0): after the norm sqrt(D) e_0
+        m.model.norm.weight.zero_()
+        m.model.norm.weight[0] = 1.0
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[favoured, 0] = 50.0
+    return m
+
+
+def test_likelihood_ranks_the_continuation_the_model_favours():
+    m = constant_model(favoured=7)
+    right, r_greedy = harness.estimate_loglikelihood(m, [1, 5, 6], [7, 7], samples=4, seed=0)
+    wrong, w_greedy = harness.estimate_loglikelihood(m, [1, 5, 6], [9, 7], samples=4, seed=0)
+    assert right > wrong and r_greedy and not w_greedy
+    assert right == pytest.approx(0.0, abs=1e-6) and wrong == pytest.approx(-400.0, rel=1e-3)
+
+
+def test_likelihood_estimate_is_the_documented_monte_carlo_mean(tiny):
+    """Restated: K = 2 draws, t_k = floor((k + 1/2) T / K), eps_k from seed + k, self-conditioned on the
+    prediction at t_k + 1 with the same eps; the mean over draws of the continuation's summed log-probs."""
+    import tess2
+    torch.manual_seed(1)
+    m = Transformer(preset("tiny", timestep_embed=True, causal=False)).init_weights().eval()
+    ctx, cont, T, V = [1, 5, 6, 8], [9, 10, 11], 5000, m.args.vocab_size
+    ids = torch.tensor([ctx + cont])
+    span = torch.tensor([[False] * 4 + [True] * 3])
+    ab = tess2.alpha_bar(torch.arange(T, dtype=torch.float64) / T).float()
+    want = 0.0
+    for k, t in enumerate([1250, 3750]):
+        g = torch.Generator().manual_seed(3 + k)
+        eps = torch.empty(1, 7, V).normal_(generator=g)
+        simplex = 2 * 5.0 * torch.nn.functional.one_hot(ids, V) - 5.0  # k = 5
+        with torch.no_grad():
+            s1 = ab[t + 1].sqrt() * simplex + (1 - ab[t + 1]).sqrt() * 5.0 * eps
+            prev = tess2.predict(m, ids, span, s1, torch.tensor([(t + 1) / T]))
+            s0 = ab[t].sqrt() * simplex + (1 - ab[t]).sqrt() * 5.0 * eps
+            logp = torch.log_softmax(tess2.predict(m, ids, span, s0, torch.tensor([t / T]), prev)[0, 4:], -1)
+        want += sum(logp[j, c].item() for j, c in enumerate(cont)) / 2
+    got, _ = harness.estimate_loglikelihood(m, ctx, cont, samples=2, seed=3, chunk=1)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert harness.estimate_loglikelihood(m, ctx, cont, samples=2, seed=3, chunk=2)[0] == pytest.approx(got, rel=1e-5)
+    assert harness.estimate_loglikelihood(m, ctx, cont, samples=2, seed=4)[0] != got  # another seed, other noise
+
+
+def test_multiple_choice_task_through_lm_eval(tmp_path, manager, tok):
+    """A multiple-choice task (loglikelihood requests): the choice the model favours wins every item."""
+    favoured = tok.encode(" lord")
+    assert len(favoured) == 1 and len(tok.encode(" king")) == 1
+    m = constant_model(favoured[0], V=tok.vocab_size)
+    docs = [{"q": "Who rules?", "gold": 0}, {"q": "Who speaks?", "gold": 0}, {"q": "Who is crowned?", "gold": 1}]
+    task = {"task": "yes_no", "dataset_path": "json", "dataset_kwargs": {"data_files": {
+        "test": write_jsonl(tmp_path / "yn.jsonl", docs)}}, "test_split": "test", "output_type": "multiple_choice",
+        "doc_to_text": "{{q}}", "doc_to_choice": ["lord", "king"], "doc_to_target": "gold",
+        "metric_list": [{"metric": "acc"}]}
+    lm = harness.TESS2(model=m, tokenizer=tok, chat=False, mc_samples=2, progress_every=0)
+    res = harness.evaluate(lm, [task], manager, bootstrap_iters=0)
+    assert res["results"]["yes_no"]["acc,none"] == pytest.approx(2 / 3)  # always " lord": right on 2 of 3
+    assert len(lm.scores.records) == 6  # 3 items x 2 choices, each estimated once
+
+
+def test_loglikelihood_rolling_sums_disjoint_windows(tok):
+    m = constant_model(favoured=tok.encode(" lord")[0], V=tok.vocab_size)
+    lm = harness.TESS2(model=m, tokenizer=tok, chat=False, mc_samples=1, progress_every=0)
+    lm.max_len = 6  # windows of 4 tokens
+    text = " lord" * 10
+    (total,) = lm.loglikelihood_rolling([Request(text)])
+    assert total == pytest.approx(0.0, abs=1e-4)  # every token is the favoured one
+    assert len(lm.scores.records) == 3  # 10 tokens: windows of 4, 4, 2
+    (worse,) = lm.loglikelihood_rolling([Request(" king" + " lord" * 9)])
+    assert worse == pytest.approx(-400.0, rel=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# The shipped miniature model through the whole harness, and the command line
+
+
+def test_miniature_model_runs_a_task_through_the_command_line(tmp_path, tok, monkeypatch):
+    seen = []
+    real = sample.diffuse
+
+    def spy(model, ids, *args, **kwargs):  # records the rows the model saw
+        seen.extend(tok.tokenizer.decode(r, skip_special_tokens=False) for r in ids.tolist())
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "diffuse", spy)
+    docs = [{"question": "Who says this in Hamlet? To be, or not to be", "question_id": "a",
+             "answer": {"aliases": ["Hamlet"], "value": "Hamlet"}},
+            {"question": "Who says this in Julius Caesar? Friends, Romans, countrymen", "question_id": "b",
+             "answer": {"aliases": ["Antony"], "value": "Antony"}}]
+    val = write_jsonl(tmp_path / "val.jsonl", docs)
+    out = tmp_path / "out"
+    harness.main(["--tasks", "tess2_triviaqa", "--data-files", f"train={val},validation={val}", "--steps", "2",
+                  "--num-fewshot", "0", "--output", str(out), "--bootstrap-iters", "0"])
+    res = json.loads((out / "results.json").read_text())["results"]["tess2_triviaqa"]
+    with open(out / "generations.jsonl") as f:
+        gens = [json.loads(line) for line in f]
+    assert len(gens) == 2 and len(seen) == 2
+    assert all(r.startswith("<s><|user|>\nQuestion: Who says this in ") and "\nAnswer:\n<|assistant|>\n" in r
+               for r in seen)  # the Tulu template around each prompt, as the model saw it
+    by_q = {g["context"].split("\n")[0][len("Question: "):]: g["raw"] for g in gens}
+    want = sum(paper.triviaqa_results(d, [harness.cut_at_stop(by_q[d["question"]], ["\n"])])["alias_match"]
+               for d in docs) / 2
+    assert res["alias_match,none"] == want
+    assert (out / "samples_tess2_triviaqa.jsonl").exists()
+
+
+def test_command_line_mistakes_are_one_line(tmp_path, capsys):
+    from common import run_cli
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--tasks", "tess2_squad", "--output", str(tmp_path / "file")], "is a file"),
+                          (["--tasks", "tess2_squad,tess2_ifeval", "--data-files", "test=x.jsonl", "--output",
+                            str(tmp_path / "o")], "one task"),
+                          (["--tasks", "tess2_squad", "--data-files", "test=missing.jsonl", "--output",
+                            str(tmp_path / "o")], "no such file"),
+                          (["--tasks", "tess2_squad", "--data-files", "train", "--output", str(tmp_path / "o")],
+                           "SPLIT=PATH")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(harness.main, "eval.harness", argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_task_is_named(tmp_path, capsys, monkeypatch):
+    from common import run_cli
+    ours_only = harness.task_manager
+    monkeypatch.setattr(harness, "task_manager", lambda builtin=True: ours_only(builtin=False))  # skip lm-eval's index
+    with pytest.raises(SystemExit) as e:
+        run_cli(harness.main, "eval.harness", ["--tasks", "tess2_nope", "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and "unknown task(s) tess2_nope" in capsys.readouterr().err
+
+
+def test_registered_as_tess2_for_simple_evaluate(tmp_path, manager, monkeypatch):
+    """lm-eval builds the model from its name and a model_args string."""
+    docs = [{"question": "Which band recorded Abbey Road", "question_id": "a",
+             "answer": {"aliases": ["The Beatles"], "value": "The Beatles"}}]
+    val = write_jsonl(tmp_path / "val.jsonl", docs)
+    stub = Stub({"Question: Which band recorded Abbey Road\nAnswer:": "The Beatles\n"})
+    monkeypatch.setattr(harness.sample, "generate", stub)
+    task = harness.local_task(manager, "tess2_triviaqa", {"train": val, "validation": val})
+    res = lm_eval.simple_evaluate(model="tess2", model_args=f"pretrained={SHIPPED},steps=7,seed=3", tasks=[task],
+                                  task_manager=manager, num_fewshot=0, bootstrap_iters=0)
+    assert res["results"]["tess2_triviaqa"]["alias_match,none"] == 1.0
+    assert stub.calls[0][1]["steps"] == 7 and stub.calls[0][1]["seed"] == 3
+
+
+def test_a_long_context_keeps_bos_its_end_and_the_continuation(tok, monkeypatch):
+    m = constant_model(favoured=tok.encode(" lord")[0], V=tok.vocab_size)
+    lm = harness.TESS2(model=m, tokenizer=tok, chat=False, mc_samples=1, progress_every=0)
+    lm.max_len = 8
+    seen = []
+    monkeypatch.setattr(harness, "estimate_loglikelihood",
+                        lambda model, c, x, *a: seen.append((c, x)) or (0.0, True))
+    lm.score_pairs([([1, 10, 11, 12, 13, 14, 15], [20, 21, 22])], "loglikelihood")
+    assert seen == [([1, 12, 13, 14, 15], [20, 21, 22])]  # 8 positions: BOS, the last 4 of the context, 3
+    with pytest.raises(ValueError, match="does not fit"):
+        lm.score_pairs([([1], list(range(20, 28)))], "loglikelihood")
