@@ -29,7 +29,8 @@ import sample
 from common import atomic_write, run_cli
 from eval.harness import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, check_output, resolve_default
 from eval.metrics import distinct_n, perplexity, unigram_entropy
-from model import Tokenizer, Transformer
+from model import Transformer
+from tokenizer import Tokenizer
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -60,7 +61,7 @@ def features(scorer, tok, texts: list[str], max_len: int = 1024) -> torch.Tensor
     out = []
     for text in texts:
         ids = torch.tensor([[tok.bos_id] + tok.encode(text)[:max_len - 1]], device=dev)  # (1, T)
-        out.append(scorer(ids, causal=True, hidden_only=True)[0, -1].float().cpu())  # (D,)
+        out.append(scorer.hidden_states(ids, causal=True)[0, -1].float().cpu())  # (D,)
     return torch.stack(out)
 
 

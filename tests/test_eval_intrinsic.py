@@ -10,7 +10,8 @@ mauve = pytest.importorskip("mauve")  # requirements-eval.txt
 
 import eval.intrinsic as intrinsic  # noqa: E402
 import eval.sweep as sweep  # noqa: E402
-from model import Tokenizer, Transformer, preset  # noqa: E402
+from model import Transformer, preset  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
@@ -43,7 +44,7 @@ def test_features_are_the_last_tokens_final_hidden_state(scorer_dir):
     scorer, tok = Transformer.from_pretrained(scorer_dir, verbose=False).eval(), Tokenizer(scorer_dir)
     ids = torch.tensor([[tok.bos_id] + tok.encode("that is the question")])
     with torch.no_grad():
-        want = scorer(ids, causal=True, hidden_only=True)[0, -1]
+        want = scorer.hidden_states(ids, causal=True)[0, -1]
     torch.testing.assert_close(intrinsic.features(scorer, tok, ["that is the question"])[0], want)
 
 

@@ -16,7 +16,8 @@ lm_eval = pytest.importorskip("lm_eval")  # requirements-eval.txt
 import eval.harness as harness  # noqa: E402
 import sample  # noqa: E402
 from eval.tasks import paper  # noqa: E402
-from model import Tokenizer, Transformer, preset  # noqa: E402
+from model import Transformer, preset  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
