@@ -542,7 +542,8 @@ def test_killed_at_random_moments_and_resumed_it_is_the_unbroken_run(data, tmp_p
             p.send_signal(signal.SIGTERM if attempt == 4 else signal.SIGKILL)
         err = p.communicate(timeout=120)[1]
         codes.append(p.returncode)
-        assert p.returncode in (0, -9, 143), err[-3000:]
+        # -15: the SIGTERM came after main had returned and put Python's default handler back
+        assert p.returncode in (0, -9, -15, 143), err[-3000:]
         if p.returncode in (0, 143):  # it cleaned up before exiting
             assert not [d for d in os.listdir(out) if d.startswith((".tmp-", ".old-"))]
         if p.returncode == 0 and [r["step"] for r in read_log(out)["train"]][-1:] == [5]:
