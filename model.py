@@ -73,6 +73,12 @@ class ModelArgs:
                              f"of num_key_value_heads ({self.num_key_value_heads})")
 
     @property
+    def max_length(self) -> int:
+        """The longest sequence this model reads: its positions, and no more than its sliding window
+        (windowed attention is not implemented; Mistral v0.1's 4096 changes nothing below that)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    @property
     def architecture(self) -> str:
         family = {"mistral": "Mistral", "llama": "Llama"}[self.model_type]
         if self.head == "score":

@@ -90,11 +90,6 @@ def settings_for(generation_config: dict | None, max_len: int, **overrides) -> S
     return s.check()
 
 
-def max_length(args: ModelArgs) -> int:
-    """The longest row a model reads: its positions, and no more than its sliding window."""
-    return min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
-
-
 # -----------------------------------------------------------------------------
 # Rows: prompt -> context ids, span mask, row length
 
@@ -288,7 +283,7 @@ def check_pair(args: ModelArgs, tokenizer, rm_args: ModelArgs | None = None, rm_
 def plan(tokenizer, prompts, s: Settings, args: ModelArgs) -> list[Batch]:
     """All batches of a run, checked before any sampling: prompt j gets seed s.seed + j."""
     fill = tokenizer.pad_id if tokenizer.pad_id < args.vocab_size else tokenizer.eos_id  # never read
-    return [make_batch(tokenizer, prompts[i:i + s.batch_size], s, max_length(args), fill, i)
+    return [make_batch(tokenizer, prompts[i:i + s.batch_size], s, args.max_length, fill, i)
             for i in range(0, len(prompts), s.batch_size)]
 
 
@@ -346,7 +341,7 @@ def generate(model, tokenizer, prompts, settings: Settings | None = None, *, rew
     total_length=, length=, seed=, eta=, ...). Prompt j is sampled with seed + j."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if settings is None:
-        settings = settings_for(getattr(model, "generation_config", None), max_length(model.args), **overrides)
+        settings = settings_for(getattr(model, "generation_config", None), model.args.max_length, **overrides)
     else:
         settings = dataclasses.replace(settings, **overrides).check()
     if settings.eta and reward_model is None:
@@ -501,7 +496,7 @@ def prepare(a):
     check_pair(args, tok, rm_args, rm_tok)
     gen_file = os.path.join(path, "generation_config.json")
     gen_cfg = read_json(gen_file, "generation config") if os.path.exists(gen_file) else None
-    s = settings_for(gen_cfg, max_length(args), **a.overrides)
+    s = settings_for(gen_cfg, args.max_length, **a.overrides)
     return device, prompts, path, rm_path, tok, s, plan(tok, prompts, s, args)
 
 

@@ -115,13 +115,12 @@ def predict(model, ids, span_mask, S_t, t, prev_logits=None, key_padding_mask=No
 # Training loss (Eq. 3, §5-6)
 
 
-def diffusion_loss(model, ids, span_mask, t=None, eps=None, self_condition=None, generator=None,
-                   k: float = SIMPLEX_VALUE, num_steps: int = NUM_TRAIN_STEPS, reduction="mean",
-                   extra_pass=None):
+def diffusion_loss(model, ids, span_mask, t, eps, self_condition=False, k: float = SIMPLEX_VALUE,
+                   num_steps: int = NUM_TRAIN_STEPS, reduction="mean", extra_pass=None):
     """
-    One training step's loss. ids (B, L), span_mask (B, L) bool.
-    t (B,) integer timesteps in [0, T), eps (B, L, V) noise and self_condition are drawn from
-    `generator` when not given (uniform t per sequence; self-conditioning with prob 0.5).
+    One training step's loss. ids (B, L), span_mask (B, L) bool, t (B,) integer timesteps in
+    [0, T) (uniform per sequence), eps (B, L, V) ~ N(0, I): the caller draws them (train.py, from
+    each sequence's global index).
     self_condition: a bool for the whole batch, or a (B,) bool tensor, one coin per sequence
     (a row without it sees prev_logits = 0, i.e. uniform, as in predict). The t+1 pass runs if any
     row needs it, or always with extra_pass=True (a sharded model runs the same passes on every rank).
@@ -130,15 +129,7 @@ def diffusion_loss(model, ids, span_mask, t=None, eps=None, self_condition=None,
     the per-sequence pair (sums (B,), counts (B,)) for a per-sequence mean.
     """
     B, L = ids.shape
-    V = model.args.vocab_size
     dev = ids.device
-    gdev = generator.device if generator is not None else dev  # draw where the generator lives
-    if t is None:
-        t = torch.randint(0, num_steps, (B,), generator=generator, device=gdev).to(dev)
-    if eps is None:
-        eps = torch.randn(B, L, V, generator=generator, device=gdev).to(dev)
-    if self_condition is None:
-        self_condition = bool(torch.rand((), generator=generator) < 0.5)
     rows = torch.as_tensor(self_condition, dtype=torch.bool).expand(B)  # (B,), on the host when given so
     ab = lambda t: alpha_bar(t.double() / num_steps).float()  # = alpha_bars(T)[t], made on t's device  # noqa: E731
     prev_logits = None
