@@ -11,7 +11,6 @@ checkpoint loads by name with no conversion, and transformers loads what we save
 Mistral v0.1's 4096-token sliding window changes nothing up to that length (TESS 2 uses 2048);
 longer inputs are refused rather than silently given full attention.
 """
-import hashlib
 import json
 import os
 import shutil

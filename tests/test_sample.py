@@ -7,9 +7,9 @@ a "model" that always predicts a fixed text and a reward model that likes one to
 import html
 import json
 import os
+import math
 import subprocess
 import sys
-import math
 import types
 from html.parser import HTMLParser
 
@@ -17,11 +17,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 import data.chat
-from conftest import word_tokenizer
+import rows
 import sample
 import tess2
 import views
+from conftest import word_tokenizer
 from model import Transformer, preset
 from tokenizer import Tokenizer
 
@@ -107,11 +109,11 @@ class LikesToken(nn.Module):
 
 
 def settings(**kw):
-    return sample.Settings(**{"total_length": None, **kw}).check()
+    return rows.Settings(**{"total_length": None, **kw}).check()
 
 
 def batch(tok, prompts, **kw):
-    return sample.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
+    return rows.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
 
 
 def test_seeded_runs_are_reproducible_and_different_seeds_differ(model, tok):
@@ -216,7 +218,7 @@ def test_context_tokens_never_change(model, tok):
     gens = sample.generate(model, tok, ["write a sonnet", "the cat sat on the mat and the dog"], steps=6, length=10,
                            record=True)
     for g, prompt in zip(gens, ["write a sonnet", "the cat sat on the mat and the dog"]):
-        ids, _ = sample.encode_prompt(tok, prompt)
+        ids, _ = rows.encode_prompt(tok, prompt)
         n = len(ids)
         assert g.predictions.shape == g.confidence.shape == (6, n + 10)
         assert torch.equal(g.predictions[:, :n], torch.tensor(ids).expand(6, -1))  # at every step
@@ -229,10 +231,10 @@ def test_the_confidence_shown_is_the_top_probability():
 
 
 def test_chat_prompts_are_stripped_and_templated_as_in_training(tok):
-    ids, span = sample.encode_prompt(tok, "  write a sonnet \n")
-    assert ids == sample.encode_prompt(tok, "write a sonnet")[0] == data.chat.encode_prompt(tok, "write a sonnet")
+    ids, span = rows.encode_prompt(tok, "  write a sonnet \n")
+    assert ids == rows.encode_prompt(tok, "write a sonnet")[0] == data.chat.encode_prompt(tok, "write a sonnet")
     assert ids == [tok.bos_id] + tok.encode("<|user|>\nwrite a sonnet\n<|assistant|>\n") and not any(span)
-    assert sample.encode_prompt(tok, " the cat", chat=False)[0] == [tok.bos_id] + tok.encode(" the cat")
+    assert rows.encode_prompt(tok, " the cat", chat=False)[0] == [tok.bos_id] + tok.encode(" the cat")
 
 
 def test_infilling_generates_only_inside_the_gaps(model, tok):
@@ -340,12 +342,12 @@ def test_rows_that_exit_leave_the_batch_and_the_others_go_on_unchanged(sharp, to
 
 
 def test_a_checkpoint_without_generation_config_gets_the_released_evaluation_defaults(model, tok):
-    s = sample.settings_for(None, 4096)
+    s = rows.settings_for(None, 4096)
     assert (s.steps, s.top_p, s.total_length, s.length, s.guidance_steps, s.tau) == (100, 0.99, 2048, None, 1, 1.0)
-    assert sample.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
+    assert rows.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
     g = sample.generate(model, tok, ["the cat"], steps=2, details=True)[0]  # tiny model: 1024 positions
     assert g.steps_used == 2
-    assert sample.plan(tok, ["the cat"], sample.settings_for(None, 1024), model.args)[0].lengths == [1024]
+    assert rows.plan(tok, ["the cat"], rows.settings_for(None, 1024), model.args)[0].lengths == [1024]
 
 
 def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, tok, capsys):
@@ -354,18 +356,18 @@ def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, 
         json.dump({"steps": 3, "top_p": 0.9, "total_length": 20, "guidance_steps": 2, "chat": False}, f)
     m = Transformer.from_pretrained(ckpt, verbose=False)
     assert m.generation_config["total_length"] == 20
-    s = sample.settings_for(m.generation_config, 1024)
+    s = rows.settings_for(m.generation_config, 1024)
     assert (s.steps, s.top_p, s.total_length, s.guidance_steps, s.chat) == (3, 0.9, 20, 2, False)
     g = sample.generate(m, tok, ["the cat"], details=True)[0]
     assert g.steps_used == 3
-    assert sample.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
-    assert sample.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
+    assert rows.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
+    assert rows.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
     gens = sample.main(["--model", ckpt, "--prompt", "the cat", "--json", "--steps", "2"])
     assert gens[0].steps_used == 2 and json.loads(capsys.readouterr().out)["steps_used"] == 2
 
 
 def test_the_shipped_model_carries_short_rows(tok):
-    s = sample.settings_for(sample.read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
+    s = rows.settings_for(common.read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
     assert s.total_length <= 256 and s.guidance_steps == 1
 
 
@@ -573,9 +575,9 @@ def test_cli_end_to_end_with_json_and_html(ckpt, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
-    rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["write a sonnet <about> & the sea", "the cat <mask:2> on the mat"]
-    for r in rows:
+    outputs = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["prompt"] for r in outputs] == ["write a sonnet <about> & the sea", "the cat <mask:2> on the mat"]
+    for r in outputs:
         assert set(r) == {"prompt", "text", "tokens", "steps_used", "seconds"} and r["steps_used"] == 4
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>")
@@ -583,5 +585,5 @@ def test_cli_end_to_end_with_json_and_html(ckpt, tmp_path):
     parser.feed(text)
     parser.close()
     assert parser.stack == ["html"] or parser.stack == []
-    assert html.escape(rows[0]["text"]) in text and "&lt;about&gt; &amp; the sea" in text
-    assert rows[0]["text"] in "".join(parser.text)
+    assert html.escape(outputs[0]["text"]) in text and "&lt;about&gt; &amp; the sea" in text
+    assert outputs[0]["text"] in "".join(parser.text)
