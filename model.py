@@ -126,7 +126,7 @@ class ModelArgs:
         return cfg
 
 
-# the CPU miniature (issue 6): a few million parameters
+# the CPU miniature (README, "TESS 2 in miniature"): a few million parameters
 _SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
               num_key_value_heads=4, max_position_embeddings=2048, sliding_window=None)
 PRESETS = {
@@ -138,7 +138,7 @@ PRESETS = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None),
     "small": _SMALL,
-    # the miniature of issue 6 (eval/miniature.sh): a 4.9M-parameter model and a 0.9M reward
+    # the miniature (eval/miniature.sh): a 4.9M-parameter model and a 0.9M reward
     # model, small enough to ship together in bf16 and to train on 2 CPU cores
     "shakespeare": dict(_SMALL, num_hidden_layers=4, max_position_embeddings=1024),
     "shakespeare-rm": dict(_SMALL, hidden_size=128, intermediate_size=344, num_hidden_layers=2,

@@ -38,7 +38,7 @@ DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"  # with --eta and no --rewa
 
 def renoise_(S, tokens, alpha_bar, generators, lengths):
     """tess2.renoise in S's own buffer: S <- sqrt(alpha_bar) simplex(tokens) + sqrt(1 - alpha_bar) k eps
-    with each row's eps drawn from its generator over its own length (padding stays 0). S (B, L, V) is
+    with each row's eps drawn from its generator over its own length (none at padding). S (B, L, V) is
     scaled, shifted by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no second
     (B, L, V) tensor. alpha_bar is a float (one step for the whole batch)."""
     k = tess2.SIMPLEX_VALUE

@@ -165,6 +165,22 @@ def sharp():
     return m.eval()
 
 
+def test_the_in_place_renoising_is_tess2_renoise_with_each_rows_noise():
+    """sample.renoise_ turns S's buffer into Eq. 4's S_{t-1}; each row's noise comes from its own
+    generator over its own length; padding positions draw no noise."""
+    g = torch.Generator().manual_seed(0)
+    tokens, lengths, a = torch.randint(30, (2, 6), generator=g), [6, 4], 0.37
+    S = torch.randn(2, 6, 30)
+    out = sample.renoise_(S, tokens, a, tess2.row_generators([5, 6]), lengths)
+    assert out.data_ptr() == S.data_ptr()
+    eps = torch.zeros(2, 6, 30)
+    for b, (seed, n) in enumerate(zip([5, 6], lengths)):
+        eps[b, :n].normal_(generator=torch.Generator().manual_seed(seed))
+    expected = tess2.renoise(tokens, eps, torch.full((2,), a))
+    torch.testing.assert_close(out[0], expected[0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out[1, :4], expected[1, :4], rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("top_p", [None, 0.6])
 def test_the_reverse_process_is_the_one_written_out(sharp, tok, top_p):
     """Catches re-noising with alpha_bar_i instead of alpha_bar_{i-1}, re-noising from the argmax instead
