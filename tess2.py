@@ -255,7 +255,8 @@ def _nucleus(logits, top_p: float, head: int = 64):
     yields (rows (r,), cum (r, k), token (r, k), kept (r,)) until every row is covered: for rows
     `rows`, the k most probable tokens in descending order, their cumulative probabilities and
     how many of them are kept. cum is the full sort's cumsum bit for bit (cumsum is sequential on
-    CPU, and the k largest probabilities in descending order are the sorted row's first k), and
+    CPU, and the k largest probabilities in descending order are the sorted row's first k; a GPU's
+    parallel scan may round the last bit differently, which matters only at a tie with top_p), and
     the mass before an entry only grows along the row, so the top-k holds the whole kept set once
     the mass before its last entry exceeds top_p. Tried in turn: the top 64; a top-k sized from a
     histogram of binary exponents; the full sort. Ties: tokens of equal probability may come in
