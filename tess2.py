@@ -257,8 +257,8 @@ def _nucleus(logits, top_p: float, head: int = 64):
     how many of them are kept. cum is the full sort's cumsum bit for bit (cumsum is sequential on
     CPU, and the k largest probabilities in descending order are the sorted row's first k; a GPU's
     parallel scan may round the last bit differently, which matters only at a tie with top_p), and
-    the mass before an entry only grows along the row, so the top-k holds the whole kept set once
-    the mass before its last entry exceeds top_p. Tried in turn: the top 64; a top-k sized from a
+    the mass before an entry only grows along the row (cum grows, p shrinks), so the top-k holds the
+    whole kept set once the mass before its last entry exceeds top_p. Tried in turn: the top 64; a top-k sized from a
     histogram of binary exponents; the full sort. Ties: tokens of equal probability may come in
     either order, as in the sort, so at the boundary any of them may be the ones kept."""
     probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
@@ -275,12 +275,13 @@ def _nucleus(logits, top_p: float, head: int = 64):
             return
         yield rows[done], cum[done], token[done], kept[done]
         rows, need = rows[~done], (top_p - before[~done, -1]) / p[~done, -1].clamp(min=1e-30)
-        if k != min(head, V) or need.max() > V // 2:  # every later entry is at most p[:, -1]: too many
-            k = V
+        if k > head or need.max() > V // 2:  # after the second try, or (every later entry being at
+            k = V                                # most p[:, -1]) when over half of V is still needed
             continue
         # Second try: bucket each probability by its binary exponent (bucket j holds [2^-j, 2^(1-j)),
         # zeros and subnormals in 127), find the first bucket j* where the mass of buckets 0..j*
-        # exceeds top_p; the top (count of buckets 0..j*) + 1 then holds the kept set.
+        # exceeds top_p; the top (count of buckets 0..j*) + 1 then holds the kept set (checked above,
+        # as the histogram's sums round differently from cumsum's).
         left = probs[rows]  # (r, V)
         bucket = (127 - (left.view(torch.int32) >> 23)).long()  # the float's exponent field
         mass = left.new_zeros(len(rows), 128).scatter_add_(1, bucket, left).cumsum(-1)  # (r, 128)

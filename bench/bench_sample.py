@@ -86,11 +86,11 @@ def released_loop(model, ids, span_mask, steps, top_p, generator, k=tess2.SIMPLE
 
 def sort_project(logits, top_p, generator=None):
     """Nucleus sampling by a full sort of V and torch.multinomial: the definition, as tess2.project
-    computed it before. logits (n, V) -> tokens (n,)."""
-    probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
+    computed it before. logits (..., V) -> tokens (...)."""
+    probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])  # (n, V)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     sorted_p.masked_fill_(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)  # drop once the mass before exceeds top_p
-    return order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).squeeze(-1)
+    return order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).view(logits.shape[:-1])
 
 
 def shipped_logits(n):
@@ -161,7 +161,9 @@ def worker(a):
     g = torch.Generator(device=dev).manual_seed(0)
     ids = torch.randint(a.vocab, (B, L), generator=g, device=dev)
     span_mask = (torch.arange(L, device=dev) >= prompt).expand(B, L).contiguous()
-    run = {"released": released_loop, "ours": ours, "ours+guidance": ours}[a.impl]
+    run = {"released": released_loop, "ours": ours, "ours+guidance": ours, "ours-sort": ours}[a.impl]
+    if a.impl == "ours-sort":  # sample.diffuse as it is, with the projection as it was
+        tess2.project = lambda logits, top_p=None, generator=None: sort_project(logits, top_p, generator)
     kw = dict(reward_model=rm) if rm is not None else {}
     cuda = dev.type == "cuda"
     if cuda:
@@ -197,7 +199,8 @@ def main():
     p.add_argument("--length", type=int, default=512, help="row length L (the first 32 positions are context)")
     p.add_argument("--steps", type=int, default=10, help="diffusion steps")
     p.add_argument("--impl", nargs="+", default=["released", "ours", "ours+guidance"],
-                   help="implementations: released, ours, ours+guidance (reward guidance, G=5, same layers)")
+                   help="implementations: released, ours, ours+guidance (reward guidance, G=5, same layers), "
+                        "ours-sort (ours with the full-sort projection tess2.project had before)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="weights and logits (default float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
