@@ -56,7 +56,8 @@ if a.cpu_smoke:
 else:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     big = dict(vocab_size=32001)  # Mistral-7B's layers (preset mistral-7b) with TESS 2's vocabulary
-    mid = dict(vocab_size=32001, hidden_size=2048, intermediate_size=7168, num_attention_heads=16, num_key_value_heads=4)
+    mid = dict(vocab_size=32001, hidden_size=2048, intermediate_size=7168, num_attention_heads=16,
+               num_key_value_heads=4)
     V = 32001
 cuda = dev.type == "cuda"
 
@@ -149,8 +150,8 @@ def attention():
               f"{why.replace('|', '/')[:300]} |", flush=True)
 
 
-@section("Logits in bf16 vs fp32 (mid-size model)", ["dtype", "forward ms", "max |logit - fp32|",
-                                                      "mean |logit - fp32|", "top-1 agreement"])
+@section("Logits in bf16 vs fp32 (mid-size model)", ["dtype", "forward ms", "max abs diff to fp32",
+                                                      "mean abs diff to fp32", "top-1 agreement"])
 def logits_dtype():
     args = preset("mistral-7b", **mid, num_hidden_layers=8, timestep_embed=True, causal=False)
     ref = build(args, torch.float32)
@@ -163,11 +164,11 @@ def logits_dtype():
         diff = (got - want).abs()
         agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
         print(f"| {str(dt)[6:]} | {ms:.1f} | {diff.max():.4f} | {diff.mean():.5f} | {agree:.4f} |", flush=True)
-        del model, got, diff
+        del got, diff
 
 
 @section("torch.compile of tess2.predict (fullgraph=True: a graph break is an error)",
-         ["self-conditioning", "compiles", "max |compiled - eager|", "eager ms", "compiled ms"])
+         ["self-conditioning", "compiles", "max abs diff to eager", "eager ms", "compiled ms"])
 def compiled():
     args = preset("mistral-7b", **mid, num_hidden_layers=2, timestep_embed=True, causal=False)
     model = build(args)

@@ -46,7 +46,8 @@ run() {  # run SECONDS CMD...: a part that fails or runs out of time is reported
     else
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
         run 330 python bench/gpu.py
-        echo; echo '### Training (bench/bench_train.py): Mistral-7B layer size, 4 layers, bf16 autocast'; echo; echo '```'
+        echo; echo '### Training (bench/bench_train.py): Mistral-7B layer size, 4 layers, bf16 autocast'
+        echo; echo '```'
         run 120 python bench/bench_train.py --device cuda --preset mistral-layers --layers 4 --batch 2 \
             --seq 2048 --iters 3 --warmup 1 --peak-tflops "$peak"
         echo '```'
