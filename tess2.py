@@ -267,6 +267,8 @@ def _nucleus(logits, top_p: float, head: int = 64):
     while len(rows):
         p, token = probs[rows].sort(dim=-1, descending=True) if k == V else probs[rows].topk(k)  # (r, k)
         cum = p.cumsum(-1)
+        if cum[:, -1].isnan().any():  # softmax turns a NaN or +inf logit, or a row of -inf, into a NaN row
+            raise ValueError("nucleus sampling needs finite logits (a row holds NaN or inf, or only -inf)")
         before = cum - p  # the mass before each entry, as the sort-based definition computes it
         done = (before[:, -1] > top_p) | (k == V)  # (r,): the last entry is dropped, so all later ones
         kept = (before <= top_p).sum(-1)

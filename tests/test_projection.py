@@ -210,6 +210,17 @@ def test_project_keeps_the_leading_shape_and_argmax_without_top_p():
     assert project(logits.bfloat16(), 0.9, g).dtype == torch.long
 
 
+def test_project_refuses_logits_that_give_no_distribution():
+    for bad in (math.nan, math.inf):
+        for v in (10, V):  # the full sort at once, and the top 64 first
+            logits = torch.randn(3, v)
+            logits[1, 5] = bad
+            with pytest.raises(ValueError, match="finite logits"):
+                project(logits, 0.9, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="finite logits"):
+        project(torch.full((2, 10), -math.inf), 0.9)
+
+
 def test_project_refuses_an_invalid_top_p():
     for bad in (0.0, -0.5, 1.01, 2.0, math.nan):
         with pytest.raises(ValueError, match="top_p"):
