@@ -215,18 +215,70 @@ def ul2_mask(length: int, generator=None, prefix: str = "released"):
 
 
 def project(logits, top_p: float | None = None, generator=None):
-    """Eq. 5: logits (B, L, V) -> tokens (B, L). argmax (paper) when top_p is None, else nucleus
-    sampling at temperature 1 (the released evaluation scripts use top_p = 0.99)."""
+    """Eq. 5: logits (..., V) -> tokens (...). argmax (paper) when top_p is None, else nucleus
+    sampling at temperature 1 (the released evaluation scripts use top_p = 0.99): probs =
+    softmax(logits in fp32) sorted descending, an entry kept iff the mass before it (cumsum - p)
+    is at most top_p, and a token drawn from the kept entries in proportion to their probability.
+    The kept set is exactly that of the full sort (_nucleus finds it without one). Each position
+    consumes one uniform draw from `generator`, in order, so its token depends only on its own
+    logits and draw: a row's span projected with its own generator does not depend on the batch."""
     if top_p is None:
         return logits.argmax(-1)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    probs = torch.softmax(logits.float(), dim=-1)  # (B, L, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
-    sorted_p.masked_fill_(drop, 0.0)
-    choice = torch.multinomial(sorted_p.flatten(0, 1), 1, generator=generator)  # (B*L, 1)
-    return order.flatten(0, 1).gather(-1, choice).view(logits.shape[:-1])
+    flat = logits.reshape(-1, logits.shape[-1])  # (n, V)
+    u = torch.rand(len(flat), generator=generator, device=logits.device)  # (n,) one draw per position
+    tokens = torch.empty(len(flat), dtype=torch.long, device=logits.device)
+    for rows, cum, token, kept in _nucleus(flat, top_p):
+        # inverse CDF: the first entry whose cumulative mass exceeds u * (kept mass); the target
+        # stays below the kept mass, so the draw never lands on a dropped or zero-probability entry
+        mass = cum.gather(1, kept.unsqueeze(1) - 1)  # (r, 1)
+        target = torch.minimum(u[rows].unsqueeze(1) * mass, mass.nextafter(torch.zeros_like(mass)))
+        tokens[rows] = token.gather(1, torch.searchsorted(cum, target, right=True)).squeeze(1)
+    return tokens.view(logits.shape[:-1])
+
+
+def _nucleus(logits, top_p: float, head: int = 64):
+    """The kept set of nucleus sampling without sorting V in the common case. logits (n, V) ->
+    yields (rows (r,), cum (r, k), token (r, k), kept (r,)) until every row is covered: for rows
+    `rows`, the k most probable tokens in descending order, their cumulative probabilities and
+    how many of them are kept. cum is the full sort's cumsum bit for bit (cumsum is sequential on
+    CPU, and the k largest probabilities in descending order are the sorted row's first k; a GPU's
+    parallel scan may round the last bit differently, which matters only at a tie with top_p), and
+    the mass before an entry only grows along the row (cum grows, p shrinks), so the top-k holds the
+    whole kept set once the mass before its last entry exceeds top_p. Tried in turn: the top 64; a top-k sized from a
+    histogram of binary exponents; the full sort. Ties: tokens of equal probability may come in
+    either order, as in the sort, so at the boundary any of them may be the ones kept."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
+    V = probs.shape[-1]
+    rows, k = torch.arange(len(probs), device=probs.device), min(head, V)
+    while len(rows):
+        p, token = probs[rows].sort(dim=-1, descending=True) if k == V else probs[rows].topk(k)  # (r, k)
+        cum = p.cumsum(-1)
+        if cum[:, -1].isnan().any():  # softmax turns a NaN or +inf logit, or a row of -inf, into a NaN row
+            raise ValueError("nucleus sampling needs finite logits (a row holds NaN or inf, or only -inf)")
+        before = cum - p  # the mass before each entry, as the sort-based definition computes it
+        done = (before[:, -1] > top_p) | (k == V)  # (r,): the last entry is dropped, so all later ones
+        kept = (before <= top_p).sum(-1)
+        if done.all():  # the common case: no copies
+            yield rows, cum, token, kept
+            return
+        yield rows[done], cum[done], token[done], kept[done]
+        rows, need = rows[~done], (top_p - before[~done, -1]) / p[~done, -1].clamp(min=1e-30)
+        if k > head or need.max() > V // 2:  # after the second try, or (every later entry being at
+            k = V                                # most p[:, -1]) when over half of V is still needed
+            continue
+        # Second try: bucket each probability by its binary exponent (bucket j holds [2^-j, 2^(1-j)),
+        # zeros and subnormals in 127), find the first bucket j* where the mass of buckets 0..j*
+        # exceeds top_p; the top (count of buckets 0..j*) + 1 then holds the kept set (checked above,
+        # as the histogram's sums round differently from cumsum's).
+        left = probs[rows]  # (r, V)
+        bucket = (127 - (left.view(torch.int32) >> 23)).long()  # the float's exponent field
+        mass = left.new_zeros(len(rows), 128).scatter_add_(1, bucket, left).cumsum(-1)  # (r, 128)
+        count = torch.zeros_like(mass, dtype=torch.long).scatter_add_(1, bucket, torch.ones_like(bucket)).cumsum(-1)
+        j = (mass <= top_p).sum(-1, keepdim=True).clamp_(max=127)  # (r, 1) the first bucket past top_p
+        k = max(2 * k, int(count.gather(1, j).max()) + 1)
+        k = V if k > V // 2 else k  # a top-k that large costs about the full sort
 
 
 def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE):

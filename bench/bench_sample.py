@@ -6,6 +6,12 @@ out below op for op on our network). Not a test: a measurement.
     python bench/bench_sample.py                    # CPU: tiny layers at V = 512 and 32001, B=2, L=512, 10 steps
     python bench/bench_sample.py --vocab 32001 --batch 1 --length 2048
     python bench/bench_sample.py --device cuda --preset mistral-7b --vocab 32001 --batch 8 --length 2048 --steps 100
+    python bench/bench_sample.py --project --threads 1     # tess2.project alone: full-sort nucleus vs ours
+
+--project times the projection alone (Eq. 5, nucleus top-p 0.99) on (n, V) logits: the full-sort
+definition (sort_project below, the function as it was before) against tess2.project, the two
+interleaved in one process, thread CPU time, median of repeats, on peaked, Zipf and flat logits at
+V = 32001 and on logits the shipped model produces while sampling (V = 4096).
 
 Each (implementation, vocabulary) runs in a fresh subprocess. CPU peak memory is the process's
 peak resident set (VmHWM) above its resident set just before sampling (tracemalloc does not see
@@ -78,6 +84,55 @@ def released_loop(model, ids, span_mask, steps, top_p, generator, k=tess2.SIMPLE
     return torch.where(span_mask, token_ids, ids)
 
 
+def sort_project(logits, top_p, generator=None):
+    """Nucleus sampling by a full sort of V and torch.multinomial: the definition, as tess2.project
+    computed it before. logits (..., V) -> tokens (...)."""
+    probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])  # (n, V)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p.masked_fill_(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)  # drop once the mass before exceeds top_p
+    return order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).view(logits.shape[:-1])
+
+
+def shipped_logits(n):
+    """(n, 4096) span logits of models/tess2-shakespeare, from every step of a 20-step sampling run
+    (early steps are flat, late ones peaked), shuffled."""
+    from model import Tokenizer
+    path = os.path.join(ROOT, "models", "tess2-shakespeare")
+    model, tok = Transformer.from_pretrained(path, dtype=torch.float32, verbose=False).eval(), Tokenizer(path)
+    ids, span_mask, _ = sample.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, "
+                                                "countrymen, and lovers! hear me for my cause,"], length=n // 20 + 1)
+    seen = []
+    sample.diffuse(model, ids, span_mask, [0], steps=20, on_step=lambda _, logits, __: seen.append(logits[span_mask]))
+    seen = torch.cat(seen)  # (20 * span, V)
+    return seen[torch.randperm(len(seen), generator=torch.Generator().manual_seed(0))[:n]]
+
+
+def bench_project(a):
+    """Old (sort_project) vs new (tess2.project), interleaved, median thread CPU time per call."""
+    g = torch.Generator().manual_seed(0)
+    V = 32001
+    # -s log(rank), each row's ranks in a random order of the tokens
+    log_rank = torch.arange(1, V + 1).float().log()
+    zipf = lambda s, n: -s * log_rank[torch.rand(n, V, generator=g).argsort(-1)]  # noqa: E731
+    kinds = {"peaked (Zipf s=2)": lambda n: zipf(2.0, n), "Zipf s=1.5": lambda n: zipf(1.5, n),
+             "flat (N(0, 1))": lambda n: torch.randn(n, V, generator=g), "shipped model (V=4096)": shipped_logits}
+    print("| logits | n | kept (median) | old ms | new ms | old / new |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, make in kinds.items():
+        for n in a.positions:
+            logits = make(n)
+            probs = torch.softmax(logits, -1).sort(-1, descending=True).values
+            kept = int((probs.cumsum(-1) - probs <= 0.99).sum(-1).median())
+            times = {"old": [], "new": []}
+            for _ in range(a.repeats):
+                for impl, f in (("old", sort_project), ("new", tess2.project)):
+                    t0 = time.thread_time()
+                    f(logits, 0.99, torch.Generator().manual_seed(1))
+                    times[impl].append(time.thread_time() - t0)
+            old, new = (sorted(times[i])[len(times[i]) // 2] * 1e3 for i in ("old", "new"))
+            print(f"| {name} | {n} | {kept} | {old:.1f} | {new:.1f} | {old / new:.1f}x |", flush=True)
+
+
 def ours(model, ids, span_mask, steps, top_p, generator, reward_model=None):
     guide = None
     if reward_model is not None:
@@ -108,7 +163,9 @@ def worker(a):
     g = torch.Generator(device=dev).manual_seed(0)
     ids = torch.randint(a.vocab, (B, L), generator=g, device=dev)
     span_mask = (torch.arange(L, device=dev) >= prompt).expand(B, L).contiguous()
-    run = {"released": released_loop, "ours": ours, "ours+guidance": ours}[a.impl]
+    run = {"released": released_loop, "ours": ours, "ours+guidance": ours, "ours-sort": ours}[a.impl]
+    if a.impl == "ours-sort":  # sample.diffuse as it is, with the projection as it was
+        tess2.project = lambda logits, top_p=None, generator=None: sort_project(logits, top_p, generator)
     kw = dict(reward_model=rm) if rm is not None else {}
     cuda = dev.type == "cuda"
     if cuda:
@@ -144,10 +201,14 @@ def main():
     p.add_argument("--length", type=int, default=512, help="row length L (the first 32 positions are context)")
     p.add_argument("--steps", type=int, default=10, help="diffusion steps")
     p.add_argument("--impl", nargs="+", default=["released", "ours", "ours+guidance"],
-                   help="implementations: released, ours, ours+guidance (reward guidance, G=5, same layers)")
+                   help="implementations: released, ours, ours+guidance (reward guidance, G=5, same layers), "
+                        "ours-sort (ours with the full-sort projection tess2.project had before)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="weights and logits (default float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    p.add_argument("--project", action="store_true", help="time tess2.project alone against the full-sort nucleus")
+    p.add_argument("--positions", type=int, nargs="+", default=[64, 256, 1024], help="--project: positions n")
+    p.add_argument("--repeats", type=int, default=7, help="--project: timed calls of each (median)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -155,6 +216,8 @@ def main():
         torch.set_num_threads(a.threads)
     if a.worker:
         return worker(a)
+    if a.project:
+        return bench_project(a)
     for V in a.vocab:
         for impl in a.impl:
             cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--vocab", str(V), "--preset", a.preset,

@@ -1,0 +1,227 @@
+"""Projection by nucleus sampling (paper Eq. 5, METHOD.md §9): tess2.project keeps exactly the set
+the sort-based definition keeps, without sorting V in the common case, and samples from it.
+
+The definition, written out here as the reference: probs = softmax(logits in fp32), sorted
+descending; an entry is kept iff the mass before it (cumsum - p) is at most top_p; a token is drawn
+from the kept entries in proportion to their probabilities.
+
+"Exactly", with ties: the number of kept entries is a function of the sorted probabilities alone,
+so it must be equal, and so must the kept probabilities, value for value and bit for bit. Tokens of
+equal probability can come out of a sort in either order, so where a tie straddles the boundary the
+definition itself does not say which of the tied tokens are kept: any of them may be, as long as
+every token more probable than the boundary is kept and no token is kept twice.
+"""
+import math
+
+import pytest
+import torch
+
+from tess2 import _nucleus, project
+
+V = 32001  # Mistral's vocabulary plus [PAD]
+
+
+def definition(logits, top_p):
+    """The sort-based definition: probs (n, V), sorted probs (n, V), order (n, V), kept counts (n,)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    kept = (sorted_p.cumsum(-1) - sorted_p <= top_p).sum(-1)
+    return probs, sorted_p, order, kept
+
+
+def kept_sets(logits, top_p):
+    """_nucleus's answer per row: {row: (cum (k,), token (k,), kept)} and the head widths it tried."""
+    out, widths = {}, []
+    for rows, cum, token, kept in _nucleus(logits, top_p):
+        widths.append(cum.shape[1])
+        for r, c, t, m in zip(rows.tolist(), cum, token, kept.tolist()):
+            assert r not in out, "a row answered twice"
+            out[r] = (c, t, m)
+    assert sorted(out) == list(range(len(logits))), "a row left out"
+    return out, widths
+
+
+def assert_exact(logits, top_p):
+    """The kept set equals the definition's in the sense of the module docstring. Returns the widths."""
+    probs, sorted_p, _, kept = definition(logits, top_p)
+    got, widths = kept_sets(logits, top_p)
+    for r, (cum, token, m) in got.items():
+        assert m == kept[r], f"row {r}: {m} kept, the definition keeps {int(kept[r])}"
+        t = token[:m]
+        assert len(set(t.tolist())) == m, f"row {r}: a token kept twice"
+        assert torch.equal(probs[r, t].sort(descending=True).values, sorted_p[r, :m]), f"row {r}: kept probabilities"
+        assert (probs[r, t] == sorted_p[r, :m]).all(), f"row {r}: not in descending order"
+        assert torch.equal(cum[:m], sorted_p[r, :m].cumsum(-1)), f"row {r}: cumulative mass"
+        boundary = sorted_p[r, m - 1]
+        assert set(t.tolist()) >= set((probs[r] > boundary).nonzero().flatten().tolist())
+    return widths
+
+
+def zipf(s, n, generator):
+    """(n, V) logits -s log(rank), each row's ranks in a random order of the tokens."""
+    ranks = torch.rand(n, V, generator=generator).argsort(-1) + 1
+    return -s * ranks.float().log()
+
+
+# -----------------------------------------------------------------------------
+# The kept set
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_kept_set_equals_the_sort_on_peaked_zipf_and_flat_logits(top_p):
+    g = torch.Generator().manual_seed(0)
+    for logits in (zipf(3.0, 4, g), zipf(2.0, 4, g), zipf(1.5, 4, g), zipf(1.2, 4, g), zipf(1.0, 4, g),
+                   torch.randn(4, V, generator=g), 4 * torch.randn(4, V, generator=g)):
+        assert_exact(logits, top_p)
+
+
+def test_each_way_of_finding_the_kept_set_is_taken_and_exact():
+    """The top 64 (peaked), a histogram-sized top-k (Zipf 1.5: ~2900 kept), the full sort (flat)."""
+    g = torch.Generator().manual_seed(1)
+    assert assert_exact(zipf(2.0, 8, g), 0.99) == [64]
+    widths = assert_exact(zipf(1.5, 8, g), 0.99)
+    assert len(widths) == 2 and widths[0] == 64 and 64 < widths[1] < V  # the histogram's size suffices
+    assert assert_exact(torch.randn(8, V, generator=g), 0.99)[-1] == V
+    # a batch mixing the three: every row still gets its own exact answer
+    assert_exact(torch.cat([zipf(2.0, 3, g), zipf(1.5, 3, g), torch.randn(3, V, generator=g)])[torch.randperm(9)], 0.99)
+
+
+def test_kept_set_with_ties_at_the_boundary():
+    g = torch.Generator().manual_seed(2)
+    # logits from 4 values: every boundary falls inside a group of thousands of equal probabilities
+    coarse = torch.randint(0, 4, (6, V), generator=g).float()
+    for top_p in (0.3, 0.9, 0.99):
+        assert_exact(coarse, top_p)
+    # 100 tokens tied at the top: the kept set ends inside the tie, past the first head of 64
+    tied = torch.full((3, V), -10.0)
+    tied[:, torch.randperm(V, generator=g)[:100]] = 5.0
+    widths = assert_exact(tied, 0.7)
+    assert widths[0] == 64 and len(widths) > 1
+    probs, _, _, kept = definition(tied, 0.7)
+    assert 64 < int(kept[0]) < 100
+
+
+def test_kept_set_for_top_p_one_and_tiny_top_p():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.cat([zipf(2.0, 2, g), torch.randn(2, V, generator=g)])
+    logits[0, :1000] = -math.inf  # probability 0: kept under top_p = 1 (nothing exceeds it before them)
+    assert_exact(logits, 1.0)
+    assert_exact(logits, 1e-9)  # only the most probable token
+    assert (definition(logits, 1e-9)[3] == 1).all()
+
+
+def test_kept_set_of_bf16_logits_is_the_definition_on_their_fp32_values():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.cat([zipf(1.5, 3, g), torch.randn(3, V, generator=g)]).bfloat16()  # bf16 makes ties too
+    assert_exact(logits, 0.99)
+
+
+def test_small_vocabularies():
+    g = torch.Generator().manual_seed(5)
+    for v in (1, 2, 10, 64, 65, 200):
+        assert_exact(torch.randn(5, v, generator=g), 0.9)
+
+
+# -----------------------------------------------------------------------------
+# Sampling from it
+
+
+def test_a_draw_is_the_sorts_inverse_cdf_at_the_same_uniform():
+    """One uniform u per position: the token is the first kept entry, in the sort's order, whose
+    cumulative mass exceeds u * (kept mass). Compared by probability, so tie order does not matter."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.cat([zipf(2.0, 40, g), zipf(1.5, 40, g), torch.randn(40, V, generator=g)])
+    tokens = project(logits, 0.99, torch.Generator().manual_seed(7))
+    u = torch.rand(len(logits), generator=torch.Generator().manual_seed(7))
+    probs, sorted_p, order, kept = definition(logits, 0.99)
+    cum = sorted_p.cumsum(-1)
+    mass = cum[torch.arange(len(logits)), kept - 1]
+    j = (cum <= (u * mass).unsqueeze(1)).sum(-1)  # entries whose cumulative mass is at most the target
+    expected = order[torch.arange(len(logits)), j]
+    assert torch.equal(probs.gather(1, tokens[:, None]), probs.gather(1, expected[:, None]))
+
+
+def test_sampling_frequencies_match_the_renormalised_kept_distribution():
+    p = torch.tensor([0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05, 0.03, 0.015, 0.005])
+    logits = p.log()[torch.tensor([3, 7, 0, 9, 1, 5, 8, 2, 6, 4])]  # tokens in a shuffled order
+    n = 200_000
+    for top_p in (0.7, 0.95, 1.0):
+        probs, sorted_p, order, kept = definition(logits[None], top_p)
+        m = int(kept[0])
+        expected = torch.zeros(10)
+        expected[order[0, :m]] = sorted_p[0, :m] / sorted_p[0, :m].sum()
+        tokens = project(logits.expand(n, 10), top_p, torch.Generator().manual_seed(8))
+        counts = torch.bincount(tokens, minlength=10).double()
+        assert (counts[expected == 0] == 0).all(), "a dropped token was drawn"
+        e = n * expected[expected > 0].double()
+        chi2 = float(((counts[expected > 0] - e) ** 2 / e).sum())
+        limit = {3: 21.1, 6: 27.9, 9: 33.7}[m - 1]  # the chi-square's 1e-4 critical value for m - 1 degrees of freedom
+        assert chi2 < limit, f"top_p {top_p}: chi-square {chi2:.1f} with {m - 1} degrees of freedom"
+
+
+def test_tokens_of_probability_zero_are_never_drawn():
+    logits = torch.randn(20_000, 50, generator=torch.Generator().manual_seed(9))
+    logits[:, 25:] = -math.inf
+    tokens = project(logits, 1.0, torch.Generator().manual_seed(10))
+    assert tokens.max() < 25
+
+
+def test_tiny_top_p_gives_a_most_probable_token():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(50, V, generator=g)
+    logits[:, 7] = logits[:, 9] = 10.0  # a tie at the top: either is the argmax
+    tokens = project(logits, 1e-9, g)
+    assert set(tokens.tolist()) <= {7, 9}
+    assert torch.equal(project(logits[:, :7], 1e-9, g), logits[:, :7].argmax(-1))
+
+
+# -----------------------------------------------------------------------------
+# Random streams, shapes, arguments
+
+
+def test_sampling_is_determined_by_the_seed_and_uses_one_draw_per_position():
+    g = torch.Generator().manual_seed(12)
+    logits = torch.cat([zipf(2.0, 30, g), zipf(1.5, 10, g), torch.randn(10, V, generator=g)])
+    a = project(logits, 0.99, torch.Generator().manual_seed(1))
+    assert torch.equal(a, project(logits, 0.99, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, project(logits, 0.99, torch.Generator().manual_seed(2)))
+    used, fresh = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    project(logits, 0.99, used)
+    torch.rand(len(logits), generator=fresh)
+    assert torch.equal(used.get_state(), fresh.get_state())
+
+
+def test_a_positions_token_does_not_depend_on_the_other_positions():
+    """The first 30 positions alone, or followed by flat rows that need the full sort: same tokens."""
+    g = torch.Generator().manual_seed(13)
+    first, rest = zipf(2.0, 30, g), torch.randn(20, V, generator=g)
+    alone = project(first, 0.99, torch.Generator().manual_seed(4))
+    together = project(torch.cat([first, rest]), 0.99, torch.Generator().manual_seed(4))
+    assert torch.equal(together[:30], alone)
+
+
+def test_project_keeps_the_leading_shape_and_argmax_without_top_p():
+    g = torch.Generator().manual_seed(14)
+    logits = torch.randn(2, 3, 100, generator=g)
+    assert project(logits, 0.9, g).shape == (2, 3)
+    assert project(logits[0, 0], 0.9, g).shape == ()
+    assert torch.equal(project(logits), logits.argmax(-1))
+    assert torch.equal(project(logits.bfloat16()), logits.bfloat16().argmax(-1))
+    assert project(logits.bfloat16(), 0.9, g).dtype == torch.long
+
+
+def test_project_refuses_logits_that_give_no_distribution():
+    for bad in (math.nan, math.inf):
+        for v in (10, V):  # the full sort at once, and the top 64 first
+            logits = torch.randn(3, v)
+            logits[1, 5] = bad
+            with pytest.raises(ValueError, match="finite logits"):
+                project(logits, 0.9, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="finite logits"):
+        project(torch.full((2, 10), -math.inf), 0.9)
+
+
+def test_project_refuses_an_invalid_top_p():
+    for bad in (0.0, -0.5, 1.01, 2.0, math.nan):
+        with pytest.raises(ValueError, match="top_p"):
+            project(torch.randn(2, 5), top_p=bad)
