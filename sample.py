@@ -54,7 +54,7 @@ def project(logits, span_mask, top_p, generators):
     drawn from generators[b]. logits (B, L, V) -> tokens (B, L), 0 outside the span."""
     tokens = torch.zeros(span_mask.shape, dtype=torch.long, device=logits.device)
     for b, g in enumerate(generators):
-        tokens[b, span_mask[b]] = tess2.project(logits[b, span_mask[b]].unsqueeze(0), top_p, g)[0]  # (n_b,)
+        tokens[b, span_mask[b]] = tess2.project(logits[b, span_mask[b]], top_p, g)  # (n_b,)
     return tokens
 
 

@@ -59,7 +59,7 @@ def released_loop(model, ids, span_mask, steps, top_p, generator, k=tess2.SIMPLE
         t = torch.where(span_mask, i / steps, 0.0)  # (B, L)
         inputs_embeds = inputs_embeds + model.timestep_embed(t.unsqueeze(-1).to(E.dtype))
         inputs_embeds = torch.where(span_mask.unsqueeze(-1), inputs_embeds, model.embed_tokens(ids))
-        hidden = model(embeds=inputs_embeds, causal=False, hidden_only=True)
+        hidden = model.hidden_states(embeds=inputs_embeds, causal=False)
         prediction_scores = model.lm_head(hidden)
         labels = torch.where(span_mask, ids, -100)[:, 1:]
         loss = F.cross_entropy(prediction_scores[:, :-1].reshape(-1, V).float(), labels.reshape(-1), reduction="none")
@@ -96,13 +96,14 @@ def sort_project(logits, top_p, generator=None):
 def shipped_logits(n):
     """(n, 4096) span logits of models/tess2-shakespeare, from every step of a 20-step sampling run
     (early steps are flat, late ones peaked), shuffled."""
-    from model import Tokenizer
+    import rows
+    from tokenizer import Tokenizer
     path = os.path.join(ROOT, "models", "tess2-shakespeare")
     model, tok = Transformer.from_pretrained(path, dtype=torch.float32, verbose=False).eval(), Tokenizer(path)
-    ids, span_mask, _ = sample.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, "
-                                                "countrymen, and lovers! hear me for my cause,"], length=n // 20 + 1)
-    seen = []
-    sample.diffuse(model, ids, span_mask, [0], steps=20, on_step=lambda _, logits, __: seen.append(logits[span_mask]))
+    b = rows.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, countrymen, and lovers! "
+                              "hear me for my cause,"], rows.Settings(length=n // 20 + 1), 1024, tok.pad_id)
+    ids, span_mask, seen = b.ids, b.span_mask, []
+    sample.diffuse(model, ids, span_mask, [0], steps=20, on_step=lambda n, logits, best, r: seen.append(logits[span_mask]))
     seen = torch.cat(seen)  # (20 * span, V)
     return seen[torch.randperm(len(seen), generator=torch.Generator().manual_seed(0))[:n]]
 
@@ -136,7 +137,7 @@ def bench_project(a):
 def ours(model, ids, span_mask, steps, top_p, generator, reward_model=None):
     guide = None
     if reward_model is not None:
-        guide = lambda x: sample.reward_guidance(reward_model, x, ids, span_mask, eta=0.25)  # noqa: E731
+        guide = lambda x, rows: tess2.reward_guidance(reward_model, x, ids[rows], span_mask[rows], eta=0.25)  # noqa: E731
     return sample.diffuse(model, ids, span_mask, list(range(len(ids))), steps, top_p, guide)[0]
 
 

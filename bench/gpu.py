@@ -127,10 +127,10 @@ def attention():
     model = build(args)
     ids, _ = rows(a.batch, a.length, args.vocab_size)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(ids, causal=False, hidden_only=True)
+        model.hidden_states(ids, causal=False)
         sync()
     ops = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "flash" in e.key})
-    ms = timed(lambda: model(ids, causal=False, hidden_only=True)) * 1e3
+    ms = timed(lambda: model.hidden_states(ids, causal=False)) * 1e3
     print(f"| model forward, 1 layer (default dispatch) | yes | {ms:.2f} | ops: {', '.join(ops)} |")
     nh, nkv, hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
     g = torch.Generator(device=dev).manual_seed(0)
@@ -216,7 +216,9 @@ def sampling():
     layers = a.rm_layers
     while layers >= 1:
         rm = build(preset("mistral-7b", **big, num_hidden_layers=layers, head="score"))
-        guide = lambda x: sample.reward_guidance(rm, x, ids, span_mask, eta=0.25, steps=1)  # noqa: E731
+        rm.requires_grad_(False)  # as sample.run's guidance_mode: frozen weights, blocks recomputed
+        rm.gradient_checkpointing = True
+        guide = lambda x, r: tess2.reward_guidance(rm, x, ids[r], span_mask[r], eta=0.25, steps=1)  # noqa: E731
         try:
             return run(0.99, guide, f"G = 1, reward model {layers} layers")
         except torch.cuda.OutOfMemoryError:

@@ -199,7 +199,7 @@ def test_each_check_of_the_written_out_process_has_power(sharp, tok, monkeypatch
     """The same comparison fails when the sampler is broken in each of the three ways."""
     model = sharp
     b = batch(tok, ["write a sonnet about the sea"], length=12)
-    ids, span, n = b.ids, b.span_mask, b.lengths[0]
+    ids, span = b.ids, b.span_mask
     expected = reverse_process_by_hand(model, ids, span, 3, 6, 0.6)
     run = lambda: sample.diffuse(model, ids, span, [3], steps=6, top_p=0.6)[0]  # noqa: E731
     assert torch.equal(run(), expected)

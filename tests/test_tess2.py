@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import tess2
 from model import Transformer, preset
-from tess2 import (add_noise, alpha_bar, alpha_bars, diffusion_loss, predict, prefix_mask, project,
+from tess2 import (add_noise, alpha_bar, alpha_bars, diffusion_loss, predict, prefix_mask,
                    random_segmentation, renoise, row_generators, row_noise, row_noise_, simplex, t5_span_mask,
                    ul2_mask)
 
@@ -528,56 +528,7 @@ def test_masks_are_determined_by_the_generator_seed():
 # Projection (Eq. 5)
 
 
-def test_projection_without_top_p_is_argmax():
-    logits = torch.randn(3, 7, 50)
-    assert torch.equal(project(logits), logits.argmax(-1))
-
-
-def nucleus_logits(rows, V=10):
-    """Probabilities 0.4, 0.3, 0.2 on tokens 7, 2, 5 and 0.1 spread over the other seven."""
-    p = torch.full((V,), 0.1 / (V - 3))
-    p[7], p[2], p[5] = 0.4, 0.3, 0.2
-    return p.log().expand(1, rows, V)
-
-
-def frequencies(tokens, V=10):
-    return torch.bincount(tokens.flatten(), minlength=V).float() / tokens.numel()
-
-
-def test_nucleus_sampling_never_leaves_the_nucleus():
-    g = torch.Generator().manual_seed(0)
-    logits = nucleus_logits(20_000)
-    # top_p = 0.85: the smallest set reaching 0.85 is {7, 2, 5} (0.9), sampled renormalised
-    freq = frequencies(project(logits, top_p=0.85, generator=g))
-    assert set(freq.nonzero().flatten().tolist()) == {7, 2, 5}
-    torch.testing.assert_close(freq[[7, 2, 5]], torch.tensor([4 / 9, 3 / 9, 2 / 9]), rtol=0, atol=0.02)
-    # top_p = 0.5: {7, 2}
-    freq = frequencies(project(logits, top_p=0.5, generator=g))
-    assert set(freq.nonzero().flatten().tolist()) == {7, 2}
-    # top_p below the top token's probability: argmax
-    assert (project(logits, top_p=0.1, generator=g) == 7).all()
-
-
-def test_nucleus_with_top_p_one_samples_the_full_distribution():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
-    tokens = project(logits.expand(2, 20_000, 6), top_p=1.0, generator=g)
-    assert tokens.shape == (2, 20_000)
-    torch.testing.assert_close(frequencies(tokens, 6), torch.softmax(logits, -1), rtol=0, atol=0.01)
-
-
-def test_nucleus_sampling_is_determined_by_the_generator_seed():
-    logits = torch.randn(2, 30, 40)
-    a = project(logits, top_p=0.99, generator=torch.Generator().manual_seed(1))
-    b = project(logits, top_p=0.99, generator=torch.Generator().manual_seed(1))
-    c = project(logits, top_p=0.99, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_projection_refuses_an_invalid_top_p():
-    for bad in (0.0, -0.5, 1.01, 2.0):
-        with pytest.raises(ValueError, match="top_p"):
-            project(torch.randn(1, 2, 5), top_p=bad)
+# The projection (Eq. 5) is tested against the sort-based definition in tests/test_projection.py.
 
 
 # -----------------------------------------------------------------------------
