@@ -367,6 +367,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
     """A 7B checkpoint must not need twice its size in memory: measure a ~350 MB one, written by
     another process as a real checkpoint would be (the page cache of a file that its writer
@@ -441,6 +442,7 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path, proble
 # compiled, checkpointed
 
 
+@pytest.mark.slow
 def test_compiled_forward_equals_eager_without_graph_breaks():
     m = our_model(timestep_embed=True)
     ids = ids_for()
