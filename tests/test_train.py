@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 
 import tess2
 import train
+from conftest import word_tokenizer
 from common import run_cli
 from data.shards import open_dataset, write_pairs, write_spans, write_tokens
 from model import Transformer, preset
@@ -41,12 +41,7 @@ WEIGHTS = dict(atol=1e-4, rtol=1e-5)
 
 def make_tokenizer(folder, words=57):
     """A word-level tokenizer: <unk> <s> </s> w0..w56; tokenizer.Tokenizer adds [PAD] (id 60, V = 61)."""
-    os.makedirs(folder, exist_ok=True)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    return folder
+    return word_tokenizer(folder, ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(words))])
 
 
 def make_data(root, kind, n=24, seed=0, tok_dir=None):
