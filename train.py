@@ -39,6 +39,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runs
+import span_loss
 import tess2
 from common import resolve, run_cli
 from data.shards import check_tokenizer, global_indices, open_dataset
@@ -247,10 +248,12 @@ class Objective(nn.Module):
     def forward(self, b, self_condition=None):
         net, ids = self.net, b.get("ids")
         if self.stage in ("adapt", "sft"):
-            eps = tess2.row_noise(b["noise_seeds"], ids.size(1), net.args.vocab_size, ids.device)  # (B, L, V)
+            # tess2.diffusion_loss's per-sequence sums weighted here, computed at span positions only
             coin = b.get("self_condition") if self_condition is None else self_condition
-            sums, counts = tess2.diffusion_loss(net, ids, b["span_mask"], t=b["t"], eps=eps, self_condition=coin,
-                                                reduction="none", extra_pass=b.get("extra_pass"))  # (B,), (B,)
+            counts = b["span_mask"][:, 1:].sum(1)  # (B,) targets per row (row_targets)
+            weights = 1 / counts.clamp(min=1) if self.weighting == "sequence" else torch.ones_like(counts)
+            return span_loss.diffusion_loss(net, ids, b["span_mask"], b["t"], b["noise_seeds"], coin, weights,
+                                            extra_pass=b.get("extra_pass"))
         elif self.stage == "ar":
             logits = net(ids=ids, causal=True)[:, :-1]  # (B, L-1, V): position i predicts token i+1
             targets = ids[:, 1:].masked_fill(~b["span_mask"][:, 1:], -100) if "span_mask" in b else ids[:, 1:]

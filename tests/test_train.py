@@ -17,9 +17,11 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+import span_loss
 import tess2
 import train
 from conftest import word_tokenizer
@@ -209,6 +211,35 @@ def test_self_conditioning_per_row_is_each_row_alone():
             assert counts[i] == span[i, 1:].sum()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("coin", [False, True, "per row", "extra pass"])
+@pytest.mark.parametrize("weighting", ["sequence", "token"])
+def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, tied):
+    """span_loss.diffusion_loss, which makes the head's logits, the cross-entropy and p @ E at span
+    positions only and in chunks (here 4 rows, so several), has tess2.diffusion_loss's value and
+    every parameter's gradient, with or without self-conditioning, per-row coins, both weightings."""
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False,
+                             tie_word_embeddings=tied)).init_weights()
+    nn.init.normal_(net.timestep_embed.weight)  # a trained model's: its gradient then reaches everything
+    B, L = 3, 12
+    ids = torch.randint(3, 60, (B, L))
+    span = torch.rand(B, L) < 0.6
+    span[:, 0], span[2, 1:] = False, False
+    span[2, 7] = True  # row 2 has one target: its weight differs most between the weightings
+    t, seeds = torch.tensor([10, 2500, 4999]), [5, 6, 7]
+    sc = {"per row": torch.tensor([True, False, True]), "extra pass": False}.get(coin, coin)
+    sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, L, 61), self_condition=sc,
+                                        reduction="none")
+    plain = (sums / counts.clamp(min=1)).sum() if weighting == "sequence" else sums.sum()
+    grads = torch.autograd.grad(plain, list(net.parameters()))
+    weights = 1 / counts.clamp(min=1) if weighting == "sequence" else torch.ones(B)
+    loss = span_loss.diffusion_loss(net, ids, span, t, seeds, sc, weights, extra_pass=coin == "extra pass", chunk=4)
+    assert_close(loss, plain, atol=1e-6, rtol=1e-6)
+    for (name, p), g in zip(net.named_parameters(), grads):
+        assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 # -----------------------------------------------------------------------------
 # one step, computed four ways
 
@@ -306,9 +337,14 @@ def test_one_step_is_adamw_on_the_loss_written_out(data, tmp_path, weighting):
     assert log["train"][0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
     loss.backward()
+    # AdamW's first step is lr * g / (|g| + 1e-8): where |g| is near its eps (seen: 9e-9), fp32 summation
+    # order alone (train.py sums the head's gradient chunk by chunk) moves it by a few % of lr
+    noisy = {k: p.grad.abs() < 1e-7 for k, p in net.named_parameters()}
     opt.step()
-    expected = {k: v.detach() for k, v in net.state_dict().items()}
-    assert_same_weights(weights(tmp_path / "step", 1), expected, **WEIGHTS)
+    got = weights(tmp_path / "step", 1)
+    for k, v in net.state_dict().items():
+        assert_close(got[k][~noisy[k]], v.detach()[~noisy[k]], **WEIGHTS, msg=k)
+        assert ((got[k] - v)[noisy[k]].abs() <= 1e-2).all(), k  # at most lr off
 
 
 def test_held_out_loss_is_the_mean_of_each_held_out_sequences_loss(data, tmp_path):
