@@ -28,6 +28,7 @@ import resource
 import signal
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -41,10 +42,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import runs
 import span_loss
 import tess2
-from common import resolve, run_cli
+from common import read_config, resolve, run_cli
 from data.shards import check_tokenizer, global_indices, open_dataset
 from data.sources import positive
-from model import Transformer, preset
+from model import ModelArgs, Transformer, load_sharded, preset
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -301,8 +302,9 @@ def grow_vocab(net, vocab_size):
     print0(f"grew the vocabulary {old} -> {vocab_size}: new rows are the mean of the old ones")
 
 
-def build_model(args, meta, init, device):
-    """Returns (net, tokenizer source). init: 'scratch' or a checkpoint (Hub id or folder)."""
+def build_model(args, meta, init, device, sharded=False):
+    """Returns (net, tokenizer source). init: 'scratch' or a checkpoint (Hub id or folder). sharded (FSDP2):
+    a checkpoint's model is returned on the meta device, with net.checkpoint set for wrap() to read."""
     overrides = STAGES[args.stage]["model"]
     if init == "scratch":
         torch.manual_seed(args.seed)  # the same weights on every rank
@@ -312,11 +314,19 @@ def build_model(args, meta, init, device):
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
     if has_tokenizer:
         check_tokenizer(meta, path)  # same id -> token table as the data ([PAD] added if missing)
-    net = Transformer.from_pretrained(path, dtype=torch.float32, device=device,
-                                      verbose=int(os.environ.get("RANK", 0)) == 0, **overrides)
-    V = net.args.vocab_size
-    if meta["vocab_size"] == V + 1 and meta["pad_id"] == V:
-        grow_vocab(net, V + 1)  # Mistral (32000) + [PAD] = 32001
+    a = ModelArgs.from_hf(read_config(path), **overrides)
+    grow = meta["vocab_size"] == a.vocab_size + 1 and meta["pad_id"] == a.vocab_size  # Mistral 32000 + [PAD]
+    if sharded:  # built on the meta device; wrap() shards it, then each rank reads its own rows
+        with torch.device("meta"):
+            net = Transformer(replace(a, vocab_size=a.vocab_size + grow))
+        net.checkpoint = path
+        if grow:
+            print0(f"grew the vocabulary {a.vocab_size} -> {a.vocab_size + 1}: new rows are the mean of the old ones")
+    else:
+        net = Transformer.from_pretrained(path, dtype=torch.float32, device=device,
+                                          verbose=int(os.environ.get("RANK", 0)) == 0, **overrides)
+        if grow:
+            grow_vocab(net, a.vocab_size + 1)
     check_tokenizer(meta, net.args.vocab_size)
     return net, path if has_tokenizer else None
 
@@ -341,6 +351,9 @@ def wrap(args, net, ddp, device, bf16):
         for block in net.model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(objective, mp_policy=mp)
+        if getattr(net, "checkpoint", None):  # built on the meta device: now each rank reads its shards
+            objective.to_empty(device=device)
+            load_sharded(net, net.checkpoint, verbose=int(os.environ.get("RANK", 0)) == 0)
     elif ddp:
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     params = list(objective.parameters())
@@ -385,7 +398,7 @@ def prepare(args, ddp, rank, world, device):
     start = runs.check_resume(resume, args, identity) if resume else 0
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
-    net, init_tok = build_model(args, ds.meta, resume or args.init, device)
+    net, init_tok = build_model(args, ds.meta, resume or args.init, device, sharded=args.fsdp)
     limit = min(net.args.max_position_embeddings, net.args.sliding_window or math.inf)
     if args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({limit}, "

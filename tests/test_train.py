@@ -281,6 +281,64 @@ def test_two_fsdp2_processes_equal_one_process_across_a_resume(data, reference, 
     assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
 
 
+SHARDED_LOAD = """
+import json, os, resource, sys
+import torch, torch.distributed as dist, torch.distributed.fsdp
+import train
+from data.shards import open_dataset
+ckpt, data, out = sys.argv[1:]
+dist.init_process_group("gloo")
+args = train.parse_args(["--stage", "adapt", "--init", ckpt, "--data", data, "--out", out, "--fsdp", "--device", "cpu"])
+meta, cpu = open_dataset(data).meta, torch.device("cpu")
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+torch.distributed.fsdp.fully_shard(torch.nn.Linear(2, 2))  # FSDP's own first-use cost (~35 MB), not the model's
+before = peak()
+net, _ = train.build_model(args, meta, ckpt, cpu, sharded=True)
+train.wrap(args, net, True, cpu, bf16=False)
+report = dict(load=peak() - before, local=sum(p.to_local().numel() * 4 for p in net.parameters()))
+full = {k: p.full_tensor() for k, p in net.named_parameters()}
+if dist.get_rank() == 0:
+    before = peak()
+    ref, _ = train.build_model(args, meta, ckpt, cpu)  # one process: from_pretrained, then grow_vocab
+    report["single_load"] = peak() - before
+    torch.save(dict(sharded=full, single=dict(ref.named_parameters())), os.path.join(out, "weights.pt"))
+with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(report, f)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_ranks_read_only_their_shards_of_the_checkpoint(data, tmp_path):
+    """--fsdp from a checkpoint: the model is built on the meta device, sharded, and each of 2 gloo ranks
+    reads only its rows of each tensor (uneven splits: 61 vocabulary rows are 31 + 30). The sharded
+    model equals the one-process load, [PAD]'s grown row and the new timestep embedding included, and
+    each rank's memory grows by about its half of a 135 MB model, where the one-process load takes all."""
+    torch.manual_seed(0)
+    ar = Transformer(preset("tiny", vocab_size=60, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=8)).init_weights()
+    ar.save_pretrained(str(tmp_path / "ar"), tokenizer_from=data["tok"])  # no [PAD] row, no timestep embedding
+    size = sum(p.numel() * 4 for p in ar.parameters())
+    del ar
+    (tmp_path / "worker.py").write_text(SHARDED_LOAD)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(tmp_path / "worker.py"), str(tmp_path / "ar"), data["tokens"], str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    w = torch.load(out / "weights.pt", weights_only=True)
+    assert w["sharded"].keys() == w["single"].keys()
+    for k in w["single"]:
+        assert_close(w["sharded"][k], w["single"][k], atol=1e-7, rtol=1e-6, msg=k)
+    assert w["sharded"]["model.embed_tokens.weight"].shape == (61, 512)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert abs(r["local"] - size / 2) < 0.01 * size  # its half of the weights (V = 61 rows split 31 + 30)
+        assert r["load"] < 0.75 * size, (r, size)  # the shard plus one tensor's rows in flight, never the model
+    assert ranks[0]["single_load"] > 0.9 * size, (ranks[0], size)  # the contrast: the whole model at once
+
+
 def test_a_stopped_run_resumes_exactly(data, tmp_path):
     """sft with linear decay: --stop-at 3 then --resume gives the uninterrupted run's losses and weights."""
     whole = run("sft", data, tmp_path / "whole", max_steps=6)
