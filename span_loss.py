@@ -51,9 +51,15 @@ class LinearCrossEntropy(torch.autograd.Function):
 def span_noise(seeds, span_mask, vocab_size):
     """eps at the span positions, (N, V) in span_mask's row-major order: row b is drawn whole from its own
     generator, as tess2.row_noise draws it (the same numbers), into one (L, V) buffer, not (B, L, V)."""
-    buf = torch.empty(1, span_mask.size(1), vocab_size, device=span_mask.device)  # (1, L, V)
-    gens = tess2.row_generators(seeds, span_mask.device)
-    return torch.cat([tess2.row_noise_(buf, [g])[0][m] for g, m in zip(gens, span_mask)])  # (N, V)
+    dev = span_mask.device
+    buf = torch.empty(1, span_mask.size(1), vocab_size, device=dev)  # (1, L, V)
+    out = torch.empty(int(span_mask.sum()), vocab_size, device=dev)  # (N, V)
+    n = 0
+    for g, m in zip(tess2.row_generators(seeds, dev), span_mask):
+        j = m.nonzero().squeeze(1)  # this row's span positions
+        torch.index_select(tess2.row_noise_(buf, [g])[0], 0, j, out=out[n:n + j.numel()])
+        n += j.numel()
+    return out
 
 
 def span_pass(net, ids, span_mask, eps, t, prev, coin, chunk):
@@ -88,12 +94,13 @@ def span_pass(net, ids, span_mask, eps, t, prev, coin, chunk):
 
 
 def diffusion_loss(net, ids, span_mask, t, noise_seeds, self_condition, weights, extra_pass=False,
-                        chunk=1024):
+                   chunk=None):
     """sum_b weights[b] * (row b's summed span cross-entropy) of tess2.diffusion_loss(ids, span_mask, t,
     eps = row_noise(noise_seeds), self_condition) with its gradients, computing the LM head, the
     cross-entropy and p @ E only where the loss reads them (span positions; METHOD.md §5-6): no
     (B, L, V) tensor is made, the largest are eps at the span, (N, V), and one (chunk, V) block."""
     B, T = ids.size(0), tess2.NUM_TRAIN_STEPS
+    chunk = chunk or max(64, 2**22 // net.args.vocab_size)  # (chunk, V) fp32 blocks of 16 MiB: 131 rows at V 32001
     eps = span_noise(noise_seeds, span_mask, net.args.vocab_size)  # (N, V)
     coin = torch.as_tensor(self_condition, dtype=torch.bool).expand(B).to(ids.device)  # (B,)
     prev = None
