@@ -240,7 +240,7 @@ class Objective(nn.Module):
     """The stage's loss summed over a micro-batch: per-sequence means (sequence weighting) or all
     terms (token weighting), to be divided by target_count over the global batch. DDP and FSDP
     wrap this module rather than the network, because the diffusion loss uses the embedding matrix
-    and the LM head outside the network's forward (tess2.predict); in here all weights are in place."""
+    and the LM head outside the network's forward (span_loss.py); in here all weights are in place."""
 
     def __init__(self, net, stage, weighting=None):
         super().__init__()
@@ -251,7 +251,7 @@ class Objective(nn.Module):
         if self.stage in ("adapt", "sft"):
             # tess2.diffusion_loss's per-sequence sums weighted here, computed at span positions only
             coin = b.get("self_condition") if self_condition is None else self_condition
-            counts = b["span_mask"][:, 1:].sum(1)  # (B,) targets per row (row_targets)
+            counts = row_targets(b)  # (B,) span targets per row
             weights = 1 / counts.clamp(min=1) if self.weighting == "sequence" else torch.ones_like(counts)
             return span_loss.diffusion_loss(net, ids, b["span_mask"], b["t"], b["noise_seeds"], coin, weights,
                                             extra_pass=b.get("extra_pass"))

@@ -117,7 +117,8 @@ def variants(stage):
     bf16 = device.type == "cuda"
     if stage not in ("adapt", "sft"):
         return [("as is", train.Objective, bf16)] + ([("bf16", train.Objective, True)] if not bf16 else [])
-    out = [("plain", PlainObjective, bf16), ("span", train.Objective, bf16), ("span, 1 chunk", OneChunkObjective, bf16)]
+    out = [("plain", PlainObjective, bf16), ("span", train.Objective, bf16),
+           ("span, 1 chunk", OneChunkObjective, bf16)]
     return out + ([("span + bf16", train.Objective, True)] if not bf16 else [])
 
 
@@ -169,7 +170,8 @@ def bench(name, stage):
     return rows
 
 
-print(f"# {device}, threads {torch.get_num_threads()}, batch {args.batch} x seq {args.seq}, V {args.vocab or 'preset'}, "
+print(f"# {device}, threads {torch.get_num_threads()}, batch {args.batch} x seq {args.seq}, "
+      f"V {args.vocab or 'preset'}, "
       f"median of {args.iters} steps after {args.warmup} warm-up ({'wall' if device.type == 'cuda' else 'thread CPU'} "
       f"time), torch {torch.__version__}; x: speed relative to the first row of the stage")
 for name in presets:

@@ -75,7 +75,8 @@ unit = B * L * V * 4  # one fp32 (B, L, V) tensor
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 rows = [(sc, saved_bytes(net, batch, sc)) for sc in (False, True)]
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-print(f"# {args.loss} loss ({args.tess2 if args.loss == 'plain' else 'span_loss.py'}), span {args.span:.0%}: preset {args.preset}, B {B} x L {L} x V {V} "
+print(f"# {args.loss} loss ({args.tess2 if args.loss == 'plain' else 'span_loss.py'}), span {args.span:.0%}: "
+      f"preset {args.preset}, B {B} x L {L} x V {V} "
       f"(one fp32 (B, L, V) tensor = {unit / 2**20:.1f} MiB), torch {torch.__version__}")
 for sc, n in rows:
     print(f"self_condition={sc!s:5}  saved for backward {n / 2**20:8.1f} MiB = {n / unit:.2f} (B, L, V)")

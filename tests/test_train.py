@@ -333,6 +333,8 @@ def test_fsdp2_ranks_read_only_their_shards_of_the_checkpoint(data, tmp_path):
         assert_close(w["sharded"][k], w["single"][k], atol=1e-7, rtol=1e-6, msg=k)
     assert w["sharded"]["model.embed_tokens.weight"].shape == (61, 512)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    print(f"model {size / 2**20:.1f} MiB; per rank (MiB):",
+          [{k: round(v / 2**20, 1) for k, v in r.items()} for r in ranks])
     for r in ranks:
         assert abs(r["local"] - size / 2) < 0.01 * size  # its half of the weights (V = 61 rows split 31 + 30)
         assert r["load"] < 0.75 * size, (r, size)  # the shard plus one tensor's rows in flight, never the model
