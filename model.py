@@ -454,3 +454,52 @@ def checkpoint_files(path: str) -> list[str]:
                          "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)")
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
                             "(Hub repos that hold only pickle .bin weights are not read)")
+
+
+@torch.no_grad()
+def load_sharded(model: Transformer, name_or_path: str, verbose: bool = True):
+    """
+    Read a checkpoint into a model whose parameters are already FSDP2 shards (fully_shard's Shard(0)
+    DTensors, materialised with to_empty): each rank reads only its own rows of each tensor
+    (safetensors' get_slice), so no rank ever holds the whole model. FSDP2 splits dim 0 as torch.chunk
+    does: with n rows over W ranks, rank r holds rows [r c, r c + local) with c = ceil(n / W) (the
+    last ranks fewer, or none). What from_pretrained makes (timestep_embed.weight = 0, score.weight ~
+    N(0, 0.02)) is made the same way; rows of embed_tokens / lm_head beyond the checkpoint's (a grown
+    vocabulary: [PAD]) are the mean of the checkpoint's rows, as train.grow_vocab makes them.
+    """
+    import torch.distributed as dist
+    from safetensors import safe_open
+    path = resolve(name_or_path)
+    files = [safe_open(f, framework="pt", backend="pread") for f in checkpoint_files(path)]  # no mapped pages
+    where = {name: f for f in files for name in f.keys()}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    new = []
+    for name, p in model.named_parameters():  # a tied lm_head.weight is embed_tokens.weight, listed once
+        local, n = p.to_local(), p.shape[0]  # local (rows here, ...) of the global (n, ...)
+        lo = min(rank * -(-n // world), n)
+        hi = lo + local.shape[0]
+        if hi > n or (hi < n and local.shape[0] != -(-n // world)):
+            raise RuntimeError(f"{name}: rank {rank} holds {local.shape[0]} of {n} rows, not torch.chunk's "
+                               "split: this torch's FSDP2 lays out shards in another way")
+        if name not in where:
+            if name not in ("timestep_embed.weight", "score.weight"):
+                raise ValueError(f"checkpoint {name_or_path} is missing tensor {name!r}")
+            full = torch.zeros(p.shape)  # small: (D, 1) or (1, D); drawn whole, as from_pretrained
+            local.copy_(full.normal_(std=0.02)[lo:hi] if name == "score.weight" else full[lo:hi])
+            new.append(name)
+            continue
+        tensor = where[name].get_slice(name)
+        shape = tuple(tensor.get_shape())
+        grown = name in ("model.embed_tokens.weight", "lm_head.weight") and shape[0] < n
+        if shape != tuple(p.shape) and not (grown and shape[1:] == tuple(p.shape[1:])):
+            raise ValueError(f"tensor {name!r} has shape {shape} in {name_or_path}, expected {tuple(p.shape)}")
+        rows = min(hi, shape[0]) - lo  # rows of this shard that are in the file
+        if rows > 0:
+            local[:rows].copy_(tensor[lo:lo + rows])
+        if grown:  # the new rows: the mean of all old rows, summed shard by shard
+            total = local[:max(rows, 0)].double().sum(0)
+            dist.all_reduce(total)
+            local[max(rows, 0):] = (total / shape[0]).to(local.dtype)
+    if verbose and rank == 0 and new:
+        print(f"load_sharded({name_or_path}): initialised new {new}")
+    return model

@@ -28,6 +28,7 @@ import resource
 import signal
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -39,11 +40,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runs
+import span_loss
 import tess2
-from common import resolve, run_cli
+from common import read_config, resolve, run_cli
 from data.shards import check_tokenizer, global_indices, open_dataset
 from data.sources import positive
-from model import Transformer, preset
+from model import ModelArgs, Transformer, load_sharded, preset
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -238,7 +240,7 @@ class Objective(nn.Module):
     """The stage's loss summed over a micro-batch: per-sequence means (sequence weighting) or all
     terms (token weighting), to be divided by target_count over the global batch. DDP and FSDP
     wrap this module rather than the network, because the diffusion loss uses the embedding matrix
-    and the LM head outside the network's forward (tess2.predict); in here all weights are in place."""
+    and the LM head outside the network's forward (span_loss.py); in here all weights are in place."""
 
     def __init__(self, net, stage, weighting=None):
         super().__init__()
@@ -247,10 +249,12 @@ class Objective(nn.Module):
     def forward(self, b, self_condition=None):
         net, ids = self.net, b.get("ids")
         if self.stage in ("adapt", "sft"):
-            eps = tess2.row_noise(b["noise_seeds"], ids.size(1), net.args.vocab_size, ids.device)  # (B, L, V)
+            # tess2.diffusion_loss's per-sequence sums weighted here, computed at span positions only
             coin = b.get("self_condition") if self_condition is None else self_condition
-            sums, counts = tess2.diffusion_loss(net, ids, b["span_mask"], t=b["t"], eps=eps, self_condition=coin,
-                                                reduction="none", extra_pass=b.get("extra_pass"))  # (B,), (B,)
+            counts = row_targets(b)  # (B,) span targets per row
+            weights = 1 / counts.clamp(min=1) if self.weighting == "sequence" else torch.ones_like(counts)
+            return span_loss.diffusion_loss(net, ids, b["span_mask"], b["t"], b["noise_seeds"], coin, weights,
+                                            extra_pass=b.get("extra_pass"))
         elif self.stage == "ar":
             logits = net(ids=ids, causal=True)[:, :-1]  # (B, L-1, V): position i predicts token i+1
             targets = ids[:, 1:].masked_fill(~b["span_mask"][:, 1:], -100) if "span_mask" in b else ids[:, 1:]
@@ -298,8 +302,9 @@ def grow_vocab(net, vocab_size):
     print0(f"grew the vocabulary {old} -> {vocab_size}: new rows are the mean of the old ones")
 
 
-def build_model(args, meta, init, device):
-    """Returns (net, tokenizer source). init: 'scratch' or a checkpoint (Hub id or folder)."""
+def build_model(args, meta, init, device, sharded=False):
+    """Returns (net, tokenizer source). init: 'scratch' or a checkpoint (Hub id or folder). sharded (FSDP2):
+    a checkpoint's model is returned on the meta device, with net.checkpoint set for wrap() to read."""
     overrides = STAGES[args.stage]["model"]
     if init == "scratch":
         torch.manual_seed(args.seed)  # the same weights on every rank
@@ -309,11 +314,19 @@ def build_model(args, meta, init, device):
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
     if has_tokenizer:
         check_tokenizer(meta, path)  # same id -> token table as the data ([PAD] added if missing)
-    net = Transformer.from_pretrained(path, dtype=torch.float32, device=device,
-                                      verbose=int(os.environ.get("RANK", 0)) == 0, **overrides)
-    V = net.args.vocab_size
-    if meta["vocab_size"] == V + 1 and meta["pad_id"] == V:
-        grow_vocab(net, V + 1)  # Mistral (32000) + [PAD] = 32001
+    a = ModelArgs.from_hf(read_config(path), **overrides)
+    grow = meta["vocab_size"] == a.vocab_size + 1 and meta["pad_id"] == a.vocab_size  # Mistral 32000 + [PAD]
+    if sharded:  # built on the meta device; wrap() shards it, then each rank reads its own rows
+        with torch.device("meta"):
+            net = Transformer(replace(a, vocab_size=a.vocab_size + grow))
+        net.checkpoint = path
+        if grow:
+            print0(f"grew the vocabulary {a.vocab_size} -> {a.vocab_size + 1}: new rows are the mean of the old ones")
+    else:
+        net = Transformer.from_pretrained(path, dtype=torch.float32, device=device,
+                                          verbose=int(os.environ.get("RANK", 0)) == 0, **overrides)
+        if grow:
+            grow_vocab(net, a.vocab_size + 1)
     check_tokenizer(meta, net.args.vocab_size)
     return net, path if has_tokenizer else None
 
@@ -338,6 +351,9 @@ def wrap(args, net, ddp, device, bf16):
         for block in net.model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(objective, mp_policy=mp)
+        if getattr(net, "checkpoint", None):  # built on the meta device: now each rank reads its shards
+            objective.to_empty(device=device)
+            load_sharded(net, net.checkpoint, verbose=int(os.environ.get("RANK", 0)) == 0)
     elif ddp:
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     params = list(objective.parameters())
@@ -382,8 +398,8 @@ def prepare(args, ddp, rank, world, device):
     start = runs.check_resume(resume, args, identity) if resume else 0
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
-    net, init_tok = build_model(args, ds.meta, resume or args.init, device)
-    limit = min(net.args.max_position_embeddings, net.args.sliding_window or math.inf)
+    net, init_tok = build_model(args, ds.meta, resume or args.init, device, sharded=args.fsdp)
+    limit = net.args.max_length
     if args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({limit}, "
                          "max_position_embeddings / sliding_window): lower --seq-len")

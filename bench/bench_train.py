@@ -10,16 +10,27 @@ utilisation (train.flops_per_token / --peak-tflops). "mistral-layers" is Mistral
 size (D 4096, 14336 MLP, 32/8 heads, V 32001) with --layers layers, so that one GPU can hold
 weights, gradients and AdamW state; tokens/s per layer scales to the full 32-layer model.
 Diffusion stages self-condition every other step (the expected rate is one in two).
+
+For adapt and sft it times, interleaved step by step in one process, the loss as train.py computes
+it (span_loss: head, cross-entropy and p @ E at span positions, chunks of 1024 rows) against the
+plain tess2.diffusion_loss over every position ("plain", what train.py ran before), the span loss
+in one chunk ("span, 1 chunk": does chunking cost time?) and, on CPU, the span loss under bf16
+autocast. On CPU it reports thread CPU time (time.thread_time; run with --threads 1), steadier
+than wall time on a shared machine.
+
+    python bench/bench_train.py --threads 1 --preset tiny small --vocab 32001
 """
 import argparse
 import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import span_loss  # noqa: E402
 import tess2  # noqa: E402
 import train  # noqa: E402
 from model import Transformer, preset  # noqa: E402
@@ -28,6 +39,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
 parser.add_argument("--preset", nargs="+", default=None,
                     help="model presets (model.PRESETS, or mistral-layers); default: tiny small on CPU")
+parser.add_argument("--vocab", type=int, default=None, help="vocabulary size V (default: the preset's)")
 parser.add_argument("--layers", type=int, default=2, help="decoder layers of the mistral-layers preset")
 parser.add_argument("--stages", nargs="+", default=list(train.STAGES), help="stages to time")
 parser.add_argument("--batch", type=int, default=4, help="micro-batch size B (pairs for rm)")
@@ -49,7 +61,7 @@ def make_model(name, stage):
     if name == "mistral-layers":
         a = preset("mistral-7b", vocab_size=32001, num_hidden_layers=args.layers, **over)
     else:
-        a = preset(name, **over)
+        a = preset(name, **over, **({"vocab_size": args.vocab} if args.vocab else {}))
     torch.manual_seed(0)
     with torch.device(device):
         net = Transformer(a).init_weights()
@@ -78,45 +90,94 @@ def synthetic_batch(stage, V, g):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
-def bench(name, stage):
-    net = make_model(name, stage)
-    objective = train.Objective(net, stage)
-    opt = torch.optim.AdamW(objective.parameters(), lr=1e-5, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    b = synthetic_batch(stage, net.args.vocab_size, torch.Generator().manual_seed(0))
-    count = train.target_count(stage, b)
-    times = []
-    for i in range(args.warmup + args.iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with autocast:
-            loss = objective(b, self_condition=i % 2 == 1)
-        (loss / count).backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
-    tokens = args.batch * args.seq * (2 if stage == "rm" else 1)
-    row = dict(preset=name, stage=stage, params_m=net.num_params() / 1e6, tokens_per_s=tokens / dt,
-               step_ms=dt * 1e3)
+class PlainObjective(train.Objective):
+    """train.Objective as it was before span_loss: tess2.diffusion_loss at every position."""
+
+    def forward(self, b, self_condition=None):
+        if self.stage not in ("adapt", "sft"):
+            return super().forward(b, self_condition)
+        net, ids = self.net, b["ids"]
+        eps = tess2.row_noise(b["noise_seeds"], ids.size(1), net.args.vocab_size, ids.device)  # (B, L, V)
+        sums, counts = tess2.diffusion_loss(net, ids, b["span_mask"], t=b["t"], eps=eps,
+                                            self_condition=self_condition, reduction="none")
+        return (sums / counts.clamp(min=1)).sum() if self.weighting == "sequence" else sums.sum()
+
+
+class OneChunkObjective(train.Objective):
+    """train.Objective with span_loss in one chunk: all (N, V) span logits alive at once."""
+
+    def forward(self, b, self_condition=None):
+        counts = b["span_mask"][:, 1:].sum(1)
+        return span_loss.diffusion_loss(self.net, b["ids"], b["span_mask"], b["t"], b["noise_seeds"],
+                                        self_condition, 1 / counts.clamp(min=1), chunk=1 << 30)
+
+
+def variants(stage):
+    """(label, Objective class, bf16 autocast) to time for a stage."""
+    bf16 = device.type == "cuda"
+    if stage not in ("adapt", "sft"):
+        return [("as is", train.Objective, bf16)] + ([("bf16", train.Objective, True)] if not bf16 else [])
+    out = [("plain", PlainObjective, bf16), ("span", train.Objective, bf16),
+           ("span, 1 chunk", OneChunkObjective, bf16)]
+    return out + ([("span + bf16", train.Objective, True)] if not bf16 else [])
+
+
+def timed_step(v, i):
+    """One step (forward, backward, clipping, AdamW) of variant v; its seconds (CPU: this thread's time)."""
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     if device.type == "cuda":
-        flops = train.flops_per_token(net.args, net.num_params(), args.seq, stage)
-        row.update(mfu=flops * tokens / dt / (args.peak_tflops * 1e12),
-                   mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+        torch.cuda.synchronize()
+    t0 = clock()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.bf16):
+        loss = v.objective(v.batch, self_condition=i % 2 == 1)
+    (loss / v.count).backward()
+    torch.nn.utils.clip_grad_norm_(v.objective.parameters(), 1.0)
+    v.opt.step()
+    v.opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - t0
+
+
+def bench(name, stage):
+    """Rows of one (preset, stage): each variant's median over --iters steps, taken in turn."""
+    vs = []
+    for label, cls, bf16 in variants(stage):
+        net = make_model(name, stage)  # the same weights for every variant
+        objective = cls(net, stage)
+        b = synthetic_batch(stage, net.args.vocab_size, torch.Generator().manual_seed(0))
+        vs.append(SimpleNamespace(label=label, net=net, objective=objective, bf16=bf16, batch=b, times=[],
+                                  count=train.target_count(stage, b),
+                                  opt=torch.optim.AdamW(objective.parameters(), lr=1e-5, fused=device.type == "cuda")))
+    for i in range(args.warmup + args.iters):
+        for v in vs:  # interleaved: the machine's load falls on every variant alike
+            dt = timed_step(v, i)
+            if i >= args.warmup:
+                v.times.append(dt)
+    rows = []
+    for v in vs:
+        dt = statistics.median(v.times)
+        tokens = args.batch * args.seq * (2 if stage == "rm" else 1)
+        row = dict(preset=name, stage=stage, variant=v.label, params_m=v.net.num_params() / 1e6,
+                   tokens_per_s=tokens / dt, step_ms=dt * 1e3, vs_first=statistics.median(vs[0].times) / dt)
+        if device.type == "cuda":
+            flops = train.flops_per_token(v.net.args, v.net.num_params(), args.seq, stage)
+            row.update(mfu=flops * tokens / dt / (args.peak_tflops * 1e12),
+                       mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+        rows.append(row)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return row
+    return rows
 
 
 print(f"# {device}, threads {torch.get_num_threads()}, batch {args.batch} x seq {args.seq}, "
-      f"median of {args.iters} steps after {args.warmup} warm-up, torch {torch.__version__}")
+      f"V {args.vocab or 'preset'}, "
+      f"median of {args.iters} steps after {args.warmup} warm-up ({'wall' if device.type == 'cuda' else 'thread CPU'} "
+      f"time), torch {torch.__version__}; x: speed relative to the first row of the stage")
 for name in presets:
     for stage in args.stages:
-        r = bench(name, stage)
-        extra = f"  MFU {r['mfu']:.1%}  mem {r['mem_gb']:.1f} GB" if "mfu" in r else ""
-        print(f"{r['preset']:>15} {r['stage']:>6}  {r['params_m']:8.2f}M params  {r['tokens_per_s']:10.0f} tokens/s"
-              f"  {r['step_ms']:9.1f} ms/step{extra}", flush=True)
+        for r in bench(name, stage):
+            extra = f"  MFU {r['mfu']:.1%}  mem {r['mem_gb']:.1f} GB" if "mfu" in r else ""
+            print(f"{r['preset']:>15} {r['stage']:>6} {r['variant']:>14}  {r['params_m']:8.2f}M params  "
+                  f"{r['tokens_per_s']:10.0f} tokens/s  {r['step_ms']:9.1f} ms/step  {r['vs_first']:5.2f}x{extra}",
+                  flush=True)

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer, models
 
 from data import dolma, preferences, shakespeare, sources, tulu
 from data.chat import encode_example, encode_examples, encode_prompt, first_turn, format_prompt
 from data.shards import (check_tokenizer, dataset_done, global_indices, open_dataset, pair_row, sample_positions,
                          span_row, write_pairs, write_spans, write_tokens)
+from conftest import word_tokenizer
 from tokenizer import Tokenizer
 
 SENTENCES = ["Hello world, how are you?", "Fine, thanks! And you?", "To be, or not to be: that is the question.",
@@ -31,11 +32,7 @@ def word_tok(tmp_path):
     """A word-level tokenizer with a known vocabulary, so that ids can be written down."""
     words = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "world", "how", "are", "you",
              "fine", "thanks", "[PAD]"]
-    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<unk>", "<s>", "</s>", "[PAD]"])
-    tok.save(str(tmp_path / "tokenizer.json"))
-    return Tokenizer(tmp_path)
+    return Tokenizer(word_tokenizer(tmp_path, words, split_on_punctuation=False))
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,14 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 
+import span_loss
 import tess2
 import train
+from conftest import word_tokenizer
 from common import run_cli
 from data.shards import open_dataset, write_pairs, write_spans, write_tokens
 from model import Transformer, preset
@@ -41,12 +43,7 @@ WEIGHTS = dict(atol=1e-4, rtol=1e-5)
 
 def make_tokenizer(folder, words=57):
     """A word-level tokenizer: <unk> <s> </s> w0..w56; tokenizer.Tokenizer adds [PAD] (id 60, V = 61)."""
-    os.makedirs(folder, exist_ok=True)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    return folder
+    return word_tokenizer(folder, ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(words))])
 
 
 def make_data(root, kind, n=24, seed=0, tok_dir=None):
@@ -214,6 +211,35 @@ def test_self_conditioning_per_row_is_each_row_alone():
             assert counts[i] == span[i, 1:].sum()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("coin", [False, True, "per row", "extra pass"])
+@pytest.mark.parametrize("weighting", ["sequence", "token"])
+def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, tied):
+    """span_loss.diffusion_loss, which makes the head's logits, the cross-entropy and p @ E at span
+    positions only and in chunks (here 4 rows, so several), has tess2.diffusion_loss's value and
+    every parameter's gradient, with or without self-conditioning, per-row coins, both weightings."""
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False,
+                             tie_word_embeddings=tied)).init_weights()
+    nn.init.normal_(net.timestep_embed.weight)  # a trained model's: its gradient then reaches everything
+    B, L = 3, 12
+    ids = torch.randint(3, 60, (B, L))
+    span = torch.rand(B, L) < 0.6
+    span[:, 0], span[2, 1:] = False, False
+    span[2, 7] = True  # row 2 has one target: its weight differs most between the weightings
+    t, seeds = torch.tensor([10, 2500, 4999]), [5, 6, 7]
+    sc = {"per row": torch.tensor([True, False, True]), "extra pass": False}.get(coin, coin)
+    sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, L, 61), self_condition=sc,
+                                        reduction="none")
+    plain = (sums / counts.clamp(min=1)).sum() if weighting == "sequence" else sums.sum()
+    grads = torch.autograd.grad(plain, list(net.parameters()))
+    weights = 1 / counts.clamp(min=1) if weighting == "sequence" else torch.ones(B)
+    loss = span_loss.diffusion_loss(net, ids, span, t, seeds, sc, weights, extra_pass=coin == "extra pass", chunk=4)
+    assert_close(loss, plain, atol=1e-6, rtol=1e-6)
+    for (name, p), g in zip(net.named_parameters(), grads):
+        assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 # -----------------------------------------------------------------------------
 # one step, computed four ways
 
@@ -234,6 +260,7 @@ def test_gradient_accumulation_equals_the_large_batch(data, reference, tmp_path)
     assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_equal_one_process(data, reference, tmp_path):
     ref_out, ref = reference
     log = torchrun("adapt", data, tmp_path, micro_batch_size=1, val_data=data["val"], eval_every=2, eval_batches=2)
@@ -242,6 +269,7 @@ def test_two_ddp_processes_equal_one_process(data, reference, tmp_path):
     assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
 
 
+@pytest.mark.slow
 def test_two_fsdp2_processes_equal_one_process_across_a_resume(data, reference, tmp_path):
     """FSDP2 (fully_shard per block, then the root) over gloo on CPU, with activation checkpointing,
     stopped after step 2 and resumed: the sharded AdamW state is gathered and scattered back."""
@@ -253,6 +281,67 @@ def test_two_fsdp2_processes_equal_one_process_across_a_resume(data, reference, 
     assert_close(losses(log), losses(ref), **TIGHT)
     assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
     assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
+
+
+SHARDED_LOAD = """
+import json, os, resource, sys
+import torch, torch.distributed as dist, torch.distributed.fsdp
+import train
+from data.shards import open_dataset
+ckpt, data, out = sys.argv[1:]
+dist.init_process_group("gloo")
+args = train.parse_args(["--stage", "adapt", "--init", ckpt, "--data", data, "--out", out, "--fsdp", "--device", "cpu"])
+meta, cpu = open_dataset(data).meta, torch.device("cpu")
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+torch.distributed.fsdp.fully_shard(torch.nn.Linear(2, 2))  # FSDP's own first-use cost (~35 MB), not the model's
+before = peak()
+net, _ = train.build_model(args, meta, ckpt, cpu, sharded=True)
+train.wrap(args, net, True, cpu, bf16=False)
+report = dict(load=peak() - before, local=sum(p.to_local().numel() * 4 for p in net.parameters()))
+full = {k: p.full_tensor() for k, p in net.named_parameters()}
+if dist.get_rank() == 0:
+    before = peak()
+    ref, _ = train.build_model(args, meta, ckpt, cpu)  # one process: from_pretrained, then grow_vocab
+    report["single_load"] = peak() - before
+    torch.save(dict(sharded=full, single=dict(ref.named_parameters())), os.path.join(out, "weights.pt"))
+with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(report, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_read_only_their_shards_of_the_checkpoint(data, tmp_path):
+    """--fsdp from a checkpoint: the model is built on the meta device, sharded, and each of 2 gloo ranks
+    reads only its rows of each tensor (uneven splits: 61 vocabulary rows are 31 + 30). The sharded
+    model equals the one-process load, [PAD]'s grown row and the new timestep embedding included, and
+    each rank's memory grows by about its half of a 135 MB model, where the one-process load takes all."""
+    torch.manual_seed(0)
+    ar = Transformer(preset("tiny", vocab_size=60, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=8)).init_weights()
+    ar.save_pretrained(str(tmp_path / "ar"), tokenizer_from=data["tok"])  # no [PAD] row, no timestep embedding
+    size = sum(p.numel() * 4 for p in ar.parameters())
+    del ar
+    (tmp_path / "worker.py").write_text(SHARDED_LOAD)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(tmp_path / "worker.py"), str(tmp_path / "ar"), data["tokens"], str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    w = torch.load(out / "weights.pt", weights_only=True)
+    assert w["sharded"].keys() == w["single"].keys()
+    for k in w["single"]:
+        assert_close(w["sharded"][k], w["single"][k], atol=1e-7, rtol=1e-6, msg=k)
+    assert w["sharded"]["model.embed_tokens.weight"].shape == (61, 512)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    print(f"model {size / 2**20:.1f} MiB; per rank (MiB):",
+          [{k: round(v / 2**20, 1) for k, v in r.items()} for r in ranks])
+    for r in ranks:
+        assert abs(r["local"] - size / 2) < 0.01 * size  # its half of the weights (V = 61 rows split 31 + 30)
+        assert r["load"] < 0.75 * size, (r, size)  # the shard plus one tensor's rows in flight, never the model
+    assert ranks[0]["single_load"] > 0.9 * size, (ranks[0], size)  # the contrast: the whole model at once
 
 
 def test_a_stopped_run_resumes_exactly(data, tmp_path):
@@ -311,9 +400,14 @@ def test_one_step_is_adamw_on_the_loss_written_out(data, tmp_path, weighting):
     assert log["train"][0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
     loss.backward()
+    # AdamW's first step is lr * g / (|g| + 1e-8): where |g| is near its eps (seen: 9e-9), fp32 summation
+    # order alone (train.py sums the head's gradient chunk by chunk) moves it by a few % of lr
+    noisy = {k: p.grad.abs() < 1e-7 for k, p in net.named_parameters()}
     opt.step()
-    expected = {k: v.detach() for k, v in net.state_dict().items()}
-    assert_same_weights(weights(tmp_path / "step", 1), expected, **WEIGHTS)
+    got = weights(tmp_path / "step", 1)
+    for k, v in net.state_dict().items():
+        assert_close(got[k][~noisy[k]], v.detach()[~noisy[k]], **WEIGHTS, msg=k)
+        assert ((got[k] - v)[noisy[k]].abs() <= 1e-2).all(), k  # at most lr off
 
 
 def test_held_out_loss_is_the_mean_of_each_held_out_sequences_loss(data, tmp_path):
@@ -459,6 +553,7 @@ def running(pid):
         return False
 
 
+@pytest.mark.slow
 def test_workers_stop_when_their_torchrun_launcher_dies(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            os.path.join(ROOT, "train.py"), *flags("ar", data, tmp_path, max_steps=100000, save_every=100000)]
@@ -518,6 +613,7 @@ common.run_cli(train.main, "train.py", sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_and_resumed_it_is_the_unbroken_run(data, tmp_path):
     """SIGKILL inside saves (before each rename of save_pretrained), inside pruning (before the rmtree
     of --keep-last), inside log rewrites, at random times, and SIGTERM: each time resumed with --resume.
