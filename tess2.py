@@ -250,20 +250,22 @@ def _nucleus(logits, top_p: float, head: int = 64):
         probabilities, kept (r,) how many of them are kept;
       - token None (k = V, the vocabulary in its own order): kept (r, V) bool marks the kept
         tokens, and cum is the cumulative probability with the dropped tokens counted as zero.
-    Found by, in turn: the top 64; a top-k sized from a histogram of the probabilities; the dropped
-    tail as the smallest entries (topk(largest=False)) when the kept set is most of V; the full sort.
+    Found by, in turn: the top 64; from a histogram of the probabilities, a top-k that holds the
+    kept set, or, where that would be over half of V (flat rows), the boundary found inside one
+    histogram bucket; the full sort.
 
     Exact: in the first form cum is the full sort's cumsum bit for bit (on CPU, cumsum of fp32
     accumulates in float64 and rounds each prefix; the k largest probabilities in descending order
     are the sorted row's first k), and the mass before an entry only grows along the sorted row
     (cum grows, p shrinks), so the top-k holds the whole kept set once the mass before its last
-    entry exceeds top_p. In the tail form, where every probability down to the boundary is 0 or at
-    least 2^-29, the float64 sum of those entries is exact in any order, so the sort's cumulative
-    sum at a tail entry is (sum of the row) - (sum of the smaller tail entries), rounded once to
-    fp32: the same bits; a row where that does not hold goes to the full sort. (A GPU's parallel
-    fp32 scan may round the sort's cumsum differently, which matters only at a tie with top_p.)
-    Ties: tokens of equal probability may come in either order, as in the sort, so at the
-    boundary any of them may be the ones kept."""
+    entry exceeds top_p. In the second form, fp32 values of at least 2^-29 are multiples of 2^-52,
+    so float64 sums of them below 2 are exact in any order: the sort's cumsum at an entry of the
+    bucket [lo, hi) is (the sum of all entries >= hi) + (the cumsum of the bucket's entries in
+    descending order), rounded once to fp32, the same bits. It is taken where lo >= 2^-29 and the
+    bucket holds both the last kept entry and a dropped one; any other row goes to the full sort.
+    (A GPU's parallel fp32 scan may round the sort's cumsum differently, which matters only at a
+    tie with top_p.) Ties: tokens of equal probability may come in either order, as in the sort,
+    so at the boundary any of them may be the ones kept."""
     probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
     V = probs.shape[-1]
     rows = torch.arange(len(probs), device=probs.device)
@@ -277,29 +279,30 @@ def _nucleus(logits, top_p: float, head: int = 64):
     # Second try: bucket each probability by its bit pattern's top 12 bits (sign 0, the binary
     # exponent and 3 bits of mantissa: bucket j holds an eighth of an octave, larger values first,
     # zeros and subnormals last) and find the first bucket j* where the mass of buckets 0..j*
-    # exceeds top_p. The top (count of buckets 0..j*) + 1 then holds the kept set, and the smallest
-    # V - (count of buckets 0..j*-1) hold the dropped tail and a kept entry (both checked, as the
-    # histogram's sums round differently from cumsum's).
+    # exceeds top_p. The top (count of buckets 0..j*) + 1 then holds the kept set, and bucket j*
+    # the boundary (both checked, as the histogram's sums round differently from cumsum's).
     left = probs[rows]  # (r, V)
     bucket = (1023 - (left.view(torch.int32) >> 20)).long()  # (r, V) in [7, 1023]: the fp32 bits are monotone
     mass = left.new_zeros(len(rows), 1024).scatter_add_(1, bucket, left).cumsum(-1)  # (r, 1024)
-    count = torch.zeros_like(mass, dtype=torch.long).scatter_add_(1, bucket, torch.ones_like(bucket)).cumsum(-1)
+    count = torch.zeros_like(mass).scatter_add_(1, bucket, torch.ones_like(left)).cumsum(-1).long()  # exact below 2^24
     del left, bucket
     j = (mass <= top_p).sum(-1, keepdim=True).clamp_(max=1023)  # (r, 1): the first bucket past top_p
     top = count.gather(1, j).squeeze(1) + 1  # (r,)
-    small = V - count.gather(1, (j - 1).clamp_(min=0)).squeeze(1).masked_fill(j.squeeze(1) == 0, 0)  # (r,)
-    by_tail = top > V // 2  # a top-k that large costs about the full sort, and the tail is small
+    by_bucket = top > V // 2  # a top-k that large costs about the full sort: find the boundary in bucket j*
     last = []  # rows for the full sort
-    if (~by_tail).any():
-        r = rows[~by_tail]
-        k = int(top[~by_tail].max())
+    if (~by_bucket).any():
+        r = rows[~by_bucket]
+        k = int(top[~by_bucket].max())
         done, answer = _nucleus_top(probs, r, V if k > V // 2 else max(2 * head, k), top_p)
         yield tuple(x[done] for x in answer)
         last.append(r[~done])
-    if by_tail.any():
-        r, t = rows[by_tail], int(small[by_tail].max())
-        if 0 < t < V // 2:
-            ok, cum, kept = _nucleus_tail(probs[r], t, top_p)
+    if by_bucket.any():
+        r, jb, cb = rows[by_bucket], j[by_bucket], count[by_bucket]  # (r,), (r, 1), (r, 1024)
+        size = int((cb.gather(1, jb) - cb.gather(1, (jb - 1).clamp(min=0)).masked_fill(jb == 0, 0)).max())
+        if 0 < size <= V // 8:
+            bits = ((1023 - jb) << 20).int()  # (r, 1): the bucket's lowest fp32 bit pattern
+            ok, cum, kept = _nucleus_bucket(probs[r], bits.view(torch.float32), (bits + (1 << 20)).view(torch.float32),
+                                            size, top_p)
             if ok.any():
                 yield r[ok], cum[ok], None, kept[ok]
             r = r[~ok]
@@ -322,55 +325,20 @@ def _nucleus_top(probs, rows, k: int, top_p: float):
     return done, (rows, cum, token, (before <= top_p).sum(-1))
 
 
-def _nucleus_tail(probs, t: int, top_p: float):
-    """The kept set of rows probs (r, V) from their t smallest entries. Returns ok (r,) (the rows
-    answered exactly), cum (r, V) the cumulative probability in vocabulary order with dropped
-    tokens counted as zero, and kept (r, V) bool. See _nucleus for why this is exact."""
-    q, idx = probs.topk(t, dim=-1, largest=False)  # (r, t) ascending: sorted positions V-1, V-2, ...
-    exact = q >= EXACT  # (r, t), ascending too; above the tail every entry is >= q[:, -1]
-    big = torch.where(probs >= EXACT, probs, 0.0).double().sum(-1, keepdim=True)  # (r, 1) exact
-    below = torch.where(exact, q, 0.0).double().cumsum(-1) - torch.where(exact, q, 0.0).double()  # smaller ones
-    cum = (big - below).float()  # (r, t): the sort's cumsum at each exact tail entry
+def _nucleus_bucket(probs, lo, hi, size: int, top_p: float):
+    """The kept set of rows probs (r, V) whose boundary lies in the histogram bucket [lo, hi) (r, 1)
+    holding at most `size` entries. Returns ok (r,) (the rows answered exactly), cum (r, V) the
+    cumulative probability in vocabulary order with dropped tokens counted as zero, and kept (r, V)
+    bool. See _nucleus for why this is exact."""
+    above = torch.where(probs >= hi, probs, 0.0).sum(-1, keepdim=True, dtype=torch.float64)  # (r, 1) exact
+    q, idx = torch.where((probs >= lo) & (probs < hi), probs, -1.0).topk(size)  # (r, size) the bucket, descending
+    valid = q >= 0  # (the rest is padding)
+    cum = (above + q.clamp(min=0).double().cumsum(-1)).float()  # the sort's cumsum at each bucket entry
     before = cum - q  # the mass before each entry, as the definition computes it
-    keep = exact & (before <= top_p)  # (r, t)
-    # exact when the tail's largest entry is exact and kept (so is everything above the tail) and
-    # either the tail holds an exact dropped entry (so every smaller entry is dropped) or it is all exact
-    ok = keep[:, -1] & ((exact & ~keep).any(-1) | exact.all(-1))
-    kept = torch.ones_like(probs, dtype=torch.bool).scatter_(1, idx, keep)  # (r, V)
+    keep = valid & (before <= top_p)  # (r, size)
+    # exact when the bucket's values are >= 2^-29 and the boundary is inside it: its largest entry
+    # kept (so is everything above) and one of its entries dropped (so is everything below)
+    ok = (lo.squeeze(1) >= EXACT) & keep[:, 0] & (valid & ~keep).any(-1)
+    above_hi = probs >= hi  # (r, V)
+    kept = above_hi.scatter(1, idx, torch.where(valid, keep, above_hi.gather(1, idx)))  # padding: left as it is
     return ok, probs.masked_fill(~kept, 0.0).cumsum(-1), kept
-
-def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE):
-    """Eq. 4: S_{t-1} = sqrt(alpha_bar_{t-1}) S_hat + sqrt(1 - alpha_bar_{t-1}) k eps, S_hat = simplex(tokens):
-    the forward process (Eq. 2) from the projected tokens. tokens (B, L), eps (B, L, V), alpha_bar_prev (B,)."""
-    return add_noise(tokens, eps, alpha_bar_prev, k)
-
-
-# -----------------------------------------------------------------------------
-# Reward guidance (§10; Sec. 3.4, Eq. 9-11)
-
-
-def reward_guidance(rm, logits, ids, span_mask, eta: float, steps: int = 1, tau: float = 1.0,
-                    key_padding_mask=None, last_index=None):
-    """
-    `steps` rounds of gradient ascent on the reward, x <- x + eta * grad_x R(x), from x = logits (B, L, V).
-    The reward model reads p = softmax(x / tau) @ E_rm at span positions and E_rm[token] (= one-hot
-    @ E_rm) at context positions, causally, and scores position last_index (default: the last).
-    Returns new fp32 logits; `logits` is not modified. The update is computed in fp32 whatever the
-    models' dtype: in bf16 most of eta * grad is below the resolution of x and is lost (the released
-    code runs all in bf16). For steps > 1 this is plain gradient ascent; the released loop never
-    zeroes the gradient, so its step g adds eta * (g_1 + ... + g_g).
-    Rows are independent: their rewards are summed only to get every row's gradient in one backward.
-    """
-    E = rm.embed_tokens.weight  # (V, D_rm)
-    context = rm.embed_tokens(ids).detach()  # (B, L, D_rm)
-    x = logits.detach().float()  # (B, L, V), a new tensor when logits are bf16, else a view: never updated in place
-    for _ in range(steps):
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            p = torch.softmax(x / tau, dim=-1)  # (B, L, V), Eq. 9
-            h = torch.where(span_mask.unsqueeze(-1), p.to(E.dtype) @ E, context)  # (B, L, D_rm)
-            reward = rm(embeds=h, causal=True, key_padding_mask=key_padding_mask, last_index=last_index)  # (B,)
-            (grad,) = torch.autograd.grad(reward.float().sum(), x)  # (B, L, V), zero at context positions
-        x = x.detach() + eta * grad  # Eq. 10-11
-        del p, h, grad
-    return x
