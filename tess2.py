@@ -342,3 +342,40 @@ def _nucleus_bucket(probs, lo, hi, size: int, top_p: float):
     above_hi = probs >= hi  # (r, V)
     kept = above_hi.scatter(1, idx, torch.where(valid, keep, above_hi.gather(1, idx)))  # padding: left as it is
     return ok, probs.masked_fill(~kept, 0.0).cumsum(-1), kept
+
+
+def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE):
+    """Eq. 4: S_{t-1} = sqrt(alpha_bar_{t-1}) S_hat + sqrt(1 - alpha_bar_{t-1}) k eps, S_hat = simplex(tokens):
+    the forward process (Eq. 2) from the projected tokens. tokens (B, L), eps (B, L, V), alpha_bar_prev (B,)."""
+    return add_noise(tokens, eps, alpha_bar_prev, k)
+
+
+# -----------------------------------------------------------------------------
+# Reward guidance (§10; Sec. 3.4, Eq. 9-11)
+
+
+def reward_guidance(rm, logits, ids, span_mask, eta: float, steps: int = 1, tau: float = 1.0,
+                    key_padding_mask=None, last_index=None):
+    """
+    `steps` rounds of gradient ascent on the reward, x <- x + eta * grad_x R(x), from x = logits (B, L, V).
+    The reward model reads p = softmax(x / tau) @ E_rm at span positions and E_rm[token] (= one-hot
+    @ E_rm) at context positions, causally, and scores position last_index (default: the last).
+    Returns new fp32 logits; `logits` is not modified. The update is computed in fp32 whatever the
+    models' dtype: in bf16 most of eta * grad is below the resolution of x and is lost (the released
+    code runs all in bf16). For steps > 1 this is plain gradient ascent; the released loop never
+    zeroes the gradient, so its step g adds eta * (g_1 + ... + g_g).
+    Rows are independent: their rewards are summed only to get every row's gradient in one backward.
+    """
+    E = rm.embed_tokens.weight  # (V, D_rm)
+    context = rm.embed_tokens(ids).detach()  # (B, L, D_rm)
+    x = logits.detach().float()  # (B, L, V), a new tensor when logits are bf16, else a view: never updated in place
+    for _ in range(steps):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            p = torch.softmax(x / tau, dim=-1)  # (B, L, V), Eq. 9
+            h = torch.where(span_mask.unsqueeze(-1), p.to(E.dtype) @ E, context)  # (B, L, D_rm)
+            reward = rm(embeds=h, causal=True, key_padding_mask=key_padding_mask, last_index=last_index)  # (B,)
+            (grad,) = torch.autograd.grad(reward.float().sum(), x)  # (B, L, V), zero at context positions
+        x = x.detach() + eta * grad  # Eq. 10-11
+        del p, h, grad
+    return x
