@@ -36,25 +36,48 @@ DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"  # with --eta and no --rewa
 # The reverse process (§9)
 
 
-def renoise_(S, tokens, alpha_bar, generators, lengths):
+def renoise_(S, tokens, alpha_bar, generators, lengths, span_mask=None):
     """tess2.renoise in S's own buffer: S <- sqrt(alpha_bar) simplex(tokens) + sqrt(1 - alpha_bar) k eps
-    with each row's eps drawn from its generator over its own length (none at padding). S (B, L, V) is
-    scaled, shifted by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no second
-    (B, L, V) tensor. alpha_bar is a float (one step for the whole batch)."""
+    with each row's eps drawn from its generator over its own length (none at padding), or, given
+    span_mask (B, L), over its span positions only, in order (one (n_span, V) draw per row): the rest
+    of S is left as it is, as predict reads S only at span positions. S (B, L, V) is scaled, shifted
+    by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no second (B, L, V) tensor.
+    alpha_bar is a float (one step for the whole batch)."""
     k = tess2.SIMPLEX_VALUE
-    S.zero_()
-    for b, (g, n) in enumerate(zip(generators, lengths)):
-        S[b, :n].normal_(generator=g)  # (n, V)
-    S.mul_(math.sqrt(1 - alpha_bar) * k).sub_(math.sqrt(alpha_bar) * k)
-    return S.scatter_add_(-1, tokens.unsqueeze(-1), torch.full_like(S[..., :1], 2 * k * math.sqrt(alpha_bar)))
+    scale, shift, top = math.sqrt(1 - alpha_bar) * k, math.sqrt(alpha_bar) * k, 2 * k * math.sqrt(alpha_bar)
+    if span_mask is None:
+        S.zero_()
+        for b, (g, n) in enumerate(zip(generators, lengths)):
+            S[b, :n].normal_(generator=g)  # (n, V)
+        S.mul_(scale).sub_(shift)
+        return S.scatter_add_(-1, tokens.unsqueeze(-1), torch.full_like(S[..., :1], top))
+    for b, (g, where) in enumerate(zip(generators, spans(span_mask, lengths))):
+        x = S[b, where] if isinstance(where, slice) else S.new_empty(len(where), S.shape[-1])  # (n_span, V)
+        x.normal_(generator=g).mul_(scale).sub_(shift)
+        x.scatter_add_(-1, tokens[b, where].unsqueeze(-1), torch.full_like(x[:, :1], top))
+        if not isinstance(where, slice):
+            S[b, where] = x
+    return S
+
+
+def spans(span_mask, lengths=None):
+    """Each row's span positions (within its length): a slice where they are one run (the usual
+    prompt-then-region row, so that S[b, where] is a view), else their indices."""
+    out = []
+    for b in range(len(span_mask)):
+        row = span_mask[b] if lengths is None else span_mask[b, :lengths[b]]
+        idx = row.nonzero().flatten()
+        contiguous = len(idx) and int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx)
+    return out
 
 
 def project(logits, span_mask, top_p, generators):
     """Eq. 5 on span positions only: argmax (top_p None) or nucleus sampling with row b's positions
     drawn from generators[b]. logits (B, L, V) -> tokens (B, L), 0 outside the span."""
     tokens = torch.zeros(span_mask.shape, dtype=torch.long, device=logits.device)
-    for b, g in enumerate(generators):
-        tokens[b, span_mask[b]] = tess2.project(logits[b, span_mask[b]], top_p, g)  # (n_b,)
+    for b, (g, where) in enumerate(zip(generators, spans(span_mask))):
+        tokens[b, where] = tess2.project(logits[b, where], top_p, g)  # (n_b,)
     return tokens
 
 
@@ -76,7 +99,8 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
     lengths = list(lengths or [L] * B)
     generators = tess2.row_generators(seeds, dev)
     alpha_bars = tess2.alpha_bars(N).tolist()  # alpha_bar(i / N), i = 0..N-1
-    S = renoise_(torch.empty(B, L, V, device=dev), ids, 0.0, generators, lengths)  # k N(0, I): alpha_bar = 0
+    # k N(0, I) at span positions (alpha_bar = 0); predict never reads S elsewhere, which stays 0
+    S = renoise_(torch.zeros(B, L, V, device=dev), ids, 0.0, generators, lengths, span_mask)
     out, steps_used = ids.clone(), torch.full((B,), N, dtype=torch.long)
     rows = list(range(B))  # the running rows; below, every tensor holds just those
     logits, last_best, stable = None, None, torch.zeros(B, dtype=torch.long, device=dev)
@@ -87,7 +111,9 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
         logits = predict(model, ids_r, span_r, S, t, logits, key_padding_mask=key_mask)  # (B', L, V)
         if guide is not None:
             logits = guide(logits, rows)  # guided logits feed the projection and the next self-conditioning
-        best = torch.where(span_r, logits.argmax(-1), ids_r)  # (B', L)
+        best = ids_r.clone()  # (B', L): the argmax at span positions only
+        for b, where in enumerate(spans(span_r)):
+            best[b, where] = logits[b, where].argmax(-1)
         out[rows] = best
         if on_step is not None:
             on_step(n + 1, logits, best, rows)
@@ -108,7 +134,7 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
             last_best = best
         # S_{i-1} from the projection (Eq. 4-5); alpha_bar_{-1} = 1: no re-noising after i = 0
         tokens = best if top_p is None else project(logits, span_r, top_p, generators)
-        renoise_(S, torch.where(span_r, tokens, ids_r), alpha_bars[i - 1], generators, lengths)
+        renoise_(S, tokens, alpha_bars[i - 1], generators, lengths, span_r)
     return out, steps_used
 
 

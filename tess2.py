@@ -219,9 +219,10 @@ def project(logits, top_p: float | None = None, generator=None):
     sampling at temperature 1 (the released evaluation scripts use top_p = 0.99): probs =
     softmax(logits in fp32) sorted descending, an entry kept iff the mass before it (cumsum - p)
     is at most top_p, and a token drawn from the kept entries in proportion to their probability.
-    The kept set is exactly that of the full sort (_nucleus finds it without one). Each position
-    consumes one uniform draw from `generator`, in order, so its token depends only on its own
-    logits and draw: a row's span projected with its own generator does not depend on the batch."""
+    The kept set and its mass are exactly those of the full sort (_nucleus finds them without one).
+    Each position consumes one uniform draw from `generator`, in order, so its token depends only
+    on its own logits and draw: a row's span projected with its own generator does not depend on
+    the batch."""
     if top_p is None:
         return logits.argmax(-1)
     if not 0.0 < top_p <= 1.0:
@@ -232,53 +233,115 @@ def project(logits, top_p: float | None = None, generator=None):
     for rows, cum, token, kept in _nucleus(flat, top_p):
         # inverse CDF: the first entry whose cumulative mass exceeds u * (kept mass); the target
         # stays below the kept mass, so the draw never lands on a dropped or zero-probability entry
-        mass = cum.gather(1, kept.unsqueeze(1) - 1)  # (r, 1)
+        mass = cum[:, -1:] if token is None else cum.gather(1, kept.unsqueeze(1) - 1)  # (r, 1)
         target = torch.minimum(u[rows].unsqueeze(1) * mass, mass.nextafter(torch.zeros_like(mass)))
-        tokens[rows] = token.gather(1, torch.searchsorted(cum, target, right=True)).squeeze(1)
+        j = torch.searchsorted(cum, target, right=True)  # (r, 1)
+        tokens[rows] = (j if token is None else token.gather(1, j)).squeeze(1)
     return tokens.view(logits.shape[:-1])
+
+
+EXACT = 2.0 ** -29  # fp32 values >= 2^-29 are multiples of 2^-52: sums below 2 of them are exact in float64
 
 
 def _nucleus(logits, top_p: float, head: int = 64):
     """The kept set of nucleus sampling without sorting V in the common case. logits (n, V) ->
-    yields (rows (r,), cum (r, k), token (r, k), kept (r,)) until every row is covered: for rows
-    `rows`, the k most probable tokens in descending order, their cumulative probabilities and
-    how many of them are kept. cum is the full sort's cumsum bit for bit (cumsum is sequential on
-    CPU, and the k largest probabilities in descending order are the sorted row's first k; a GPU's
-    parallel scan may round the last bit differently, which matters only at a tie with top_p), and
-    the mass before an entry only grows along the row (cum grows, p shrinks), so the top-k holds the
-    whole kept set once the mass before its last entry exceeds top_p. Tried in turn: the top 64; a top-k sized from a
-    histogram of binary exponents; the full sort. Ties: tokens of equal probability may come in
-    either order, as in the sort, so at the boundary any of them may be the ones kept."""
+    yields (rows (r,), cum (r, k), token, kept) until every row is covered, in one of two forms:
+      - token (r, k): the k most probable tokens in descending order, cum their cumulative
+        probabilities, kept (r,) how many of them are kept;
+      - token None (k = V, the vocabulary in its own order): kept (r, V) bool marks the kept
+        tokens, and cum is the cumulative probability with the dropped tokens counted as zero.
+    Found by, in turn: the top 64; from a histogram of the probabilities, a top-k that holds the
+    kept set, or, where that would be over half of V (flat rows), the boundary found inside one
+    histogram bucket; the full sort.
+
+    Exact: in the first form cum is the full sort's cumsum bit for bit (on CPU, cumsum of fp32
+    accumulates in float64 and rounds each prefix; the k largest probabilities in descending order
+    are the sorted row's first k), and the mass before an entry only grows along the sorted row
+    (cum grows, p shrinks), so the top-k holds the whole kept set once the mass before its last
+    entry exceeds top_p. In the second form, fp32 values of at least 2^-29 are multiples of 2^-52,
+    so float64 sums of them below 2 are exact in any order: the sort's cumsum at an entry of the
+    bucket [lo, hi) is (the sum of all entries >= hi) + (the cumsum of the bucket's entries in
+    descending order), rounded once to fp32, the same bits. It is taken where lo >= 2^-29 and the
+    bucket holds both the last kept entry and a dropped one; any other row goes to the full sort.
+    (A GPU's parallel fp32 scan may round the sort's cumsum differently, which matters only at a
+    tie with top_p.) Ties: tokens of equal probability may come in either order, as in the sort,
+    so at the boundary any of them may be the ones kept."""
     probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
     V = probs.shape[-1]
-    rows, k = torch.arange(len(probs), device=probs.device), min(head, V)
-    while len(rows):
-        p, token = probs[rows].sort(dim=-1, descending=True) if k == V else probs[rows].topk(k)  # (r, k)
-        cum = p.cumsum(-1)
-        if cum[:, -1].isnan().any():  # softmax turns a NaN or +inf logit, or a row of -inf, into a NaN row
-            raise ValueError("nucleus sampling needs finite logits (a row holds NaN or inf, or only -inf)")
-        before = cum - p  # the mass before each entry, as the sort-based definition computes it
-        done = (before[:, -1] > top_p) | (k == V)  # (r,): the last entry is dropped, so all later ones
-        kept = (before <= top_p).sum(-1)
-        if done.all():  # the common case: no copies
-            yield rows, cum, token, kept
-            return
-        yield rows[done], cum[done], token[done], kept[done]
-        rows, need = rows[~done], (top_p - before[~done, -1]) / p[~done, -1].clamp(min=1e-30)
-        if k > head or need.max() > V // 2:  # after the second try, or (every later entry being at
-            k = V                                # most p[:, -1]) when over half of V is still needed
-            continue
-        # Second try: bucket each probability by its binary exponent (bucket j holds [2^-j, 2^(1-j)),
-        # zeros and subnormals in 127), find the first bucket j* where the mass of buckets 0..j*
-        # exceeds top_p; the top (count of buckets 0..j*) + 1 then holds the kept set (checked above,
-        # as the histogram's sums round differently from cumsum's).
-        left = probs[rows]  # (r, V)
-        bucket = (127 - (left.view(torch.int32) >> 23)).long()  # the float's exponent field
-        mass = left.new_zeros(len(rows), 128).scatter_add_(1, bucket, left).cumsum(-1)  # (r, 128)
-        count = torch.zeros_like(mass, dtype=torch.long).scatter_add_(1, bucket, torch.ones_like(bucket)).cumsum(-1)
-        j = (mass <= top_p).sum(-1, keepdim=True).clamp_(max=127)  # (r, 1) the first bucket past top_p
-        k = max(2 * k, int(count.gather(1, j).max()) + 1)
-        k = V if k > V // 2 else k  # a top-k that large costs about the full sort
+    rows = torch.arange(len(probs), device=probs.device)
+    # First try: the top 64 (or the full sort when V is that small)
+    done, answer = _nucleus_top(probs, rows, min(head, V), top_p)
+    if done.all():  # the common case: no copies
+        yield answer
+        return
+    yield tuple(x[done] for x in answer)
+    rows = rows[~done]
+    # Second try: bucket each probability by its bit pattern's top 12 bits (sign 0, the binary
+    # exponent and 3 bits of mantissa: bucket j holds an eighth of an octave, larger values first,
+    # zeros and subnormals last) and find the first bucket j* where the mass of buckets 0..j*
+    # exceeds top_p. The top (count of buckets 0..j*) + 1 then holds the kept set, and bucket j*
+    # the boundary (both checked, as the histogram's sums round differently from cumsum's).
+    left = probs[rows]  # (r, V)
+    bucket = (1023 - (left.view(torch.int32) >> 20)).long()  # (r, V) in [7, 1023]: the fp32 bits are monotone
+    mass = left.new_zeros(len(rows), 1024).scatter_add_(1, bucket, left).cumsum(-1)  # (r, 1024)
+    count = torch.zeros_like(mass).scatter_add_(1, bucket, torch.ones_like(left)).cumsum(-1).long()  # exact below 2^24
+    del left, bucket
+    j = (mass <= top_p).sum(-1, keepdim=True).clamp_(max=1023)  # (r, 1): the first bucket past top_p
+    top = count.gather(1, j).squeeze(1) + 1  # (r,)
+    by_bucket = top > V // 2  # a top-k that large costs about the full sort: find the boundary in bucket j*
+    last = []  # rows for the full sort
+    if (~by_bucket).any():
+        r = rows[~by_bucket]
+        k = int(top[~by_bucket].max())
+        done, answer = _nucleus_top(probs, r, V if k > V // 2 else max(2 * head, k), top_p)
+        yield tuple(x[done] for x in answer)
+        last.append(r[~done])
+    if by_bucket.any():
+        r, jb, cb = rows[by_bucket], j[by_bucket], count[by_bucket]  # (r,), (r, 1), (r, 1024)
+        size = int((cb.gather(1, jb) - cb.gather(1, (jb - 1).clamp(min=0)).masked_fill(jb == 0, 0)).max())
+        if 0 < size <= V // 8:
+            bits = ((1023 - jb) << 20).int()  # (r, 1): the bucket's lowest fp32 bit pattern
+            ok, cum, kept = _nucleus_bucket(probs[r], bits.view(torch.float32), (bits + (1 << 20)).view(torch.float32),
+                                            size, top_p)
+            if ok.any():
+                yield r[ok], cum[ok], None, kept[ok]
+            r = r[~ok]
+        last.append(r)
+    rows = torch.cat(last).sort().values
+    if len(rows):  # the full sort: always exact
+        yield _nucleus_top(probs, rows, V, top_p)[1]
+
+
+def _nucleus_top(probs, rows, k: int, top_p: float):
+    """The first form of _nucleus for rows `rows` of probs from their top k (k = V: the full sort).
+    Returns done (r,), whether the top k holds the kept set, and (rows, cum, token, kept)."""
+    V = probs.shape[-1]
+    p, token = probs[rows].sort(dim=-1, descending=True) if k == V else probs[rows].topk(k)  # (r, k)
+    cum = p.cumsum(-1)
+    if cum[:, -1].isnan().any():  # softmax turns a NaN or +inf logit, or a row of -inf, into a NaN row
+        raise ValueError("nucleus sampling needs finite logits (a row holds NaN or inf, or only -inf)")
+    before = cum - p  # the mass before each entry, as the sort-based definition computes it
+    done = (before[:, -1] > top_p) | (k == V)  # (r,): the last entry is dropped, so all later ones
+    return done, (rows, cum, token, (before <= top_p).sum(-1))
+
+
+def _nucleus_bucket(probs, lo, hi, size: int, top_p: float):
+    """The kept set of rows probs (r, V) whose boundary lies in the histogram bucket [lo, hi) (r, 1)
+    holding at most `size` entries. Returns ok (r,) (the rows answered exactly), cum (r, V) the
+    cumulative probability in vocabulary order with dropped tokens counted as zero, and kept (r, V)
+    bool. See _nucleus for why this is exact."""
+    above = torch.where(probs >= hi, probs, 0.0).sum(-1, keepdim=True, dtype=torch.float64)  # (r, 1) exact
+    q, idx = torch.where((probs >= lo) & (probs < hi), probs, -1.0).topk(size)  # (r, size) the bucket, descending
+    valid = q >= 0  # (the rest is padding)
+    cum = (above + q.clamp(min=0).double().cumsum(-1)).float()  # the sort's cumsum at each bucket entry
+    before = cum - q  # the mass before each entry, as the definition computes it
+    keep = valid & (before <= top_p)  # (r, size)
+    # exact when the bucket's values are >= 2^-29 and the boundary is inside it: its largest entry
+    # kept (so is everything above) and one of its entries dropped (so is everything below)
+    ok = (lo.squeeze(1) >= EXACT) & keep[:, 0] & (valid & ~keep).any(-1)
+    above_hi = probs >= hi  # (r, V)
+    kept = above_hi.scatter(1, idx, torch.where(valid, keep, above_hi.gather(1, idx)))  # padding: left as it is
+    return ok, probs.masked_fill(~kept, 0.0).cumsum(-1), kept
 
 
 def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE):

@@ -7,13 +7,19 @@ out below op for op on our network). Not a test: a measurement.
     python bench/bench_sample.py --vocab 32001 --batch 1 --length 2048
     python bench/bench_sample.py --device cuda --preset mistral-7b --vocab 32001 --batch 8 --length 2048 --steps 100
     python bench/bench_sample.py --project --threads 1     # tess2.project alone: full-sort nucleus vs ours
+    python bench/bench_sample.py --interleaved --before 30afad5 --threads 1   # released vs before vs now, one process
 
 --project times the projection alone (Eq. 5, nucleus top-p 0.99) on (n, V) logits: the full-sort
 definition (sort_project below, the function as it was before) against tess2.project, the two
 interleaved in one process, thread CPU time, median of repeats, on peaked, Zipf and flat logits at
 V = 32001 and on logits the shipped model produces while sampling (V = 4096).
 
-Each (implementation, vocabulary) runs in a fresh subprocess. CPU peak memory is the process's
+--interleaved times, in one process on one model, the released loop, sample.diffuse as it was at
+the git commit --before (its sample.py and tess2.py loaded from git) and sample.diffuse now, in turn,
+--repeats times: thread CPU seconds per step, medians, and each one's ratio to the released loop.
+With --shipped the model is models/tess2-shakespeare (V = 4096) on one of its prompts' rows.
+
+Otherwise each (implementation, vocabulary) runs in a fresh subprocess. CPU peak memory is the process's
 peak resident set (VmHWM) above its resident set just before sampling (tracemalloc does not see
 torch's allocations); on CUDA it is torch.cuda.max_memory_allocated above the memory in use before
 sampling. Both are also given in units of one (B, L, V) fp32 tensor. The first run of each
@@ -134,6 +140,70 @@ def bench_project(a):
             print(f"| {name} | {n} | {kept} | {old:.1f} | {new:.1f} | {old / new:.1f}x |", flush=True)
 
 
+def load_before(commit):
+    """sample.py and tess2.py as they were at `commit`, as modules (that sample bound to that tess2)."""
+    import importlib.util
+    import tempfile
+    folder = tempfile.mkdtemp()
+    mods = {}
+    for name in ("tess2", "sample"):
+        path = os.path.join(folder, f"{name}_before.py")
+        with open(path, "w") as f:
+            f.write(subprocess.run(["git", "show", f"{commit}:{name}.py"], cwd=ROOT, check=True, capture_output=True,
+                                   text=True).stdout)
+        spec = importlib.util.spec_from_file_location(f"{name}_before", path)
+        mods[name] = importlib.util.module_from_spec(spec)
+        real = sys.modules["tess2"]
+        sys.modules["tess2"] = mods.get("tess2", real)  # the old sample imports the old tess2
+        try:
+            spec.loader.exec_module(mods[name])
+        finally:
+            sys.modules["tess2"] = real
+    return mods["sample"]
+
+
+def bench_interleaved(a):
+    """Released loop, diffuse at --before, diffuse now: one process, one model, interleaved."""
+    dev = torch.device(a.device)
+    torch.manual_seed(0)
+    if a.shipped:
+        import rows
+        from tokenizer import Tokenizer
+        path = os.path.join(ROOT, "models", "tess2-shakespeare")
+        model, tok = Transformer.from_pretrained(path, dtype=torch.float32, verbose=False).eval(), Tokenizer(path)
+        b = rows.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, countrymen, and lovers! "
+                                  "hear me for my cause,"] * a.batch, rows.Settings(total_length=160), 1024, tok.pad_id)
+        ids, span_mask = b.ids.to(dev), b.span_mask.to(dev)
+        what = f"shipped model (V = {model.args.vocab_size}), B = {a.batch}, L = {ids.shape[1]}"
+    else:
+        V = a.vocab[0]
+        with dev:
+            model = Transformer(preset(a.preset, vocab_size=V, timestep_embed=True, causal=False)).init_weights().eval()
+        L, prompt = a.length, min(32, a.length // 2)
+        ids = torch.randint(V, (a.batch, L), generator=torch.Generator().manual_seed(0)).to(dev)
+        span_mask = (torch.arange(L, device=dev) >= prompt).expand(a.batch, L).contiguous()
+        what = f"{a.preset}, V = {V}, B = {a.batch}, L = {L} ({prompt} context)"
+    model.requires_grad_(False)
+    old = load_before(a.before)
+    seeds = list(range(len(ids)))
+    impls = {"released loop": lambda: released_loop(model, ids, span_mask, a.steps, 0.99,
+                                                    torch.Generator(device=dev).manual_seed(0)),
+             f"diffuse at {a.before}": lambda: old.diffuse(model, ids, span_mask, seeds, a.steps, 0.99),
+             "diffuse now": lambda: sample.diffuse(model, ids, span_mask, seeds, a.steps, 0.99)}
+    times = {k: [] for k in impls}
+    for _ in range(a.repeats):
+        for k, f in impls.items():
+            t0 = time.thread_time()
+            f()
+            times[k].append((time.thread_time() - t0) / a.steps)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"{what}, {a.steps} steps, top-p 0.99, {torch.get_num_threads()} thread(s), median of {a.repeats}")
+    print("| implementation | CPU s/step (median) | all runs | released / this |")
+    print("| --- | --- | --- | --- |")
+    for k, v in times.items():
+        print(f"| {k} | {med[k]:.3f} | {', '.join(f'{x:.3f}' for x in v)} | {med['released loop'] / med[k]:.2f}x |")
+
+
 def ours(model, ids, span_mask, steps, top_p, generator, reward_model=None):
     guide = None
     if reward_model is not None:
@@ -209,7 +279,10 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     p.add_argument("--project", action="store_true", help="time tess2.project alone against the full-sort nucleus")
     p.add_argument("--positions", type=int, nargs="+", default=[64, 256, 1024], help="--project: positions n")
-    p.add_argument("--repeats", type=int, default=7, help="--project: timed calls of each (median)")
+    p.add_argument("--repeats", type=int, default=7, help="--project, --interleaved: timed calls of each (median)")
+    p.add_argument("--interleaved", action="store_true", help="released vs --before vs now in one process")
+    p.add_argument("--before", default="HEAD", help="--interleaved: the git commit whose diffuse is 'before'")
+    p.add_argument("--shipped", action="store_true", help="--interleaved: the shipped model instead of --preset")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -219,6 +292,8 @@ def main():
         return worker(a)
     if a.project:
         return bench_project(a)
+    if a.interleaved:
+        return bench_interleaved(a)
     for V in a.vocab:
         for impl in a.impl:
             cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--vocab", str(V), "--preset", a.preset,

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+import tess2
 from tess2 import _nucleus, project
 
 V = 32001  # Mistral's vocabulary plus [PAD]
@@ -30,28 +31,38 @@ def definition(logits, top_p):
 
 
 def kept_sets(logits, top_p):
-    """_nucleus's answer per row: {row: (cum (k,), token (k,), kept)} and the head widths it tried."""
+    """_nucleus's answer per row: {row: (cum, token, kept)} and the forms it answered in: the head
+    width k of the sorted form, or "vocab" for the vocabulary-order form (token None, kept a mask),
+    which it gives where it finds the boundary inside one histogram bucket."""
     out, widths = {}, []
     for rows, cum, token, kept in _nucleus(logits, top_p):
-        widths.append(cum.shape[1])
-        for r, c, t, m in zip(rows.tolist(), cum, token, kept.tolist()):
+        widths.append("vocab" if token is None else cum.shape[1])
+        for i, r in enumerate(rows.tolist()):
             assert r not in out, "a row answered twice"
-            out[r] = (c, t, m)
+            out[r] = (cum[i], None if token is None else token[i], kept[i] if token is None else int(kept[i]))
     assert sorted(out) == list(range(len(logits))), "a row left out"
     return out, widths
 
 
 def assert_exact(logits, top_p):
-    """The kept set equals the definition's in the sense of the module docstring. Returns the widths."""
+    """The kept set equals the definition's in the sense of the module docstring, and so does its
+    mass (what the draw renormalises by). Returns the forms _nucleus answered in."""
     probs, sorted_p, _, kept = definition(logits, top_p)
     got, widths = kept_sets(logits, top_p)
     for r, (cum, token, m) in got.items():
+        if token is None:  # vocabulary order: m is a mask, cum the cumulative kept mass in that order
+            t, m = m.nonzero().flatten(), int(m.sum())
+            assert torch.equal(cum, probs[r].masked_fill(~got[r][2], 0.0).cumsum(-1)), f"row {r}: cum"
+            mass = cum[-1]
+        else:
+            t = token[:m]
+            assert (probs[r, t] == sorted_p[r, :m]).all(), f"row {r}: not in descending order"
+            assert torch.equal(cum[:m], sorted_p[r, :m].cumsum(-1)), f"row {r}: cumulative mass"
+            mass = cum[m - 1]
         assert m == kept[r], f"row {r}: {m} kept, the definition keeps {int(kept[r])}"
-        t = token[:m]
         assert len(set(t.tolist())) == m, f"row {r}: a token kept twice"
         assert torch.equal(probs[r, t].sort(descending=True).values, sorted_p[r, :m]), f"row {r}: kept probabilities"
-        assert (probs[r, t] == sorted_p[r, :m]).all(), f"row {r}: not in descending order"
-        assert torch.equal(cum[:m], sorted_p[r, :m].cumsum(-1)), f"row {r}: cumulative mass"
+        assert torch.equal(mass, sorted_p[r, :m].cumsum(-1)[-1]), f"row {r}: kept mass"
         boundary = sorted_p[r, m - 1]
         assert set(t.tolist()) >= set((probs[r] > boundary).nonzero().flatten().tolist())
     return widths
@@ -76,14 +87,41 @@ def test_kept_set_equals_the_sort_on_peaked_zipf_and_flat_logits(top_p):
 
 
 def test_each_way_of_finding_the_kept_set_is_taken_and_exact():
-    """The top 64 (peaked), a histogram-sized top-k (Zipf 1.5: ~2900 kept), the full sort (flat)."""
+    """The top 64 (peaked), a histogram-sized top-k (Zipf 1.5: ~2900 kept), the boundary's bucket
+    (flat: ~29,000 kept), the full sort (logits of 4 values: the boundary's bucket is a quarter of V)."""
     g = torch.Generator().manual_seed(1)
     assert assert_exact(zipf(2.0, 8, g), 0.99) == [64]
     widths = assert_exact(zipf(1.5, 8, g), 0.99)
     assert len(widths) == 2 and widths[0] == 64 and 64 < widths[1] < V  # the histogram's size suffices
-    assert assert_exact(torch.randn(8, V, generator=g), 0.99)[-1] == V
+    assert assert_exact(torch.randn(8, V, generator=g), 0.99) == [64, "vocab"]
+    assert assert_exact(torch.randn(8, V, generator=g), 0.85) == [64, "vocab"]  # half of V kept
+    assert assert_exact(torch.randint(0, 4, (4, V), generator=g).float(), 0.9) == [64, V]
     # a batch mixing the three: every row still gets its own exact answer
-    assert_exact(torch.cat([zipf(2.0, 3, g), zipf(1.5, 3, g), torch.randn(3, V, generator=g)])[torch.randperm(9)], 0.99)
+    mixed = torch.cat([zipf(2.0, 3, g), zipf(1.5, 3, g), torch.randn(3, V, generator=g)])[torch.randperm(9)]
+    assert set(assert_exact(mixed, 0.99)) == {64, "vocab"} | {w for w in assert_exact(mixed, 0.99) if w != "vocab"}
+
+
+def test_the_bucket_falls_back_to_the_sort_where_its_sums_would_not_be_exact(monkeypatch):
+    """A row whose probabilities near the boundary are below the exactness threshold (2^-29: below
+    it fp32 values are not multiples of 2^-52 and float64 sums of them round) takes the full sort.
+    Raised here to 2^-14 so that flat rows (p ~ 2^-15) fall under it; the answer stays exact."""
+    g = torch.Generator().manual_seed(15)
+    logits = torch.cat([torch.randn(3, V, generator=g), zipf(2.0, 2, g)])
+    assert assert_exact(logits, 0.99) == [64, "vocab"]
+    monkeypatch.setattr(tess2, "EXACT", 2.0 ** -14)
+    assert assert_exact(logits, 0.99) == [64, V]
+
+
+def test_the_buckets_kept_mass_is_the_sorts_to_the_bit():
+    """Where cumsum's order matters in fp32 (many small values after a large one), the mass found
+    from the bucket still equals the sort's cumulative sum at the boundary: the kept set and
+    renormalisation are exact."""
+    g = torch.Generator().manual_seed(16)
+    logits = torch.randn(16, V, generator=g)
+    logits[:8, 0] = 12.0  # one token holding ~ 0.6 of the mass
+    for top_p in (0.9, 0.99, 0.999):
+        forms = assert_exact(logits, top_p)
+        assert "vocab" in forms, (top_p, forms)
 
 
 def test_kept_set_with_ties_at_the_boundary():
@@ -92,6 +130,10 @@ def test_kept_set_with_ties_at_the_boundary():
     coarse = torch.randint(0, 4, (6, V), generator=g).float()
     for top_p in (0.3, 0.9, 0.99):
         assert_exact(coarse, top_p)
+    # logits from 16 values: the boundary falls inside a tie of ~2000 in the bucket searched
+    finer = torch.randint(0, 16, (6, V), generator=g).float() / 4
+    for top_p in (0.9, 0.99):
+        assert assert_exact(finer, top_p) == [64, "vocab"]
     # 100 tokens tied at the top: the kept set ends inside the tie, past the first head of 64
     tied = torch.full((3, V), -10.0)
     tied[:, torch.randperm(V, generator=g)[:100]] = 5.0
@@ -126,19 +168,32 @@ def test_small_vocabularies():
 # Sampling from it
 
 
-def test_a_draw_is_the_sorts_inverse_cdf_at_the_same_uniform():
-    """One uniform u per position: the token is the first kept entry, in the sort's order, whose
-    cumulative mass exceeds u * (kept mass). Compared by probability, so tie order does not matter."""
+def test_a_draw_is_the_inverse_cdf_of_the_kept_set_at_the_same_uniform():
+    """One uniform u per position: the token is the first kept entry whose cumulative mass exceeds
+    u * (kept mass), the entries taken in the sort's order where _nucleus answers in it (compared
+    by probability, so tie order does not matter) and in the vocabulary's order where it answers
+    from the boundary's bucket (flat rows). Either way each kept token is drawn with probability p / (kept mass)."""
     g = torch.Generator().manual_seed(6)
     logits = torch.cat([zipf(2.0, 40, g), zipf(1.5, 40, g), torch.randn(40, V, generator=g)])
     tokens = project(logits, 0.99, torch.Generator().manual_seed(7))
     u = torch.rand(len(logits), generator=torch.Generator().manual_seed(7))
     probs, sorted_p, order, kept = definition(logits, 0.99)
+    n = torch.arange(len(logits))
     cum = sorted_p.cumsum(-1)
-    mass = cum[torch.arange(len(logits)), kept - 1]
-    j = (cum <= (u * mass).unsqueeze(1)).sum(-1)  # entries whose cumulative mass is at most the target
-    expected = order[torch.arange(len(logits)), j]
-    assert torch.equal(probs.gather(1, tokens[:, None]), probs.gather(1, expected[:, None]))
+    mass = cum[n, kept - 1]
+    target = (u * mass).unsqueeze(1)
+    by_sort = order[n, (cum <= target).sum(-1)]  # entries whose cumulative mass is at most the target
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    for r in range(len(logits)):
+        keep[r, order[r, :kept[r]]] = True
+    by_vocab = (probs.masked_fill(~keep, 0.0).cumsum(-1) <= target).sum(-1)
+    tail = torch.zeros(len(logits), dtype=torch.bool)
+    for rows, _, token, _ in _nucleus(logits, 0.99):
+        tail[rows] = token is None
+    assert tail[80:].all() and not tail[:80].any()
+    assert torch.equal(probs.gather(1, tokens[:80, None]), probs.gather(1, by_sort[:80, None]))
+    assert torch.equal(tokens[80:], by_vocab[80:])
+    assert keep.gather(1, tokens[:, None]).all()
 
 
 def test_sampling_frequencies_match_the_renormalised_kept_distribution():
@@ -225,3 +280,22 @@ def test_project_refuses_an_invalid_top_p():
     for bad in (0.0, -0.5, 1.01, 2.0, math.nan):
         with pytest.raises(ValueError, match="top_p"):
             project(torch.randn(2, 5), top_p=bad)
+
+
+def test_sampling_frequencies_in_vocabulary_order_match_the_renormalised_kept_distribution():
+    """The vocabulary-order draw (flat rows, kept set found from the boundary's bucket) has the kept set's
+    renormalised distribution: a chi-square test over ~180 kept tokens of 200."""
+    logits = torch.randn(200, generator=torch.Generator().manual_seed(18))  # a seed whose boundary bucket is small
+    probs, sorted_p, order, kept = definition(logits[None], 0.99)
+    assert [token is None for _, _, token, _ in _nucleus(logits[None], 0.99)][-1]  # the vocabulary form answers
+    m = int(kept[0])
+    expected = torch.zeros(200, dtype=torch.float64)
+    expected[order[0, :m]] = (sorted_p[0, :m] / sorted_p[0, :m].sum()).double()
+    n = 150_000
+    tokens = project(logits.expand(n, 200), 0.99, torch.Generator().manual_seed(18))
+    counts = torch.bincount(tokens, minlength=200).double()
+    assert (counts[expected == 0] == 0).all(), "a dropped token was drawn"
+    e = n * expected[expected > 0]
+    chi2, df = float(((counts[expected > 0] - e) ** 2 / e).sum()), m - 1
+    limit = df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3  # 1e-4 critical value (Wilson-Hilferty)
+    assert chi2 < limit, f"chi-square {chi2:.1f} with {df} degrees of freedom"

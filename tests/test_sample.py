@@ -132,10 +132,14 @@ def reverse_process_by_hand(model, ids, span, seed, N, top_p):
     """§9 written out for one row, nothing from sample.py: S = k eps; for i = N-1..0: logits =
     predict(S, i/N, previous logits); S_hat from the projection (argmax or nucleus, drawn from the
     row's generator); S = sqrt(ab(i-1)) S_hat + sqrt(1 - ab(i-1)) k eps'. Output: argmax of the last
-    logits on the span. The generator draws the first eps, then per step the nucleus, then eps'."""
+    logits on the span. Noise exists only where the model reads S, the span positions: the generator
+    draws the first eps for them (n_span, V), then per step the nucleus, then eps' for them; S at
+    context positions is never read (predict takes the clean tokens there) and is left 0."""
     g = torch.Generator().manual_seed(seed)
     K, V = tess2.SIMPLEX_VALUE, model.args.vocab_size
-    S = K * torch.empty(ids.shape[1], V).normal_(generator=g)[None]  # (1, L, V)
+    n = int(span.sum())
+    S = torch.zeros(1, ids.shape[1], V)
+    S[span] = K * torch.empty(n, V).normal_(generator=g)  # (1, L, V)
     prev = None
     for i in range(N - 1, -1, -1):
         with torch.no_grad():
@@ -148,10 +152,11 @@ def reverse_process_by_hand(model, ids, span, seed, N, top_p):
         else:
             proj = ids.clone()
             proj[span] = tess2.project(logits[span][None], top_p, g)[0]
-        proj = torch.where(span, proj, ids)
         a = alpha_bar_formula((i - 1) / N)
-        eps = torch.empty(ids.shape[1], V).normal_(generator=g)[None]
-        S = math.sqrt(a) * (2 * K * torch.nn.functional.one_hot(proj, V).float() - K) + math.sqrt(1 - a) * K * eps
+        eps = torch.empty(n, V).normal_(generator=g)
+        S_hat = 2 * K * torch.nn.functional.one_hot(proj[span], V).float() - K  # (n, V)
+        S = torch.zeros(1, ids.shape[1], V)
+        S[span] = math.sqrt(a) * S_hat + math.sqrt(1 - a) * K * eps
     return torch.where(span, logits.argmax(-1), ids)
 
 
@@ -603,3 +608,33 @@ def test_cli_end_to_end_with_json_and_html(ckpt, tmp_path):
     assert parser.stack == ["html"] or parser.stack == []
     assert html.escape(outputs[0]["text"]) in text and "&lt;about&gt; &amp; the sea" in text
     assert outputs[0]["text"] in "".join(parser.text)
+
+
+# -----------------------------------------------------------------------------
+# (B, L, V) work only where it is read: noise and argmax on span positions
+
+
+def test_renoising_on_span_positions_draws_each_rows_span_in_order_and_leaves_the_rest():
+    """With span_mask, row b's eps is one (n_span, V) draw from its generator placed at its span
+    positions in order (one run or several gaps); other positions of S keep what they held."""
+    g = torch.Generator().manual_seed(1)
+    tokens, a, lengths = torch.randint(30, (2, 7), generator=g), 0.37, [7, 5]
+    span = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)  # a run; two gaps
+    S = torch.randn(2, 7, 30, generator=g)
+    before = S.clone()
+    out = sample.renoise_(S, tokens, a, tess2.row_generators([5, 6]), lengths, span)
+    assert out.data_ptr() == S.data_ptr()
+    eps = torch.zeros(2, 7, 30)
+    for b, seed in enumerate([5, 6]):
+        eps[b, span[b]] = torch.empty(int(span[b].sum()), 30).normal_(generator=torch.Generator().manual_seed(seed))
+    expected = tess2.renoise(tokens, eps, torch.full((2,), a))
+    torch.testing.assert_close(out[span], expected[span], rtol=1e-6, atol=1e-5)
+    assert torch.equal(out[~span], before[~span])
+
+
+def test_an_infilling_row_is_the_process_written_out(sharp, tok):
+    """Gaps inside a prompt (span positions in several runs) follow the written-out process too."""
+    b = batch(tok, ["the cat <mask:3> on the mat <mask:2> sea"], chat=False)
+    for top_p in (None, 0.6):
+        tokens, _ = sample.diffuse(sharp, b.ids, b.span_mask, [4], steps=6, top_p=top_p)
+        assert torch.equal(tokens, reverse_process_by_hand(sharp, b.ids, b.span_mask, 4, 6, top_p))
