@@ -492,15 +492,23 @@ def log(args, r, record):
             f.write(json.dumps(record) + "\n")
 
 
+def watch_launcher(launcher, rank):
+    """torchrun died (SIGKILL leaves its workers running): stop this worker at once, even inside a
+    collective that the others will never join. The OS releases the lock; the next start cleans up."""
+    while os.getppid() == launcher:
+        time.sleep(0.5)
+    print(f"train.py: the launcher (pid {launcher}) is gone: worker {rank} stops", flush=True)
+    os._exit(1)
+
+
 def train(args, r):
     last = min(args.max_steps, args.stop_at or args.max_steps)
     print0(f"{args.stage}: {r.net.num_params() / 1e6:.1f}M parameters, "
            f"{'FSDP2' if args.fsdp else 'DDP' if r.ddp else 'single'}, {r.world} process(es) x {r.accum} "
            f"micro-batches of {args.micro_batch_size}, steps {r.start} -> {last} of {args.max_steps}")
-    launcher = os.getppid()
+    if r.ddp:
+        threading.Thread(target=watch_launcher, args=(os.getppid(), r.rank), daemon=True).start()
     for step in range(r.start, last):
-        if r.ddp and os.getppid() != launcher:  # torchrun died: its workers must not run on alone
-            raise SystemExit(f"train.py: the launcher (pid {launcher}) is gone: worker {r.rank} stops")
         record = train_step(args, r, step)
         done = record["step"]
         log(args, r, record)
