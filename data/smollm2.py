@@ -84,7 +84,7 @@ def hf_config(meta):
         num_hidden_layers=meta["llama.block_count"], num_attention_heads=heads,
         num_key_value_heads=meta["llama.attention.head_count_kv"], head_dim=hidden // heads,
         max_position_embeddings=meta["llama.context_length"],
-        rms_norm_eps=float(np.float32(meta["llama.attention.layer_norm_rms_epsilon"]).round(9)),
+        rms_norm_eps=float(f'{meta["llama.attention.layer_norm_rms_epsilon"]:.6g}'),  # 1e-05, stored as float32
         rope_parameters=dict(rope_theta=float(meta["llama.rope.freq_base"]), rope_type="default"),
         rope_theta=float(meta["llama.rope.freq_base"]), tie_word_embeddings=True, hidden_act="silu",
         attention_bias=False, mlp_bias=False, pretraining_tp=1, initializer_range=0.02, use_cache=True,

@@ -76,9 +76,11 @@ def settling(gens):
 
 
 def adaptation(out):
-    """Held-out diffusion loss along training, from each run's log.jsonl."""
+    """Held-out diffusion loss along training, from each run's log.jsonl ({} if the runs are not in out)."""
     table = {}
     for run in ("adapt", "adapt-scratch"):
+        if not os.path.exists(os.path.join(out, run, "log.jsonl")):  # e.g. measuring a shipped model alone
+            return {}
         with open(os.path.join(out, run, "log.jsonl")) as f:
             table[run] = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
     return table
@@ -86,11 +88,13 @@ def adaptation(out):
 
 def markdown(r, cmd):
     md = [f"Measured by `{cmd}` ({r['seconds']:.0f} s for the measurements). Perplexity under "
-          f"`{r['scorer']}`, re-tokenised.", "",
-          "### Adaptation vs scratch: held-out diffusion loss (val plays)", "",
-          "| step | adapted from AR | from scratch |", "| --- | --- | --- |"]
-    a, s = r["adaptation"]["adapt"], r["adaptation"]["adapt-scratch"]
-    md += [f"| {k} | {a[k]:.3f} | {s.get(k, float('nan')):.3f} |" for k in sorted(a, key=int)]
+          f"`{r['scorer']}`, re-tokenised; the plays' true continuations of the same prompts score "
+          f"{r['reference_perplexity']:.1f}."]
+    if r["adaptation"]:
+        md += ["", "### Adaptation vs scratch: held-out diffusion loss (val plays)", "",
+               "| step | adapted from AR | from scratch |", "| --- | --- | --- |"]
+        a, s = r["adaptation"]["adapt"], r["adaptation"]["adapt-scratch"]
+        md += [f"| {k} | {a[k]:.3f} | {s.get(k, float('nan')):.3f} |" for k in sorted(a, key=int)]
     names = ["perplexity", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "entropy", "reward", "mean_words",
              "who_accuracy"]
     for name, key in (("Quality vs diffusion steps", "steps"), ("Reward guidance", "eta")):
@@ -145,7 +149,8 @@ def main(argv=None):
     cont = [c for c in chats if c["task"] == "continue"][: a.prompts]
     who = [c for c in chats if c["task"] == "who"][: a.prompts if a.who is None else a.who]
     users = [c["user"] for c in cont]
-    r = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer, prompts=users[:2])
+    r = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer, prompts=users[:2],
+             reference_perplexity=scored_perplexity(*scorer, cont, [c["assistant"] for c in cont]))
 
     def run(steps, who_accuracy=False, **kw):
         t = time.time()
