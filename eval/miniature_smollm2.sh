@@ -47,7 +47,7 @@ echo "adaptation: done at $(( $(date +%s) - t0 )) s"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 [ -d "$(step "$OUT/sft" $SFT)" ] || $PY train.py --stage sft --init "$(step "$OUT/adapt" $ADAPT)" \
   --data "$D/sft_train" --val-data "$D/sft_val" --seq-len $SEQ --batch-size $BATCH --micro-batch-size $BATCH \
-  --max-steps $SFT --lr 1e-4 --eval-every $EVAL_EVERY --eval-batches 2 --save-every $SFT --out "$OUT/sft" "${common[@]}"
+  --max-steps $SFT --lr 3e-4 --eval-every $EVAL_EVERY --eval-batches 2 --save-every $SFT --out "$OUT/sft" "${common[@]}"
 echo "sft: done at $(( $(date +%s) - t0 )) s"
 
 $PY -m eval.miniature --out "$OUT" --sft "$(step "$OUT/sft" $SFT)" --scorer "$S" $EVAL_ARGS
