@@ -45,6 +45,8 @@ class ModelArgs:
     sliding_window: int | None = 4096
     tie_word_embeddings: bool = False
     model_type: str = "mistral"  # "mistral" or "llama": only the name written to config.json
+    bos_token_id: int | None = 1  # carried through to config.json (Mistral: 1, 2; SmolLM2: 1, 2 or 0, 0)
+    eos_token_id: int | list | None = 2
     # what TESS adds
     head: str = "lm"  # "lm": (B, T, V) logits; "score": one scalar per sequence (reward model)
     timestep_embed: bool = False  # Linear(1, D, bias=False) added to input embeddings (diffusion)
@@ -116,7 +118,7 @@ class ModelArgs:
     def to_hf(self) -> dict:
         cfg = {k: v for k, v in asdict(self).items() if k not in ("head", "model_type")}
         cfg.update(architectures=[self.architecture], model_type=self.model_type, hidden_act="silu",
-                   initializer_range=0.02, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, use_cache=True,
+                   initializer_range=0.02, attention_dropout=0.0, use_cache=True,
                    rope_parameters=dict(rope_theta=self.rope_theta, rope_type="default"))
         if self.head == "score":
             cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
@@ -134,6 +136,10 @@ PRESETS = {
     "mistral-7b": dict(),
     # the released TESS 2 (hamishivi/tess2): Mistral-7B + [PAD] token + timestep embedding
     "tess2-7b": dict(vocab_size=32001, timestep_embed=True, causal=False),
+    # SmolLM2-135M (Llama architecture), the real pretrained model of the miniature's SmolLM2 variant
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, max_position_embeddings=8192,
+                         sliding_window=None, tie_word_embeddings=True, model_type="llama"),
     # a tiny model for tests and CPU experiments
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None),
