@@ -36,22 +36,15 @@ DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"  # with --eta and no --rewa
 # The reverse process (§9)
 
 
-def renoise_(S, tokens, alpha_bar, generators, lengths, span_mask=None):
-    """tess2.renoise in S's own buffer: S <- sqrt(alpha_bar) simplex(tokens) + sqrt(1 - alpha_bar) k eps
-    with each row's eps drawn from its generator over its own length (none at padding), or, given
-    span_mask (B, L), over its span positions only, in order (one (n_span, V) draw per row): the rest
-    of S is left as it is, as predict reads S only at span positions. S (B, L, V) is scaled, shifted
-    by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no second (B, L, V) tensor.
-    alpha_bar is a float (one step for the whole batch)."""
+def renoise_(S, tokens, alpha_bar, generators, span_mask):
+    """tess2.renoise in S's own buffer, at span positions only: S <- sqrt(alpha_bar) simplex(tokens)
+    + sqrt(1 - alpha_bar) k eps, each row's eps drawn from its generator over its span positions, in
+    order (one (n_span, V) draw per row). The rest of S is left as it is: predict reads S only at span
+    positions. Scaled, shifted by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no
+    second (B, L, V) tensor. alpha_bar is a float (one step for the whole batch)."""
     k = tess2.SIMPLEX_VALUE
     scale, shift, top = math.sqrt(1 - alpha_bar) * k, math.sqrt(alpha_bar) * k, 2 * k * math.sqrt(alpha_bar)
-    if span_mask is None:
-        S.zero_()
-        for b, (g, n) in enumerate(zip(generators, lengths)):
-            S[b, :n].normal_(generator=g)  # (n, V)
-        S.mul_(scale).sub_(shift)
-        return S.scatter_add_(-1, tokens.unsqueeze(-1), torch.full_like(S[..., :1], top))
-    for b, (g, where) in enumerate(zip(generators, spans(span_mask, lengths))):
+    for b, (g, where) in enumerate(zip(generators, spans(span_mask))):
         x = S[b, where] if isinstance(where, slice) else S.new_empty(len(where), S.shape[-1])  # (n_span, V)
         x.normal_(generator=g).mul_(scale).sub_(shift)
         x.scatter_add_(-1, tokens[b, where].unsqueeze(-1), torch.full_like(x[:, :1], top))
@@ -60,12 +53,11 @@ def renoise_(S, tokens, alpha_bar, generators, lengths, span_mask=None):
     return S
 
 
-def spans(span_mask, lengths=None):
-    """Each row's span positions (within its length): a slice where they are one run (the usual
-    prompt-then-region row, so that S[b, where] is a view), else their indices."""
+def spans(span_mask):
+    """Each row's span positions: a slice where they are one run (the usual prompt-then-region row,
+    so that S[b, where] is a view), else their indices."""
     out = []
-    for b in range(len(span_mask)):
-        row = span_mask[b] if lengths is None else span_mask[b, :lengths[b]]
+    for row in span_mask:
         idx = row.nonzero().flatten()
         contiguous = len(idx) and int(idx[-1]) - int(idx[0]) + 1 == len(idx)
         out.append(slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx)
@@ -100,7 +92,7 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
     generators = tess2.row_generators(seeds, dev)
     alpha_bars = tess2.alpha_bars(N).tolist()  # alpha_bar(i / N), i = 0..N-1
     # k N(0, I) at span positions (alpha_bar = 0); predict never reads S elsewhere, which stays 0
-    S = renoise_(torch.zeros(B, L, V, device=dev), ids, 0.0, generators, lengths, span_mask)
+    S = renoise_(torch.zeros(B, L, V, device=dev), ids, 0.0, generators, span_mask)
     out, steps_used = ids.clone(), torch.full((B,), N, dtype=torch.long)
     rows = list(range(B))  # the running rows; below, every tensor holds just those
     logits, last_best, stable = None, None, torch.zeros(B, dtype=torch.long, device=dev)
@@ -134,7 +126,7 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
             last_best = best
         # S_{i-1} from the projection (Eq. 4-5); alpha_bar_{-1} = 1: no re-noising after i = 0
         tokens = best if top_p is None else project(logits, span_r, top_p, generators)
-        renoise_(S, tokens, alpha_bars[i - 1], generators, lengths, span_r)
+        renoise_(S, tokens, alpha_bars[i - 1], generators, span_r)
     return out, steps_used
 
 
@@ -187,17 +179,16 @@ def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None,
     out = []
     for batch in batches:
         ids, span_mask = batch.ids.to(dev), batch.span_mask.to(dev)
-        guide = None
-        if reward_model is not None and eta > 0:
-            last = torch.tensor(batch.lengths, device=dev) - 1  # the reward reads each row's last position
+        last = torch.tensor(batch.lengths, device=dev) - 1  # the reward reads each row's last position
 
-            def guide(x, rows):
-                with guidance_mode(reward_model, ckpt):
-                    return tess2.reward_guidance(reward_model, x, ids[rows], span_mask[rows], eta, s.guidance_steps,
-                                                 s.tau, last_index=last[rows])
+        def guide(x, rows):  # Eq. 9-11 on the running rows
+            with guidance_mode(reward_model, ckpt):
+                return tess2.reward_guidance(reward_model, x, ids[rows], span_mask[rows], eta, s.guidance_steps,
+                                             s.tau, last_index=last[rows])
         step = None if on_step is None else lambda *a: on_step(batch, *a)  # noqa: E731
         t0 = time.perf_counter()
-        tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p, guide, s.early_exit,
+        tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p,
+                                     guide if reward_model is not None and eta > 0 else None, s.early_exit,
                                      batch.lengths, step, predict)
         seconds = time.perf_counter() - t0
         for b, prompt in enumerate(batch.prompts):
