@@ -366,11 +366,7 @@ class Transformer(nn.Module):
                     state[name] = f.get_tensor(name).to(dtype)
         new = sorted(expected.keys() - state.keys())
         for name in new:
-            if name not in ("timestep_embed.weight", "score.weight"):
-                raise ValueError(f"checkpoint {name_or_path} is missing tensor {name!r}")
-            state[name] = torch.zeros(expected[name], dtype=dtype, device=device)
-            if name == "score.weight":
-                state[name].normal_(std=0.02)
+            state[name] = new_weight(name, expected[name], name_or_path).to(dtype=dtype, device=device)
         model.load_state_dict(state, strict=False, assign=True)
         gen = os.path.join(path, "generation_config.json")  # the checkpoint's sampling defaults (sample.py)
         model.generation_config = read_json(gen, "generation config") if os.path.exists(gen) else None
@@ -462,6 +458,16 @@ def checkpoint_files(path: str) -> list[str]:
                             "(Hub repos that hold only pickle .bin weights are not read)")
 
 
+def new_weight(name: str, shape, source: str) -> torch.Tensor:
+    """A tensor that adapting a checkpoint adds (fp32, CPU): the timestep embedding starts at 0, so
+    the adapted model is at first the AR model; a new score head is drawn from N(0, 0.02).
+    Any other missing tensor is an error."""
+    if name not in ("timestep_embed.weight", "score.weight"):
+        raise ValueError(f"checkpoint {source} is missing tensor {name!r}")
+    w = torch.zeros(shape)
+    return w.normal_(std=0.02) if name == "score.weight" else w
+
+
 @torch.no_grad()
 def load_sharded(model: Transformer, name_or_path: str, verbose: bool = True):
     """
@@ -487,11 +493,8 @@ def load_sharded(model: Transformer, name_or_path: str, verbose: bool = True):
         if hi > n or (hi < n and local.shape[0] != -(-n // world)):
             raise RuntimeError(f"{name}: rank {rank} holds {local.shape[0]} of {n} rows, not torch.chunk's "
                                "split: this torch's FSDP2 lays out shards in another way")
-        if name not in where:
-            if name not in ("timestep_embed.weight", "score.weight"):
-                raise ValueError(f"checkpoint {name_or_path} is missing tensor {name!r}")
-            full = torch.zeros(p.shape)  # small: (D, 1) or (1, D); drawn whole, as from_pretrained
-            local.copy_(full.normal_(std=0.02)[lo:hi] if name == "score.weight" else full[lo:hi])
+        if name not in where:  # small: (D, 1) or (1, D), made whole as from_pretrained makes it
+            local.copy_(new_weight(name, tuple(p.shape), name_or_path)[lo:hi])
             new.append(name)
             continue
         tensor = where[name].get_slice(name)
