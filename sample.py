@@ -36,20 +36,21 @@ DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"  # with --eta and no --rewa
 # The reverse process (§9)
 
 
-def renoise_(S, tokens, alpha_bar, generators, span_mask):
-    """tess2.renoise in S's own buffer, at span positions only: S <- sqrt(alpha_bar) simplex(tokens)
+def renoise_(S, tokens, alpha_bar, generators, where):
+    """tess2.renoise in S's own buffer, at span positions only (where = spans(span_mask)):
+    S <- sqrt(alpha_bar) simplex(tokens)
     + sqrt(1 - alpha_bar) k eps, each row's eps drawn from its generator over its span positions, in
     order (one (n_span, V) draw per row). The rest of S is left as it is: predict reads S only at span
     positions. Scaled, shifted by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no
     second (B, L, V) tensor. alpha_bar is a float (one step for the whole batch)."""
     k = tess2.SIMPLEX_VALUE
     scale, shift, top = math.sqrt(1 - alpha_bar) * k, math.sqrt(alpha_bar) * k, 2 * k * math.sqrt(alpha_bar)
-    for b, (g, where) in enumerate(zip(generators, spans(span_mask))):
-        x = S[b, where] if isinstance(where, slice) else S.new_empty(len(where), S.shape[-1])  # (n_span, V)
+    for b, (g, w) in enumerate(zip(generators, where)):
+        x = S[b, w] if isinstance(w, slice) else S.new_empty(len(w), S.shape[-1])  # (n_span, V)
         x.normal_(generator=g).mul_(scale).sub_(shift)
-        x.scatter_add_(-1, tokens[b, where].unsqueeze(-1), torch.full_like(x[:, :1], top))
-        if not isinstance(where, slice):
-            S[b, where] = x
+        x.scatter_add_(-1, tokens[b, w].unsqueeze(-1), torch.full_like(x[:, :1], top))
+        if not isinstance(w, slice):
+            S[b, w] = x
     return S
 
 
@@ -64,12 +65,13 @@ def spans(span_mask):
     return out
 
 
-def project(logits, span_mask, top_p, generators):
-    """Eq. 5 on span positions only: argmax (top_p None) or nucleus sampling with row b's positions
-    drawn from generators[b]. logits (B, L, V) -> tokens (B, L), 0 outside the span."""
-    tokens = torch.zeros(span_mask.shape, dtype=torch.long, device=logits.device)
-    for b, (g, where) in enumerate(zip(generators, spans(span_mask))):
-        tokens[b, where] = tess2.project(logits[b, where], top_p, g)  # (n_b,)
+def project(logits, where, top_p, generators):
+    """Eq. 5 on span positions only (where = spans(span_mask)): argmax (top_p None) or nucleus
+    sampling with row b's positions drawn from generators[b]. logits (B, L, V) -> tokens (B, L),
+    0 outside the span."""
+    tokens = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+    for b, (g, w) in enumerate(zip(generators, where)):
+        tokens[b, w] = tess2.project(logits[b, w], top_p, g)  # (n_b,)
     return tokens
 
 
@@ -92,7 +94,8 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
     generators = tess2.row_generators(seeds, dev)
     alpha_bars = tess2.alpha_bars(N).tolist()  # alpha_bar(i / N), i = 0..N-1
     # k N(0, I) at span positions (alpha_bar = 0); predict never reads S elsewhere, which stays 0
-    S = renoise_(torch.zeros(B, L, V, device=dev), ids, 0.0, generators, span_mask)
+    where = spans(span_mask)  # each row's span positions, found once (a host sync per row)
+    S = renoise_(torch.zeros(B, L, V, device=dev), ids, 0.0, generators, where)
     out, steps_used = ids.clone(), torch.full((B,), N, dtype=torch.long)
     rows = list(range(B))  # the running rows; below, every tensor holds just those
     logits, last_best, stable = None, None, torch.zeros(B, dtype=torch.long, device=dev)
@@ -104,8 +107,8 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
         if guide is not None:
             logits = guide(logits, rows)  # guided logits feed the projection and the next self-conditioning
         best = ids_r.clone()  # (B', L): the argmax at span positions only
-        for b, where in enumerate(spans(span_r)):
-            best[b, where] = logits[b, where].argmax(-1)
+        for b, w in enumerate(where):
+            best[b, w] = logits[b, w].argmax(-1)
         out[rows] = best
         if on_step is not None:
             on_step(n + 1, logits, best, rows)
@@ -119,14 +122,14 @@ def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, ear
                 for j, x in enumerate(leave):
                     if x:
                         steps_used[rows[j]] = n + 1
-                rows, generators, lengths = [rows[j] for j in keep], [generators[j] for j in keep], [lengths[j] for j in keep]
+                rows, generators, lengths, where = ([x[j] for j in keep] for x in (rows, generators, lengths, where))
                 if not rows:
                     break
-                S, logits, best, stable, span_r, ids_r = (x[keep] for x in (S, logits, best, stable, span_r, ids_r))
+                S, logits, best, stable = (x[keep] for x in (S, logits, best, stable))
             last_best = best
         # S_{i-1} from the projection (Eq. 4-5); alpha_bar_{-1} = 1: no re-noising after i = 0
-        tokens = best if top_p is None else project(logits, span_r, top_p, generators)
-        renoise_(S, tokens, alpha_bars[i - 1], generators, span_r)
+        tokens = best if top_p is None else project(logits, where, top_p, generators)
+        renoise_(S, tokens, alpha_bars[i - 1], generators, where)
     return out, steps_used
 
 

@@ -200,7 +200,7 @@ def test_each_check_of_the_written_out_process_has_power(sharp, tok, monkeypatch
         mp.setattr(tess2, "alpha_bars", lambda N: torch.cat([real_alpha_bars(N)[1:], torch.zeros(1)]))
         assert not torch.equal(run(), expected)
     with monkeypatch.context() as mp:  # re-noise from the argmax
-        mp.setattr(sample, "project", lambda logits, span_, top_p, g: logits.argmax(-1))
+        mp.setattr(sample, "project", lambda logits, where, top_p, g: logits.argmax(-1))
         assert not torch.equal(run(), expected)
 
 
@@ -215,7 +215,7 @@ def test_the_output_is_the_argmax_of_the_final_logits_not_the_last_nucleus_sampl
         g = sample.generate(two, tok, [prompt], steps=4, length=8, top_p=0.99, seed=seed, details=True)[0]
         assert g.tokens == answer
     sampled = sample.project(tess2.predict(two, b.ids, b.span_mask, torch.zeros(1, b.ids.shape[1], V),
-                                           torch.zeros(1)), b.span_mask, 0.99, tess2.row_generators([0]))
+                                           torch.zeros(1)), sample.spans(b.span_mask), 0.99, tess2.row_generators([0]))
     assert (sampled[b.span_mask] != torch.tensor(other)[b.span_mask[0]]).any()  # the sampler does pick both
 
 
@@ -606,7 +606,7 @@ def test_renoising_on_span_positions_draws_each_rows_span_in_order_and_leaves_th
     span = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)  # a run; two gaps
     S = torch.randn(2, 7, 30, generator=g)
     before = S.clone()
-    out = sample.renoise_(S, tokens, a, tess2.row_generators([5, 6]), span)
+    out = sample.renoise_(S, tokens, a, tess2.row_generators([5, 6]), sample.spans(span))
     assert out.data_ptr() == S.data_ptr()
     eps = torch.zeros(2, 7, 30)
     for b, seed in enumerate([5, 6]):
