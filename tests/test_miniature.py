@@ -38,6 +38,7 @@ def table(md, heading):
     return [[c.strip() for c in line.strip("|").split("|")] for line in block[2:]]
 
 
+@pytest.mark.slow
 def test_the_whole_sequence_runs_at_smoke_size_and_writes_every_table(tmp_path):
     """ar -> adapt (and from scratch) -> sft -> rm -> measurements, a few steps each, on a fabricated
     corpus: results.md holds every table a reader of the README compares with the paper, with a
