@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import TOKENIZER_FILES, read_config, read_json, resolve
+from support.hub import TOKENIZER_FILES, read_config, read_json, resolve
 
 
 # -----------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from contextlib import contextmanager
 import torch
 
 import tess2
-from common import is_hub_id, read_config, read_json, resolve, run_cli
+from support.cli import run_cli
+from support.hub import is_hub_id, read_config, read_json, resolve
 from model import ModelArgs, Transformer
-from rows import Settings, decode_row, plan, settings_for
-from tokenizer import Tokenizer
+from support.prompts import Settings, decode_row, plan, settings_for
+from support.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the default checkpoints are found from here
 DEFAULT_MODEL = "models/tess2-shakespeare"
@@ -218,7 +219,7 @@ def generate(model, tokenizer, prompts, settings: Settings | None = None, *, rew
         raise ValueError(f"eta = {settings.eta} needs a reward model: pass reward_model (--reward-model)")
     check_pair(model.args, tokenizer, reward_model.args if reward_model is not None else None, reward_tokenizer)
     if record:
-        import views
+        from support import views
         recorder = views.Recorder(on_step)
         on_step = recorder
     gens = run(model, tokenizer, plan(tokenizer, prompts, settings, model.args), settings, reward_model, on_step,
@@ -261,7 +262,7 @@ def read_prompts(path):
 
 
 def checkpoint_dir(name, flag, default):
-    """A local directory, or a Hub id (owner/name) fetched by common.resolve. The default is a
+    """A local directory, or a Hub id (owner/name) fetched by support.hub.resolve. The default is a
     directory of this repository, found from this file wherever the command runs; it must exist."""
     path = os.path.join(HERE, name) if name == default else name
     if os.path.isdir(path) or (name != default and is_hub_id(name)):
@@ -364,7 +365,7 @@ def main(argv=None):
     model, rm = load(path), load(rm_path) if rm_path else None
     if device.type == "cpu":  # small models run fastest on one thread (BENCHMARKS.md, "Threads")
         torch.set_num_threads(a.threads or (1 if model.num_params() < 50e6 else os.cpu_count()))
-    import views
+    from support import views
     watch = views.Watcher(tok, s.steps, a.show)
     recorder = views.Recorder(watch) if a.html else None
     # --compile: one graph for the whole step (tests: no graph break); on CUDA, replayed as a CUDA graph

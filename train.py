@@ -17,7 +17,7 @@ with no RNG state to restore. Checkpoints are <out>/step-XXXXXXX/ in Hugging Fac
 weights, tokenizer with [PAD], generation_config.json for diffusion models) plus train_state.pt
 (AdamW state; tensors and primitives only, read with weights_only=True) and train_state.json
 (step, data position, the dataset's identity and the run's flags). The run folder (one trainer
-at a time, recovery from interruptions) is runs.py's.
+at a time, recovery from interruptions) is support/run_folder.py's.
 """
 import argparse
 import hashlib
@@ -39,13 +39,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import runs
-import span_loss
 import tess2
-from common import read_config, resolve, run_cli
 from data.shards import check_tokenizer, global_indices, open_dataset
 from data.sources import positive
 from model import ModelArgs, Transformer, load_sharded, preset
+from support import fused_loss, run_folder
+from support.cli import run_cli
+from support.flops import flops_per_token
+from support.hub import read_config, resolve
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -131,12 +132,12 @@ def check_args(args):
         raise ValueError("--device cuda, but no CUDA device is visible here: pass --device cpu (or auto)")
     if args.fsdp and "RANK" not in os.environ:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
-    if args.resume not in (None, "latest") and runs.step_of(args.resume) is None:
+    if args.resume not in (None, "latest") and run_folder.step_of(args.resume) is None:
         raise ValueError(f"--resume {args.resume}: expected no value (--out's latest checkpoint) or a "
                          "step-XXXXXXX checkpoint folder")
     init = args.resume if args.resume not in (None, "latest") else args.init
     if init and init != "scratch" and os.path.isdir(init) and not os.path.exists(os.path.join(init, "config.json")):
-        steps = runs.checkpoints(init)
+        steps = run_folder.checkpoints(init)
         hint = f"it is a run folder: pass one of its checkpoints, e.g. {steps[-1]}" if steps else "it is no checkpoint"
         raise ValueError(f"{init} has no config.json: {hint}")
     if init and init != "scratch" and not os.path.exists(init) and (
@@ -240,7 +241,7 @@ class Objective(nn.Module):
     """The stage's loss summed over a micro-batch: per-sequence means (sequence weighting) or all
     terms (token weighting), to be divided by target_count over the global batch. DDP and FSDP
     wrap this module rather than the network, because the diffusion loss uses the embedding matrix
-    and the LM head outside the network's forward (span_loss.py); in here all weights are in place."""
+    and the LM head outside the network's forward (support/fused_loss.py); in here all weights are in place."""
 
     def __init__(self, net, stage, weighting=None):
         super().__init__()
@@ -253,7 +254,7 @@ class Objective(nn.Module):
             coin = b.get("self_condition") if self_condition is None else self_condition
             counts = row_targets(b)  # (B,) span targets per row
             weights = 1 / counts.clamp(min=1) if self.weighting == "sequence" else torch.ones_like(counts)
-            return span_loss.diffusion_loss(net, ids, b["span_mask"], b["t"], b["noise_seeds"], coin, weights,
+            return fused_loss.diffusion_loss(net, ids, b["span_mask"], b["t"], b["noise_seeds"], coin, weights,
                                             extra_pass=b.get("extra_pass"))
         elif self.stage == "ar":
             logits = net(ids=ids, causal=True)[:, :-1]  # (B, L-1, V): position i predicts token i+1
@@ -331,14 +332,6 @@ def build_model(args, meta, init, device, sharded=False):
     return net, path if has_tokenizer else None
 
 
-def flops_per_token(a, n_params, seq_len, stage):
-    """Model FLOPs per trained token (PaLM, App. B): 6N for the weights' forward and backward plus
-    12 * layers * D * L for attention. Diffusion steps self-condition half the time with one more
-    forward pass (a third of forward + backward). Recomputation under --grad-ckpt is not counted."""
-    flops = 6 * n_params + 12 * a.num_hidden_layers * a.hidden_size * seq_len
-    return flops * (1 + 0.5 / 3) if stage in ("adapt", "sft") else flops
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -368,8 +361,8 @@ def choose_resume(args, ddp, rank, identity):
     then later or unreadable ones are moved aside); every rank gets its path."""
     choice = [None]
     if rank == 0:
-        check = lambda path: runs.check_resume(path, args, identity)  # noqa: E731
-        choice = [runs.resume_point(args.out, args.resume, args.fallback, args.discard_later, check)]
+        check = lambda path: run_folder.check_resume(path, args, identity)  # noqa: E731
+        choice = [run_folder.resume_point(args.out, args.resume, args.fallback, args.discard_later, check)]
     if ddp:
         dist.broadcast_object_list(choice, src=0)
     return choice[0]
@@ -393,9 +386,9 @@ def prepare(args, ddp, rank, world, device):
         args.max_steps = max(1, math.ceil(epochs * n_examples / args.batch_size)) if epochs else stage["max_steps"]
     if args.warmup_steps is None:
         args.warmup_steps = round(stage["warmup"] * args.max_steps)
-    identity = runs.dataset_identity(args.data, ds)
+    identity = run_folder.dataset_identity(args.data, ds)
     resume = choose_resume(args, ddp, rank, identity)
-    start = runs.check_resume(resume, args, identity) if resume else 0
+    start = run_folder.check_resume(resume, args, identity) if resume else 0
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
     net, init_tok = build_model(args, ds.meta, resume or args.init, device, sharded=args.fsdp)
@@ -403,9 +396,9 @@ def prepare(args, ddp, rank, world, device):
     if args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({limit}, "
                          "max_position_embeddings / sliding_window): lower --seq-len")
-    extra = runs.saved_tokenizer(args, ds.meta, init_tok)
+    extra = run_folder.saved_tokenizer(args, ds.meta, init_tok)
     if args.stage in ("adapt", "sft"):
-        extra["generation_config.json"] = runs.generation_config(args)
+        extra["generation_config.json"] = run_folder.generation_config(args)
     net.gradient_checkpointing = args.grad_ckpt
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     objective, opt = wrap(args, net, ddp, device, bf16)
@@ -415,8 +408,8 @@ def prepare(args, ddp, rank, world, device):
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=ddp))
         del state
     if rank == 0:
-        runs.prune(args.out, args.keep_last)
-        runs.cut_log(os.path.join(args.out, "log.jsonl"), start)
+        run_folder.prune(args.out, args.keep_last)
+        run_folder.cut_log(os.path.join(args.out, "log.jsonl"), start)
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=device, accum=accum, ds=ds, val=val,
                            n_examples=n_examples, identity=identity, start=start, net=net, extra=extra,
                            objective=objective, opt=opt,
@@ -521,8 +514,8 @@ def train(args, r):
         if done % args.save_every == 0 or done == last:
             position = dict(samples_seen=done * args.batch_size, epoch=done * args.batch_size / r.n_examples)
             info = dict(step=done, stage=args.stage, data=position, dataset=r.identity,
-                        run={k: getattr(args, k) for k in runs.RUN_FLAGS}, args=vars(args))
-            runs.save_checkpoint(args, done, r.objective, r.net, r.opt, {**r.extra, "train_state.json": info}, r.rank)
+                        run={k: getattr(args, k) for k in run_folder.RUN_FLAGS}, args=vars(args))
+            run_folder.save_checkpoint(args, done, r.objective, r.net, r.opt, {**r.extra, "train_state.json": info}, r.rank)
 
 
 def stop(signum, frame):
@@ -536,13 +529,13 @@ def main(argv=None):
                 if threading.current_thread() is threading.main_thread() else {})
     held = None
     try:
-        held = runs.lock(args.out) if rank == 0 else None  # only rank 0 writes to --out
+        held = run_folder.lock(args.out) if rank == 0 else None  # only rank 0 writes to --out
         if rank == 0:
-            runs.clean(args.out)
+            run_folder.clean(args.out)
         train(args, prepare(args, ddp, rank, world, device))
     finally:
         if held is not None:
-            runs.clean(args.out)
+            run_folder.clean(args.out)
             held.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sample  # noqa: E402
 from model import Transformer  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = [f"Continue this speech by {who}:\n{line}" for who, line in [
     ("Brutus from Julius Caesar", "Romans, countrymen, and lovers! hear me for my cause,"),

@@ -102,12 +102,12 @@ def sort_project(logits, top_p, generator=None):
 def shipped_logits(n):
     """(n, 4096) span logits of models/tess2-shakespeare, from every step of a 20-step sampling run
     (early steps are flat, late ones peaked), shuffled."""
-    import rows
-    from tokenizer import Tokenizer
+    from support import prompts
+    from support.tokenizer import Tokenizer
     path = os.path.join(ROOT, "models", "tess2-shakespeare")
     model, tok = Transformer.from_pretrained(path, dtype=torch.float32, verbose=False).eval(), Tokenizer(path)
-    b = rows.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, countrymen, and lovers! "
-                              "hear me for my cause,"], rows.Settings(length=n // 20 + 1), 1024, tok.pad_id)
+    b = prompts.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, countrymen, and lovers! "
+                              "hear me for my cause,"], prompts.Settings(length=n // 20 + 1), 1024, tok.pad_id)
     ids, span_mask, seen = b.ids, b.span_mask, []
     sample.diffuse(model, ids, span_mask, [0], steps=20, on_step=lambda n, logits, best, r: seen.append(logits[span_mask]))
     seen = torch.cat(seen)  # (20 * span, V)
@@ -167,12 +167,12 @@ def bench_interleaved(a):
     dev = torch.device(a.device)
     torch.manual_seed(0)
     if a.shipped:
-        import rows
-        from tokenizer import Tokenizer
+        from support import prompts
+        from support.tokenizer import Tokenizer
         path = os.path.join(ROOT, "models", "tess2-shakespeare")
         model, tok = Transformer.from_pretrained(path, dtype=torch.float32, verbose=False).eval(), Tokenizer(path)
-        b = rows.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, countrymen, and lovers! "
-                                  "hear me for my cause,"] * a.batch, rows.Settings(total_length=160), 1024, tok.pad_id)
+        b = prompts.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, countrymen, and lovers! "
+                                  "hear me for my cause,"] * a.batch, prompts.Settings(total_length=160), 1024, tok.pad_id)
         ids, span_mask = b.ids.to(dev), b.span_mask.to(dev)
         what = f"shipped model (V = {model.args.vocab_size}), B = {a.batch}, L = {ids.shape[1]}"
     else:

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sample  # noqa: E402
 from model import Transformer  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
 
 
 def main():

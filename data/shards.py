@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import atomic_write
+from support.cli import atomic_write
 
 FORMAT = 1
 # what a writer needs from the tokenizer (tokenizer.Tokenizer.meta() gives exactly these)
@@ -398,7 +398,7 @@ def check_tokenizer(meta, tokenizer):
                              f"model has a vocabulary of {tokenizer}: prepare the data again with the model's "
                              "tokenizer (--tokenizer), or train a model with the data's tokenizer")
         return
-    from tokenizer import Tokenizer
+    from support.tokenizer import Tokenizer
     info = Tokenizer(tokenizer)
     if info.vocab_size != meta["vocab_size"] or info.vocab_sha256 != meta["vocab_sha256"]:
         raise ValueError(f"the data was tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids) but the "

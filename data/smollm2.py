@@ -228,5 +228,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from common import run_cli
+    from support.cli import run_cli
     run_cli(main, "data.smollm2")

@@ -18,11 +18,11 @@ does not install. Re-running after a finished run does nothing.
 import itertools
 from collections import Counter
 
-from common import run_cli
+from support.cli import run_cli
 from data.chat import encode_examples, first_turn
 from data.shards import dataset_done, write_spans
 from data.sources import input_files, positive, prepare_parser, read_records
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 
 def conversations(files, counts):

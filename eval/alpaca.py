@@ -19,11 +19,11 @@ import os
 import sys
 
 import sample
-from common import atomic_write, run_cli
+from support.cli import atomic_write, run_cli
 from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Progress, Store, check_output, request_key,
                           resolve_default)
 from model import Transformer
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 HUB_DATASET = "tatsu-lab/alpaca_eval"  # its alpaca_eval.json holds the 805 instructions
 

@@ -54,9 +54,9 @@ except ImportError as e:  # lm-eval is the optional evaluation extra
 import data.chat
 import sample
 import tess2
-from common import atomic_write, run_cli
+from support.cli import atomic_write, run_cli
 from model import Transformer
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped models are found from here

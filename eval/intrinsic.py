@@ -26,11 +26,11 @@ import os
 import torch
 
 import sample
-from common import atomic_write, run_cli
+from support.cli import atomic_write, run_cli
 from eval.harness import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, check_output, resolve_default
 from eval.metrics import distinct_n, perplexity, unigram_entropy
 from model import Transformer
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 
 def read_prompts(path: str) -> list[dict]:

@@ -27,9 +27,9 @@ import torch
 from data.chat import format_prompt
 from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
 from model import Transformer
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 from sample import generate
-from views import write_html
+from support.views import write_html
 
 
 def read_jsonl(path):
@@ -195,5 +195,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from common import run_cli
+    from support.cli import run_cli
     run_cli(main, "eval.miniature")

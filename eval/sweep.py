@@ -16,7 +16,7 @@ import os
 import time
 
 import sample
-from common import atomic_write, run_cli
+from support.cli import atomic_write, run_cli
 from eval.intrinsic import common_flags, measure, setup, write_generations
 from eval.metrics import mean_reward
 

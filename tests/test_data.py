@@ -15,7 +15,7 @@ from data.chat import encode_example, encode_examples, encode_prompt, first_turn
 from data.shards import (check_tokenizer, dataset_done, global_indices, open_dataset, pair_row, sample_positions,
                          span_row, write_pairs, write_spans, write_tokens)
 from conftest import word_tokenizer
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 SENTENCES = ["Hello world, how are you?", "Fine, thanks! And you?", "To be, or not to be: that is the question.",
              "Héllo wörld — naïve café, 日本語 🤖 3.14", "<|user|>\nWhat is 2+2?\n<|assistant|>\n4"]

@@ -7,7 +7,7 @@ import pytest
 alpaca_eval = pytest.importorskip("alpaca_eval")  # requirements-eval.txt
 
 import eval.alpaca as alpaca  # noqa: E402
-from common import run_cli  # noqa: E402
+from support.cli import run_cli  # noqa: E402
 
 PROMPTS = [{"instruction": "Write a line about the sea.", "dataset": "helpful_base"},
            {"instruction": "Name a play by Shakespeare.", "dataset": "oasst"},

@@ -11,7 +11,7 @@ mauve = pytest.importorskip("mauve")  # requirements-eval.txt
 import eval.intrinsic as intrinsic  # noqa: E402
 import eval.sweep as sweep  # noqa: E402
 from model import Transformer, preset  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
@@ -105,7 +105,7 @@ def test_eta_sweep_measures_the_reward(tmp_path):
 
 
 def test_sweep_refuses_two_sweeps_at_once(tmp_path, capsys):
-    from common import run_cli
+    from support.cli import run_cli
     with pytest.raises(SystemExit) as e:
         run_cli(sweep.main, "eval.sweep",
                 ["--prompts", "p", "--steps", "1,2", "--eta", "0,1", "--output", str(tmp_path)])

@@ -17,7 +17,7 @@ import eval.harness as harness  # noqa: E402
 import sample  # noqa: E402
 from eval.tasks import paper  # noqa: E402
 from model import Transformer, preset  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
@@ -371,7 +371,7 @@ def test_miniature_model_runs_a_task_through_the_command_line(tmp_path, tok, mon
 
 
 def test_command_line_mistakes_are_one_line(tmp_path, capsys):
-    from common import run_cli
+    from support.cli import run_cli
     (tmp_path / "file").write_text("x")
     for argv, message in ((["--tasks", "tess2_squad", "--output", str(tmp_path / "file")], "is a file"),
                           (["--tasks", "tess2_squad,tess2_ifeval", "--data-files", "test=x.jsonl", "--output",
@@ -386,7 +386,7 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
 
 
 def test_an_unknown_task_is_named(tmp_path, capsys, monkeypatch):
-    from common import run_cli
+    from support.cli import run_cli
     ours_only = harness.task_manager
     monkeypatch.setattr(harness, "task_manager", lambda builtin=True: ours_only(builtin=False))  # skip lm-eval's index
     with pytest.raises(SystemExit) as e:

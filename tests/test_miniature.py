@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from model import Transformer
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 from sample import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,9 +20,9 @@ from torch.testing import assert_close
 
 import model as M
 from conftest import word_tokenizer
-from common import resolve
+from support.hub import resolve
 from model import ModelArgs, Transformer, preset
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # fp32 parity
 

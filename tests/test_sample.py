@@ -17,15 +17,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-import common
+from support.hub import read_json
 import data.chat
-import rows
+from support import prompts as prompt_rows
 import sample
 import tess2
-import views
+from support import views
 from conftest import word_tokenizer
 from model import Transformer, preset
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the a cat dog sat on mat sea sun and of to in is was it he she they we love write sonnet about".split()
@@ -109,11 +109,11 @@ class LikesToken(nn.Module):
 
 
 def settings(**kw):
-    return rows.Settings(**{"total_length": None, **kw}).check()
+    return prompt_rows.Settings(**{"total_length": None, **kw}).check()
 
 
 def batch(tok, prompts, **kw):
-    return rows.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
+    return prompt_rows.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
 
 
 def test_seeded_runs_are_reproducible_and_different_seeds_differ(model, tok):
@@ -223,7 +223,7 @@ def test_context_tokens_never_change(model, tok):
     gens = sample.generate(model, tok, ["write a sonnet", "the cat sat on the mat and the dog"], steps=6, length=10,
                            record=True)
     for g, prompt in zip(gens, ["write a sonnet", "the cat sat on the mat and the dog"]):
-        ids, _ = rows.encode_prompt(tok, prompt)
+        ids, _ = prompt_rows.encode_prompt(tok, prompt)
         n = len(ids)
         assert g.predictions.shape == g.confidence.shape == (6, n + 10)
         assert torch.equal(g.predictions[:, :n], torch.tensor(ids).expand(6, -1))  # at every step
@@ -236,10 +236,10 @@ def test_the_confidence_shown_is_the_top_probability():
 
 
 def test_chat_prompts_are_stripped_and_templated_as_in_training(tok):
-    ids, span = rows.encode_prompt(tok, "  write a sonnet \n")
-    assert ids == rows.encode_prompt(tok, "write a sonnet")[0] == data.chat.encode_prompt(tok, "write a sonnet")
+    ids, span = prompt_rows.encode_prompt(tok, "  write a sonnet \n")
+    assert ids == prompt_rows.encode_prompt(tok, "write a sonnet")[0] == data.chat.encode_prompt(tok, "write a sonnet")
     assert ids == [tok.bos_id] + tok.encode("<|user|>\nwrite a sonnet\n<|assistant|>\n") and not any(span)
-    assert rows.encode_prompt(tok, " the cat", chat=False)[0] == [tok.bos_id] + tok.encode(" the cat")
+    assert prompt_rows.encode_prompt(tok, " the cat", chat=False)[0] == [tok.bos_id] + tok.encode(" the cat")
 
 
 def test_infilling_generates_only_inside_the_gaps(model, tok):
@@ -347,12 +347,12 @@ def test_rows_that_exit_leave_the_batch_and_the_others_go_on_unchanged(sharp, to
 
 
 def test_a_checkpoint_without_generation_config_gets_the_released_evaluation_defaults(model, tok):
-    s = rows.settings_for(None, 4096)
+    s = prompt_rows.settings_for(None, 4096)
     assert (s.steps, s.top_p, s.total_length, s.length, s.guidance_steps, s.tau) == (100, 0.99, 2048, None, 1, 1.0)
-    assert rows.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
+    assert prompt_rows.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
     g = sample.generate(model, tok, ["the cat"], steps=2, details=True)[0]  # tiny model: 1024 positions
     assert g.steps_used == 2
-    assert rows.plan(tok, ["the cat"], rows.settings_for(None, 1024), model.args)[0].lengths == [1024]
+    assert prompt_rows.plan(tok, ["the cat"], prompt_rows.settings_for(None, 1024), model.args)[0].lengths == [1024]
 
 
 def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, tok, capsys):
@@ -361,18 +361,18 @@ def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, 
         json.dump({"steps": 3, "top_p": 0.9, "total_length": 20, "guidance_steps": 2, "chat": False}, f)
     m = Transformer.from_pretrained(ckpt, verbose=False)
     assert m.generation_config["total_length"] == 20
-    s = rows.settings_for(m.generation_config, 1024)
+    s = prompt_rows.settings_for(m.generation_config, 1024)
     assert (s.steps, s.top_p, s.total_length, s.guidance_steps, s.chat) == (3, 0.9, 20, 2, False)
     g = sample.generate(m, tok, ["the cat"], details=True)[0]
     assert g.steps_used == 3
-    assert rows.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
-    assert rows.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
+    assert prompt_rows.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
+    assert prompt_rows.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
     gens = sample.main(["--model", ckpt, "--prompt", "the cat", "--json", "--steps", "2"])
     assert gens[0].steps_used == 2 and json.loads(capsys.readouterr().out)["steps_used"] == 2
 
 
 def test_the_shipped_model_carries_short_rows(tok):
-    s = rows.settings_for(common.read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
+    s = prompt_rows.settings_for(read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
     assert s.total_length <= 256 and s.guidance_steps == 1
 
 

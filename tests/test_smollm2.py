@@ -19,9 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 import train  # noqa: E402
 from data import smollm2  # noqa: E402
-from common import resolve  # noqa: E402
+from support.hub import resolve  # noqa: E402
 from model import Transformer  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
 from sample import generate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

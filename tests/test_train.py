@@ -21,14 +21,14 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-import span_loss
+from support import fused_loss
 import tess2
 import train
 from conftest import word_tokenizer
-from common import run_cli
+from support.cli import run_cli
 from data.shards import open_dataset, write_pairs, write_spans, write_tokens
 from model import Transformer, preset
-from tokenizer import Tokenizer as ModelTokenizer
+from support.tokenizer import Tokenizer as ModelTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIGHT = dict(atol=1e-5, rtol=1e-5)
@@ -215,7 +215,7 @@ def test_self_conditioning_per_row_is_each_row_alone():
 @pytest.mark.parametrize("coin", [False, True, "per row", "extra pass"])
 @pytest.mark.parametrize("weighting", ["sequence", "token"])
 def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, tied):
-    """span_loss.diffusion_loss, which makes the head's logits, the cross-entropy and p @ E at span
+    """fused_loss.diffusion_loss, which makes the head's logits, the cross-entropy and p @ E at span
     positions only and in chunks (here 4 rows, so several), has tess2.diffusion_loss's value and
     every parameter's gradient, with or without self-conditioning, per-row coins, both weightings."""
     torch.manual_seed(0)
@@ -234,7 +234,7 @@ def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, ti
     plain = (sums / counts.clamp(min=1)).sum() if weighting == "sequence" else sums.sum()
     grads = torch.autograd.grad(plain, list(net.parameters()))
     weights = 1 / counts.clamp(min=1) if weighting == "sequence" else torch.ones(B)
-    loss = span_loss.diffusion_loss(net, ids, span, t, seeds, sc, weights, extra_pass=coin == "extra pass", chunk=4)
+    loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, sc, weights, extra_pass=coin == "extra pass", chunk=4)
     assert_close(loss, plain, atol=1e-6, rtol=1e-6)
     for (name, p), g in zip(net.named_parameters(), grads):
         assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
@@ -499,7 +499,7 @@ def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):
 
 
 def test_a_second_trainer_on_the_same_out_stops_at_once_and_a_dead_ones_lock_is_free(data, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runs; held = runs.lock(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from support import run_folder; held = run_folder.lock(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -598,7 +598,8 @@ def test_an_unreadable_latest_checkpoint_is_named_and_skipped_only_with_fallback
 
 FAULTY_TRAINER = """
 import os, shutil, signal, sys
-import common, train
+import train
+from support.cli import run_cli
 n, calls = int(os.environ["FAULT_AT"]), [0]
 
 def deadly(f):  # SIGKILL this process just before its n-th rename, replace or rmtree
@@ -609,7 +610,7 @@ def deadly(f):  # SIGKILL this process just before its n-th rename, replace or r
         return f(*a, **kw)
     return wrapper
 os.rename, os.replace, shutil.rmtree = deadly(os.rename), deadly(os.replace), deadly(shutil.rmtree)
-common.run_cli(train.main, "train.py", sys.argv[1:])
+run_cli(train.main, "train.py", sys.argv[1:])
 """
 
 

@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 
-from common import hub_error, is_hub_id, read_json
+from support.hub import hub_error, is_hub_id, read_json
 
 
 def tokenizer_paths(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:

@@ -27,10 +27,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from common import atomic_write
+from support.cli import atomic_write
 from data.shards import check_tokenizer
 from model import Transformer
-from tokenizer import Tokenizer, tokenizer_paths
+from support.tokenizer import Tokenizer, tokenizer_paths
 
 STEP = re.compile(r"step-(\d{7})")
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from common import atomic_write
+from support.cli import atomic_write
 
 
 def confidence(logits):
