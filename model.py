@@ -5,9 +5,8 @@ One transformer for TESS 2 and the Hugging Face checkpoints it starts from. It s
   - the reward model (`hamishivi/tess_mistral_rm`: the LM head replaced by a scalar `score` head).
 The families differ only in ModelArgs fields read from config.json: q/k/v biases (Qwen2), per-head
 q/k norms and a free head_dim (Qwen3), Llama 3's RoPE scaling, a sliding window (Mistral v0.1).
-Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
-checkpoint loads by name with no conversion, and transformers loads what we save; the files
-themselves (config.json dialects, safetensors, shards, atomic saves) are support/checkpoint.py's.
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...): checkpoints load by name
+both ways. The files themselves (config.json dialects, safetensors, shards) are support/checkpoint.py's.
 """
 import math
 import os
@@ -19,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from support.checkpoint import (FAMILIES, LLAMA3_ROPE, args_from_config, checkpoint_files, config_from_args,  # noqa: F401
-                                load_sharded, new_weight, read_tensors, save_checkpoint)
+from support.checkpoint import (FAMILIES, LLAMA3_ROPE, args_from_config, config_from_args,  # noqa: F401 (re-exports)
+                                checkpoint_files, load_sharded, new_weight, read_tensors, save_checkpoint)
 from support.hub import read_config, read_json, resolve
 
 
@@ -68,8 +67,9 @@ class ModelArgs:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.model_type not in FAMILIES:
             raise ValueError(f"model_type {self.model_type!r} is not one of {', '.join(FAMILIES)}")
-        if self.rope_scaling is not None and self.rope_scaling.keys() != {"rope_type", *LLAMA3_ROPE}:
-            raise ValueError(f"rope_scaling {self.rope_scaling} should be Llama 3's: rope_type 'llama3' and {LLAMA3_ROPE}")
+        scaling = self.rope_scaling
+        if scaling is not None and (scaling.get("rope_type"), set(scaling)) != ("llama3", {"rope_type", *LLAMA3_ROPE}):
+            raise ValueError(f"rope_scaling {scaling} should be Llama 3's: rope_type 'llama3' and {LLAMA3_ROPE}")
         if self.head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
         if self.self_condition not in (None, "logits_mean"):
@@ -86,8 +86,8 @@ class ModelArgs:
 
     @property
     def architecture(self) -> str:
-        kind = {"score": "ForSequenceClassification"}.get(self.head, "ForDiffusionLM" if self.timestep_embed else "ForCausalLM")
-        return FAMILIES[self.model_type] + kind
+        kind = "ForDiffusionLM" if self.timestep_embed else "ForCausalLM"
+        return FAMILIES[self.model_type] + ("ForSequenceClassification" if self.head == "score" else kind)
 
     @classmethod
     def from_hf(cls, cfg: dict, **overrides) -> "ModelArgs":
@@ -112,9 +112,10 @@ _QWEN2 = dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e
               bos_token_id=151643, eos_token_id=151643)
 _QWEN3 = dict(model_type="qwen3", qk_norm=True, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6, sliding_window=None,
               vocab_size=151936, max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645)
-_LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=5e5, max_position_embeddings=131072, sliding_window=None,
-               bos_token_id=128000, eos_token_id=128001)
-_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=5e5, max_position_embeddings=131072,
+               sliding_window=None, bos_token_id=128000, eos_token_id=128001)
+_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)  # and a factor: 8 (Llama 3.1), 32 (Llama 3.2)
 PRESETS = {
     # Mistral-7B-v0.1, the base of TESS 2
     "mistral-7b": dict(),

@@ -59,8 +59,9 @@ def sdpa_backends(device="cpu", dtype=torch.float32, T: int = 256) -> dict:
 
 def print_sdpa(args):
     dtype = getattr(torch, args.dtype)
-    print(f"SDPA kernels of model.attend on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}),"
-          f" {args.dtype}, T = {args.seq}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"SDPA kernels of model.attend on {args.device} ({name}), {args.dtype}, T = {args.seq}, "
+          f"torch {torch.__version__}")
     print("| call | kernel SDPA picks | kernels that accept it |\n| --- | --- | --- |")
     for kind, (picked, accepted) in sdpa_backends(args.device, dtype, args.seq).items():
         print(f"| {kind} | {picked} | {', '.join(accepted)} |")

@@ -82,7 +82,7 @@ def _rope(cfg: dict) -> dict:
     if kind == "default":
         return dict(rope_theta=theta, rope_scaling=None)
     if kind != "llama3" or any(k not in rope for k in LLAMA3_ROPE):
-        raise ValueError(f"rope scaling {rope} is not supported: only plain RoPE and Llama 3's ('llama3': {LLAMA3_ROPE})")
+        raise ValueError(f"rope scaling {rope} is not supported: plain RoPE and Llama 3's 'llama3' ({LLAMA3_ROPE}) are")
     return dict(rope_theta=theta, rope_scaling=dict(rope_type="llama3", **{k: rope[k] for k in LLAMA3_ROPE}))
 
 
