@@ -1,29 +1,26 @@
 """
-A compact Mistral-architecture transformer for TESS 2 and its Hugging Face checkpoints.
-
-One network serves every role in the project:
-  - the causal LM that TESS 2 starts from (Mistral-7B, Llama, our small AR models),
+One transformer for TESS 2 and the Hugging Face checkpoints it starts from. It serves every role:
+  - the causal LM that TESS 2 adapts (Mistral-7B, Llama 2 and 3, Qwen2/2.5, Qwen3, our small AR models),
   - the bidirectional diffusion model (released `hamishivi/tess2`: adds `timestep_embed`, V = 32001),
   - the reward model (`hamishivi/tess_mistral_rm`: the LM head replaced by a scalar `score` head).
-
-Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
-checkpoint loads by name with no conversion, and transformers loads what we save.
-Mistral v0.1's 4096-token sliding window changes nothing up to that length (TESS 2 uses 2048);
-longer inputs are refused rather than silently given full attention.
+The families differ only in ModelArgs fields read from config.json: q/k/v biases (Qwen2), per-head
+q/k norms and a free head_dim (Qwen3), Llama 3's RoPE scaling, a sliding window (Mistral v0.1).
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...): checkpoints load by name
+both ways. The files themselves (config.json dialects, safetensors, shards) are support/checkpoint.py's.
 """
-import json
+import math
 import os
-import shutil
-import tempfile
 import typing
-from dataclasses import dataclass, fields, asdict
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from support.hub import TOKENIZER_FILES, read_config, read_json, resolve
+from support.checkpoint import (FAMILIES, LLAMA3_ROPE, args_from_config, config_from_args,  # noqa: F401 (re-exports)
+                                checkpoint_files, load_sharded, new_weight, read_tensors, save_checkpoint)
+from support.hub import read_config, read_json, resolve
 
 
 # -----------------------------------------------------------------------------
@@ -38,13 +35,17 @@ class ModelArgs:
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int = 8
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Qwen3 sets its own)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.x: {"rope_type": "llama3", *LLAMA3_ROPE}
     max_position_embeddings: int = 32768
-    sliding_window: int | None = 4096
+    sliding_window: int | None = 4096  # each query sees the keys closer than this (Mistral v0.1)
     tie_word_embeddings: bool = False
-    model_type: str = "mistral"  # "mistral" or "llama": only the name written to config.json
+    qkv_bias: bool = False  # biases on q, k, v (Qwen2; Llama and Qwen3 with attention_bias)
+    o_bias: bool = False  # a bias on o_proj (Llama and Qwen3 with attention_bias)
+    qk_norm: bool = False  # each head's q and k RMS-normalised before RoPE (Qwen3)
+    model_type: str = "mistral"  # the family, a key of FAMILIES
     bos_token_id: int | None = 1  # carried through to config.json (Mistral: 1, 2; SmolLM2: 1, 2 or 0, 0)
     eos_token_id: int | list | None = 2
     # what TESS adds
@@ -64,6 +65,11 @@ class ModelArgs:
                 raise ValueError(f"config.json: {f.name} = {value!r} should be {getattr(f.type, '__name__', f.type)}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {', '.join(FAMILIES)}")
+        scaling = self.rope_scaling
+        if scaling is not None and (scaling.get("rope_type"), set(scaling)) != ("llama3", {"rope_type", *LLAMA3_ROPE}):
+            raise ValueError(f"rope_scaling {scaling} should be Llama 3's: rope_type 'llama3' and {LLAMA3_ROPE}")
         if self.head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
         if self.self_condition not in (None, "logits_mean"):
@@ -75,67 +81,64 @@ class ModelArgs:
 
     @property
     def max_length(self) -> int:
-        """The longest sequence this model reads: its positions, and no more than its sliding window
-        (windowed attention is not implemented; Mistral v0.1's 4096 changes nothing below that)."""
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        """The longest sequence this model reads (a sliding window is honoured, not a limit)."""
+        return self.max_position_embeddings
 
     @property
     def architecture(self) -> str:
-        family = {"mistral": "Mistral", "llama": "Llama"}[self.model_type]
-        if self.head == "score":
-            return f"{family}ForSequenceClassification"
-        return f"{family}ForDiffusionLM" if self.timestep_embed else f"{family}ForCausalLM"
+        kind = "ForDiffusionLM" if self.timestep_embed else "ForCausalLM"
+        return FAMILIES[self.model_type] + ("ForSequenceClassification" if self.head == "score" else kind)
 
     @classmethod
     def from_hf(cls, cfg: dict, **overrides) -> "ModelArgs":
-        """Read a Hugging Face config.json dict (Mistral, Llama, or the released TESS 2)."""
-        arch = (cfg.get("architectures") or ["MistralForCausalLM"])[0]
-        known = ("MistralForCausalLM", "LlamaForCausalLM", "MistralForSequenceClassification",
-                 "LlamaForSequenceClassification", "MistralForDiffusionLM", "LlamaForDiffusionLM",
-                 "MistralforSequenceClassificationWithPadding")  # the released code's reward model class
-        if arch not in known:
-            raise ValueError(f"unknown architecture {arch!r} in config.json; this loader reads {', '.join(known)}")
-        score = "SequenceClassification" in arch
-        labels = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 1
-        if score and labels != 1:
-            raise ValueError(f"{arch} with {labels} labels: a reward model has one")
-        args = {k: v for k, v in cfg.items() if k in {f.name for f in fields(cls)}}
-        rope_cfg = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers >= 5 / Llama 3
-        if rope_cfg.get("rope_type", rope_cfg.get("type", "default")) != "default":
-            raise ValueError(f"rope scaling {rope_cfg} is not supported: only plain RoPE (Mistral, Llama 2)")
-        args["rope_theta"] = rope_cfg.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        args["model_type"] = "llama" if arch.startswith("Llama") else "mistral"
-        args["head"] = "score" if score else "lm"
-        # ours: timestep_embed, causal; the released code's config: disable_timestep_embed, is_causal
-        diffusion = arch.endswith("ForDiffusionLM")
-        args["timestep_embed"] = cfg.get("timestep_embed", diffusion and not cfg.get("disable_timestep_embed", False))
-        args["causal"] = cfg.get("causal", cfg.get("is_causal", False) if diffusion else True)
-        if args["model_type"] == "llama":
-            args.setdefault("sliding_window", None)
-        args.update(overrides)
-        return cls(**args)
+        """Read a Hugging Face config.json dict (a family in FAMILIES, or the released TESS 2)."""
+        return cls(**{**args_from_config(cfg, {f.name for f in fields(cls)}), **overrides})
 
     def to_hf(self) -> dict:
-        cfg = {k: v for k, v in asdict(self).items() if k not in ("head", "model_type")}
-        cfg.update(architectures=[self.architecture], model_type=self.model_type, hidden_act="silu",
-                   initializer_range=0.02, attention_dropout=0.0, use_cache=True,
-                   rope_parameters=dict(rope_theta=self.rope_theta, rope_type="default"))
-        if self.head == "score":
-            cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-        if self.model_type == "llama":
-            cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-            cfg.pop("sliding_window")
+        """The config.json transformers reads for this family; an arg it cannot say is an error."""
+        cfg = config_from_args(asdict(self), self.architecture)
+        back = ModelArgs.from_hf(cfg)
+        wrong = {f.name: getattr(self, f.name) for f in fields(self) if getattr(back, f.name) != getattr(self, f.name)}
+        if wrong:
+            raise ValueError(f"a {self.architecture} config.json cannot say {wrong}")
         return cfg
 
 
 # the CPU miniature (README, "TESS 2 in miniature"): a few million parameters
 _SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
               num_key_value_heads=4, max_position_embeddings=2048, sliding_window=None)
+# the families' common values, from the public config.json of each model named below
+_QWEN2 = dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6, sliding_window=None,
+              bos_token_id=151643, eos_token_id=151643)
+_QWEN3 = dict(model_type="qwen3", qk_norm=True, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6, sliding_window=None,
+              vocab_size=151936, max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645)
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=5e5, max_position_embeddings=131072,
+               sliding_window=None, bos_token_id=128000, eos_token_id=128001)
+_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)  # and a factor: 8 (Llama 3.1), 32 (Llama 3.2)
 PRESETS = {
     # Mistral-7B-v0.1, the base of TESS 2
     "mistral-7b": dict(),
     # the released TESS 2 (hamishivi/tess2): Mistral-7B + [PAD] token + timestep embedding
     "tess2-7b": dict(vocab_size=32001, timestep_embed=True, causal=False),
+    "mistral-7b-v0.3": dict(vocab_size=32768, rope_theta=1e6, sliding_window=None),
+    "qwen2.5-0.5b": dict(_QWEN2, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(_QWEN2, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN2, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072),
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8),
+    "llama3.1-8b": dict(_LLAMA3, rope_scaling=dict(_LLAMA3_ROPE, factor=8.0)),
+    "llama3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                        tie_word_embeddings=True, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),
+    "llama3.2-3b": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        tie_word_embeddings=True, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),
     # SmolLM2-135M (Llama architecture), the real pretrained model of the miniature's SmolLM2 variant
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, max_position_embeddings=8192,
@@ -173,9 +176,16 @@ class RMSNorm(nn.Module):
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope(T: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, head_dim) in fp32, Hugging Face's half-split layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+def rope(T: int, a: ModelArgs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim) in fp32, Hugging Face's half-split layout. Llama 3's scaling
+    divides the frequencies whose wavelength exceeds original_max_position_embeddings / low_freq_factor
+    by `factor`, keeps those below ... / high_freq_factor, and blends linearly in 1 / wavelength between."""
+    inv_freq = 1.0 / a.rope_theta ** (torch.arange(0, a.head_dim, 2, device=device, dtype=torch.float32) / a.head_dim)
+    if a.rope_scaling is not None:
+        s = a.rope_scaling
+        turns = s["original_max_position_embeddings"] * inv_freq / (2 * math.pi)  # original context / wavelength
+        kept = ((turns - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        inv_freq = (1 - kept) * inv_freq / s["factor"] + kept * inv_freq  # (hd/2,)
     freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
     return emb.cos(), emb.sin()
@@ -186,22 +196,59 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+def attention_mask(T: int, causal: bool, window: int | None, key_padding_mask, device):
+    """
+    None when SDPA needs no mask (its is_causal flag, or nothing, says it all: the flash kernel),
+    else a (B or 1, 1, T, T) bool mask, True = may attend. key_padding_mask (B, T) bool marks real
+    tokens. A sliding window lets query i see key j only when |i - j| < window: causal, the window
+    keys up to itself (Mistral's); bidirectional, as far on each side.
+    """
+    windowed = window is not None and T > window
+    if key_padding_mask is None and not windowed:
+        return None
+    pos = torch.arange(T, device=device)
+    gap = pos[:, None] - pos[None, :]  # (T, T): query position - key position
+    mask = ((gap >= 0) if causal else torch.ones_like(gap, dtype=torch.bool))[None, None]  # (1, 1, T, T)
+    if windowed:
+        mask = mask & (gap.abs() < window)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :].bool()  # (B, 1, T, T)
+        # a padded query may see no key (left padding): a NaN row on CUDA's memory-efficient kernel
+        # that then spreads. Each query sees itself (as transformers does); real rows are unchanged.
+        mask = mask | torch.eye(T, dtype=torch.bool, device=device)
+    return mask
+
+
+def attend(q, k, v, mask, is_causal: bool):
+    """SDPA of q (B, nh, T, hd) over k, v (B, nkv, T, hd) -> (B, nh, T, hd). With a mask, k and v are
+    first repeated to all nh heads: a mask with grouped K/V (enable_gqa) rules out CUDA's flash and
+    memory-efficient kernels, and SDPA would silently run the math one, (B, nh, T, T) scores in fp32."""
+    groups = q.size(1) // k.size(1)
+    if mask is not None and groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, T, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=k.size(1) != q.size(1))
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.nh, self.nkv, self.hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.q_proj = nn.Linear(a.hidden_size, self.nh * self.hd, bias=False)
-        self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=False)
-        self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=False)
+        self.nh, self.nkv, self.hd, self.qk_norm = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.qk_norm
+        self.q_proj = nn.Linear(a.hidden_size, self.nh * self.hd, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=a.o_bias)
+        if a.qk_norm:  # one (hd,) weight each, shared by all heads
+            self.q_norm, self.k_norm = RMSNorm(self.hd, a.rms_norm_eps), RMSNorm(self.hd, a.rms_norm_eps)
 
-    def forward(self, x, cos, sin, causal: bool, mask):
+    def forward(self, x, cos, sin, mask, is_causal: bool):
         B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, -1, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, T, hd), (B, nkv, T, hd)
-        # one fused call; with mask=None this is the flash kernel on CUDA (causal or not)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           enable_gqa=self.nh != self.nkv)  # (B, nh, T, hd)
+        q, k, v = (p(x).view(B, T, -1, self.hd) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, T, heads, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, heads, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v, mask, is_causal)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -224,8 +271,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, causal: bool, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal, mask)
+    def forward(self, x, cos, sin, mask, is_causal: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -254,11 +301,11 @@ class Transformer(nn.Module):
         return self.model.embed_tokens
 
     def init_weights(self, std: float = 0.02):
-        """Random init for training from scratch (normal(0, std), norms 1, timestep embedding 0)."""
+        """Random init for training from scratch (normal(0, std), norms 1, biases and timestep embedding 0)."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
-            elif name == "timestep_embed.weight":
+            elif name == "timestep_embed.weight" or name.endswith(".bias"):
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)
@@ -275,9 +322,6 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(ids) if embeds is None else embeds  # (B, T, D)
         B, T, _ = x.shape
         a = self.args
-        if a.sliding_window is not None and T > a.sliding_window:
-            raise ValueError(f"sequence length {T} exceeds the sliding window {a.sliding_window}; "
-                             "this implementation does not do windowed attention")
         if t is not None:
             if not a.timestep_embed:
                 raise ValueError("t was given but this model has no timestep embedding; load it with "
@@ -285,21 +329,15 @@ class Transformer(nn.Module):
             t = t.to(x.dtype).reshape(B, -1, 1)  # (B, 1 or T, 1): a (B,) t must not broadcast along T
             x = x + self.timestep_embed(t)  # (B, T, D)
         causal = a.causal if causal is None else causal
-        mask = None
-        if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T)
-            if causal:
-                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            # a padded query may see no key (left padding): a NaN row on CUDA's memory-efficient kernel
-            # that then spreads. Each query sees itself (as transformers does); real rows are unchanged.
-            mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)  # (B, 1, T, T)
-        cos, sin = rope(T, a.head_dim, a.rope_theta, x.device)
+        mask = attention_mask(T, causal, a.sliding_window, key_padding_mask, x.device)  # None or (B or 1, 1, T, T)
+        is_causal = causal and mask is None  # else the mask holds the causal rule
+        cos, sin = rope(T, a, x.device)
         for layer in self.model.layers:
             # recompute each block in backward: training, and reward guidance's gradient w.r.t. its input
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, causal, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, causal, mask)
+                x = layer(x, cos, sin, mask, is_causal)
         return self.model.norm(x)  # (B, T, D)
 
     def forward(self, ids=None, embeds=None, t=None, causal: bool | None = None, key_padding_mask=None,
@@ -317,53 +355,27 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     # -------------------------------------------------------------------------
-    # Hugging Face checkpoints
+    # Hugging Face checkpoints (the file handling: support/checkpoint.py)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, verbose: bool = True,
                         **overrides) -> "Transformer":
         """
-        Load a Hugging Face Mistral/Llama checkpoint (causal LM, sequence classifier, or the released
-        TESS 2) from a local directory or a Hub repo id. Built on the meta device, then each tensor is
-        read (pread, not mmap: mapped pages would count twice while converting) and cast to `dtype`
-        (default fp32) on `device` in turn: loading peaks at one copy of the weights plus one tensor.
-        overrides change the architecture on the way in: timestep_embed=True, causal=False adapts an AR
-        model to diffusion (timestep_embed.weight = 0: at first the AR model's function); head="score"
-        starts a reward model from an LM (score.weight ~ normal(0, 0.02), lm_head dropped). Both reported.
+        Load a Hugging Face checkpoint (a FAMILIES causal LM or sequence classifier, or the released
+        TESS 2) from a directory or Hub repo id: built on the meta device, each tensor read and cast to
+        dtype (default fp32) on device in turn, so loading peaks at one copy of the weights plus one
+        tensor. overrides change the architecture on the way in: timestep_embed=True, causal=False
+        adapts an AR model to diffusion (timestep_embed.weight = 0: at first the AR model); head="score"
+        starts a reward model from an LM (score.weight ~ N(0, 0.02), lm_head dropped). Both reported.
         """
-        from safetensors import SafetensorError, safe_open
         path = resolve(name_or_path)
         args = ModelArgs.from_hf(read_config(path), **overrides)
-        files = checkpoint_files(path)
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(args)
         tied = args.tie_word_embeddings and args.head == "lm"
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-        state, ignored = {}, []
-        for file in files:
-            try:
-                f = safe_open(file, framework="pt", device=str(device), backend="pread")
-            except SafetensorError as e:  # the raw error does not say which file
-                raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be truncated "
-                                 "by an interrupted download or copy: delete it and fetch it again") from e
-            with f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints stored
-                        continue
-                    if name == "lm_head.weight" and name not in expected:  # head="score", or tied
-                        ignored.append(name)
-                        continue
-                    if name not in expected:
-                        raise ValueError(f"unexpected tensor {name!r} in {file}: not part of a "
-                                         f"{args.architecture} with this config.json")
-                    if name in state:
-                        raise ValueError(f"tensor {name!r} appears twice, the second time in {file}")
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != expected[name]:
-                        raise ValueError(f"tensor {name!r} in {file} has shape {shape}, expected "
-                                         f"{expected[name]} from config.json")
-                    state[name] = f.get_tensor(name).to(dtype)
+        state, ignored = read_tensors(path, expected, dtype, device, args.architecture)
         new = sorted(expected.keys() - state.keys())
         for name in new:
             state[name] = new_weight(name, expected[name], name_or_path).to(dtype=dtype, device=device)
@@ -378,137 +390,11 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30,
                         tokenizer_from: str | None = None, extra_files: dict | None = None):
-        """
-        Write config.json + safetensors (sharded with an index above max_shard_bytes) in the Hugging
-        Face layout, atomically: everything goes to a temporary directory that then replaces out_dir.
-        tokenizer_from copies the tokenizer files of another checkpoint dir; extra_files maps file
-        name -> object written beside the weights: JSON, or torch.save for a name ending in .pt.
-        """
-        from safetensors.torch import save_file
-        out_dir = os.path.abspath(out_dir)
-        parent, base = os.path.split(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{base}-", dir=parent)
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            if self.args.tie_word_embeddings:
-                state.pop("lm_head.weight", None)  # as transformers saves tied weights
-            nbytes = lambda v: v.numel() * v.element_size()
-            shards, size = [{}], 0
-            for k, v in state.items():
-                if shards[-1] and size + nbytes(v) > max_shard_bytes:
-                    shards, size = shards + [{}], 0
-                shards[-1][k], size = v, size + nbytes(v)
-            n = len(shards)
-            names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else [
-                "model.safetensors"]
-            for fname, shard in zip(names, shards):
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            if n > 1:
-                _write_json(os.path.join(tmp, "model.safetensors.index.json"), {
-                    "metadata": {"total_size": sum(map(nbytes, state.values()))},
-                    "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}})
-            cfg = self.args.to_hf()
-            cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-            _write_json(os.path.join(tmp, "config.json"), cfg)
-            if tokenizer_from is not None:
-                src = resolve(tokenizer_from)
-                for fname in TOKENIZER_FILES:
-                    if os.path.exists(os.path.join(src, fname)):
-                        shutil.copy(os.path.join(src, fname), tmp)
-            for fname, obj in (extra_files or {}).items():  # *.pt: torch.save (tensors, primitives); else JSON
-                if fname.endswith(".pt"):
-                    torch.save(obj, os.path.join(tmp, fname))
-                else:
-                    _write_json(os.path.join(tmp, fname), obj)
-            for fname in os.listdir(tmp):  # like any file: safetensors writes 0600, mkdtemp makes 0700
-                os.chmod(os.path.join(tmp, fname), 0o644)
-            os.chmod(tmp, 0o755)
-            if os.path.exists(out_dir):
-                os.rename(out_dir, tmp + "-old")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(tmp + "-old", ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory: one file, or the shards its index names."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        names = sorted(set(read_json(index, "shard index")["weight_map"].values()))
-        missing = [n for n in names if not os.path.exists(os.path.join(path, n))]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
-        return [os.path.join(path, n) for n in names]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
-        raise ValueError(f"{path} holds only pickle checkpoints (.bin/.pt), which can run arbitrary code "
-                         "when loaded and are refused here. Convert once with transformers: "
-                         "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)")
-    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
-                            "(Hub repos that hold only pickle .bin weights are not read)")
-
-
-def new_weight(name: str, shape, source: str) -> torch.Tensor:
-    """A tensor that adapting a checkpoint adds (fp32, CPU): the timestep embedding starts at 0, so
-    the adapted model is at first the AR model; a new score head is drawn from N(0, 0.02).
-    Any other missing tensor is an error."""
-    if name not in ("timestep_embed.weight", "score.weight"):
-        raise ValueError(f"checkpoint {source} is missing tensor {name!r}")
-    w = torch.zeros(shape)
-    return w.normal_(std=0.02) if name == "score.weight" else w
-
-
-@torch.no_grad()
-def load_sharded(model: Transformer, name_or_path: str, verbose: bool = True):
-    """
-    Read a checkpoint into a model whose parameters are already FSDP2 shards (fully_shard's Shard(0)
-    DTensors, materialised with to_empty): each rank reads only its own rows of each tensor
-    (safetensors' get_slice), so no rank ever holds the whole model. FSDP2 splits dim 0 as torch.chunk
-    does: with n rows over W ranks, rank r holds rows [r c, r c + local) with c = ceil(n / W) (the
-    last ranks fewer, or none). What from_pretrained makes (timestep_embed.weight = 0, score.weight ~
-    N(0, 0.02)) is made the same way; rows of embed_tokens / lm_head beyond the checkpoint's (a grown
-    vocabulary: [PAD]) are the mean of the checkpoint's rows, as train.grow_vocab makes them.
-    """
-    import torch.distributed as dist
-    from safetensors import safe_open
-    path = resolve(name_or_path)
-    files = [safe_open(f, framework="pt", backend="pread") for f in checkpoint_files(path)]  # no mapped pages
-    where = {name: f for f in files for name in f.keys()}
-    rank, world = dist.get_rank(), dist.get_world_size()
-    new = []
-    for name, p in model.named_parameters():  # a tied lm_head.weight is embed_tokens.weight, listed once
-        local, n = p.to_local(), p.shape[0]  # local (rows here, ...) of the global (n, ...)
-        lo = min(rank * -(-n // world), n)
-        hi = lo + local.shape[0]
-        if hi > n or (hi < n and local.shape[0] != -(-n // world)):
-            raise RuntimeError(f"{name}: rank {rank} holds {local.shape[0]} of {n} rows, not torch.chunk's "
-                               "split: this torch's FSDP2 lays out shards in another way")
-        if name not in where:  # small: (D, 1) or (1, D), made whole as from_pretrained makes it
-            local.copy_(new_weight(name, tuple(p.shape), name_or_path)[lo:hi])
-            new.append(name)
-            continue
-        tensor = where[name].get_slice(name)
-        shape = tuple(tensor.get_shape())
-        grown = name in ("model.embed_tokens.weight", "lm_head.weight") and shape[0] < n
-        if shape != tuple(p.shape) and not (grown and shape[1:] == tuple(p.shape[1:])):
-            raise ValueError(f"tensor {name!r} has shape {shape} in {name_or_path}, expected {tuple(p.shape)}")
-        rows = min(hi, shape[0]) - lo  # rows of this shard that are in the file
-        if rows > 0:
-            local[:rows].copy_(tensor[lo:lo + rows])
-        if grown:  # the new rows: the mean of all old rows, summed shard by shard
-            total = local[:max(rows, 0)].double().sum(0)
-            dist.all_reduce(total)
-            local[max(rows, 0):] = (total / shape[0]).to(local.dtype)
-    if verbose and rank == 0 and new:
-        print(f"load_sharded({name_or_path}): initialised new {new}")
-    return model
+        """Write config.json + safetensors in the Hugging Face layout, atomically (support.checkpoint.
+        save_checkpoint: sharding, tokenizer_from, extra_files). Tied weights are stored once."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.args.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # as transformers saves tied weights
+        cfg = self.args.to_hf()
+        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        save_checkpoint(out_dir, state, cfg, max_shard_bytes, tokenizer_from, extra_files)

@@ -20,6 +20,7 @@ from torch.testing import assert_close
 
 import model as M
 from conftest import word_tokenizer
+from support.checkpoint import write_json
 from support.hub import resolve
 from model import ModelArgs, Transformer, preset
 from support.tokenizer import Tokenizer
@@ -177,6 +178,55 @@ def test_timestep_embedding_zero_time_adds_nothing_and_time_changes_outputs():
 
 
 # -----------------------------------------------------------------------------
+# attention: the SDPA calls
+
+
+def test_masked_grouped_attention_repeats_kv_and_is_the_written_out_softmax(monkeypatch):
+    """With a mask, SDPA gets K/V of every head (grouped K/V plus a mask would leave CUDA only its math
+    kernel): query head h reads K/V head h // (nh / nkv), as transformers' repeat_kv lays them out.
+    Without a mask the grouped K/V go as they are (enable_gqa: the flash kernel takes them)."""
+    B, nh, nkv, T, hd = 2, 4, 2, 6, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, T, hd, generator=g) for n in (nh, nkv, nkv))
+    real = torch.arange(T) < torch.tensor([[T], [4]])  # (B, T): row 1 has 2 pads
+    mask = M.attention_mask(T, False, None, real, "cpu")  # (B, 1, T, T)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((k.size(1), kw["enable_gqa"])) or sdpa(q, k, v, **kw))
+    out = M.attend(q, k, v, mask, False)
+    assert calls == [(nh, False)]
+    kv_head = [h // (nh // nkv) for h in range(nh)]
+    scores = (q @ k[:, kv_head].transpose(-1, -2) / hd ** 0.5).masked_fill(~mask, float("-inf"))  # (B, nh, T, T)
+    assert_close(out, torch.softmax(scores, -1) @ v[:, kv_head], atol=1e-6, rtol=1e-5)
+    M.attend(q, k, v, None, True)
+    assert calls[1:] == [(nkv, True)]
+
+
+def test_logits_are_unchanged_by_repeating_kv(monkeypatch):
+    m = our_model()  # 4 heads over 2 K/V heads
+    ids = ids_for()
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[0, -3:] = False
+    with torch.no_grad():
+        repeated = [m(ids, key_padding_mask=real, causal=c) for c in (True, False)]
+        monkeypatch.setattr(M, "attend", lambda q, k, v, mask, is_causal: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True))  # grouped K/V with the mask
+        grouped = [m(ids, key_padding_mask=real, causal=c) for c in (True, False)]
+    for a, b in zip(repeated, grouped):
+        assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_sdpa_backends_reports_every_kind_of_call_on_cpu():
+    from bench.bench_model import sdpa_backends
+    report = sdpa_backends(T=32)
+    kinds = ["bidirectional", "causal", "masked", "causal, masked", "causal, windowed"]
+    assert list(report) == [f"{kind}, {heads}" for heads in ("MHA", "GQA 4:1") for kind in kinds]
+    for kind, (picked, accepted) in report.items():
+        assert "MATH" in accepted and picked == accepted[0], kind
+        assert picked != "MATH", f"{kind}: SDPA falls back to the math kernel on this CPU"
+
+
+# -----------------------------------------------------------------------------
 # loading the released layouts
 
 
@@ -193,7 +243,7 @@ def test_tess2_checkpoint_loads_as_bidirectional_diffusion_model(tmp_path):
     tensors = {k: v.to(torch.bfloat16) for k, v in Transformer(args).init_weights().state_dict().items()}
     tensors["timestep_embed.weight"] = torch.randn(D, 1).to(torch.bfloat16)
     os.makedirs(tmp_path / "tess2")
-    M._write_json(tmp_path / "tess2" / "config.json", cfg)
+    write_json(tmp_path / "tess2" / "config.json", cfg)
     save_file(tensors, tmp_path / "tess2" / "model.safetensors", metadata={"format": "pt"})
 
     m = Transformer.from_pretrained(str(tmp_path / "tess2")).eval()
@@ -408,7 +458,7 @@ def _shard_then_delete_one(path):
 
 def _edit_config(path, **cfg):
     c = json.load(open(os.path.join(path, "config.json")))
-    M._write_json(os.path.join(path, "config.json"), {**c, **cfg})
+    write_json(os.path.join(path, "config.json"), {**c, **cfg})
 
 
 BAD = {
