@@ -17,11 +17,9 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from support import fused_loss
 import tess2
 import train
 from conftest import word_tokenizer
@@ -190,54 +188,6 @@ def test_the_seed_reaches_every_draw(data):
         other = draws(seed)
         for key in base:
             assert not torch.equal(other[key], base[key]), (seed, key)
-
-
-def test_self_conditioning_per_row_is_each_row_alone():
-    """A (B,) coin: self-conditioned rows get the t+1 prediction, the others prev_logits = 0 (uniform),
-    exactly as if each row were its own batch with a bool coin."""
-    torch.manual_seed(0)
-    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False)).init_weights()
-    ids = torch.randint(3, 60, (3, 10))
-    span = torch.rand(3, 10) < 0.6
-    span[:, 0], span[:, 5] = False, True
-    t, eps = torch.tensor([10, 2500, 4999]), torch.randn(3, 10, 61)
-    coin = torch.tensor([True, False, True])
-    with torch.no_grad():
-        sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=eps, self_condition=coin, reduction="none")
-        for i in range(3):
-            alone = tess2.diffusion_loss(net, ids[i:i + 1], span[i:i + 1], t=t[i:i + 1], eps=eps[i:i + 1],
-                                         self_condition=bool(coin[i]))
-            assert_close(sums[i] / counts[i], alone, **TIGHT)
-            assert counts[i] == span[i, 1:].sum()
-
-
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("coin", [False, True, "per row", "extra pass"])
-@pytest.mark.parametrize("weighting", ["sequence", "token"])
-def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, tied):
-    """fused_loss.diffusion_loss, which makes the head's logits, the cross-entropy and p @ E at span
-    positions only and in chunks (here 4 rows, so several), has tess2.diffusion_loss's value and
-    every parameter's gradient, with or without self-conditioning, per-row coins, both weightings."""
-    torch.manual_seed(0)
-    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False,
-                             tie_word_embeddings=tied)).init_weights()
-    nn.init.normal_(net.timestep_embed.weight)  # a trained model's: its gradient then reaches everything
-    B, L = 3, 12
-    ids = torch.randint(3, 60, (B, L))
-    span = torch.rand(B, L) < 0.6
-    span[:, 0], span[2, 1:] = False, False
-    span[2, 7] = True  # row 2 has one target: its weight differs most between the weightings
-    t, seeds = torch.tensor([10, 2500, 4999]), [5, 6, 7]
-    sc = {"per row": torch.tensor([True, False, True]), "extra pass": False}.get(coin, coin)
-    sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, L, 61), self_condition=sc,
-                                        reduction="none")
-    plain = (sums / counts.clamp(min=1)).sum() if weighting == "sequence" else sums.sum()
-    grads = torch.autograd.grad(plain, list(net.parameters()))
-    weights = 1 / counts.clamp(min=1) if weighting == "sequence" else torch.ones(B)
-    loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, sc, weights, extra_pass=coin == "extra pass", chunk=4)
-    assert_close(loss, plain, atol=1e-6, rtol=1e-6)
-    for (name, p), g in zip(net.named_parameters(), grads):
-        assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
 # -----------------------------------------------------------------------------
