@@ -59,7 +59,8 @@ def test_training_step_matches_the_flop_counter(self_condition):
     the head, the cross-entropy and p @ E only at span positions; a self-conditioning step adds a
     forward pass, p @ E and the head once more."""
     net = tiny()
-    ids, span_mask, t = rows([tess2.prefix_mask(L, 20), tess2.t5_span_mask(L, 0.5, 3, torch.Generator().manual_seed(2))])
+    t5 = tess2.t5_span_mask(L, 0.5, 3, torch.Generator().manual_seed(2))
+    ids, span_mask, t = rows([tess2.prefix_mask(L, 20), t5])
     counts = span_mask[:, 1:].sum(1)
 
     def step():
