@@ -65,16 +65,22 @@ def eval_run(device, work):
                               "--output", os.path.join(work, "eval")], {})}
 
 
-def launch(name, command, env, limit, logs):
-    """Runs one command; returns (rc or 'timeout', seconds, stdout). Its output goes to logs/NAME.log."""
+def log_name(name):
+    return name.replace(" ", "_").replace("-", "") + ".log"
+
+
+def launch(name, command, env, left, logs):
+    """Runs one command for at most left() - 5 seconds (its share of the section's budget, taken when it
+    starts); returns (rc or 'timeout', seconds, stdout). Its output goes to logs/NAME.log."""
     t0 = time.monotonic()
     try:
-        p = subprocess.run(command, capture_output=True, text=True, timeout=limit, env={**os.environ, **env})
+        p = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, left() - 5),
+                           env={**os.environ, **env})
         rc, stdout, stderr = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         rc = "timeout"
         stdout, stderr = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
-    with open(os.path.join(logs, name.replace(" ", "_").replace("-", "") + ".log"), "w") as f:
+    with open(os.path.join(logs, log_name(name)), "w") as f:
         f.write(f"$ {' '.join(command)}\n{' '.join(f'{k}={v}' for k, v in env.items())}\n\n{stdout}\n"
                 f"--- stderr\n{stderr}")
     return rc, time.monotonic() - t0, stdout
@@ -93,22 +99,43 @@ def train_check(work, folder):
     return ok, "losses " + ", ".join(f"{r['loss']:.4f}" for r in steps) + mfu
 
 
-def check(name, stdout, results, work, smoke):
-    """(ok, what was seen) for one finished run."""
+def check(name, stdout, work):
+    """(ok, what was seen) for one run that exited with 0."""
     if name.startswith("sample"):
         got = texts(stdout)
-        note = f"{len(got)} answers"
-        eager = results.get(name.replace(" --compile", ""))
-        if "--compile" in name and eager is not None:
-            same = texts(eager[2]) == got
-            note += f"; same text as `{name.replace(' --compile', '')}`: {'yes' if same else 'no'}"
-            note += " (dynamo disabled in the CPU smoke)" if smoke else ""
-        return len(got) == len(PROMPTS), note
+        return len(got) == len(PROMPTS), f"{len(got)} answers"
     if name.startswith("train"):
         return train_check(work, "run-fsdp" if "fsdp" in name else "run-plain")
     with open(os.path.join(work, "eval", "results.json")) as f:
         res = json.load(f)["results"]["tess2_triviaqa"]
     return True, ", ".join(f"{k} {v}" for k, v in res.items() if isinstance(v, float))
+
+
+def report(s, name, result, work):
+    """One run's table row, written as it finishes; returns whether it passed."""
+    rc, seconds, stdout = result
+    ok, note = False, f"exit status {rc}" if rc != "timeout" else "stopped at its time limit"
+    if rc == 0:
+        try:
+            ok, note = check(name, stdout, work)
+        except (OSError, ValueError, KeyError) as e:
+            note = f"ran, but its output is not as expected: {type(e).__name__}: {e}"
+    if not ok:
+        s.failed.append(name)
+    s.row(f"`{name}`", "ok" if ok else "FAILED", f"{seconds:.0f}", note, f"b-logs/{log_name(name)}")
+    return ok
+
+
+def compare_compiled(s, results, smoke):
+    """Each compiled sample.py run's text against the eager run's with the same seed and flags."""
+    s.write("\nCompiled text against eager text (same seed and flags)" +
+            (", dynamo disabled in the CPU smoke:" if smoke else ":"))
+    for name in results:
+        eager = name.replace(" --compile", "")
+        if "--compile" in name and results[name][0] == 0 and results.get(eager, (None,))[0] == 0:
+            same = texts(results[name][2]) == texts(results[eager][2])
+            s.write(f"- `{name}` vs `{eager}`: {'the same' if same else 'DIFFERENT'}")
+            s.record(**{f"same text: {name}": same})
 
 
 def main():
@@ -123,30 +150,18 @@ def main():
     runs = {**sample_runs(device, a.cpu_smoke), **train_runs(device, a.data, a.work)}
     if importlib.util.find_spec("lm_eval"):
         runs.update(eval_run(device, a.work))
-    results = {}
-    with concurrent.futures.ThreadPoolExecutor(4 if s.cuda else 2) as pool:  # the compiled runs first: the slowest
-        futures = {pool.submit(launch, name, cmd, env, max(1.0, s.left() - 5), logs): name
-                   for name, (cmd, env) in runs.items()}
-        for done in concurrent.futures.as_completed(futures):
-            results[futures[done]] = done.result()
+    else:
+        s.write("\n`eval.harness`: skipped, lm-eval is not installed here (requirements-eval.txt)")
     s.table("run", "status", "seconds", "check", "log")
-    passed = 0
-    for name in runs:
-        rc, seconds, stdout = results[name]
-        ok, note = False, f"exit status {rc}" if rc != "timeout" else "stopped at its time limit"
-        if rc == 0:
-            try:
-                ok, note = check(name, stdout, results, a.work, a.cpu_smoke)
-            except (OSError, ValueError, KeyError) as e:
-                note = f"ran, but its output is not as expected: {type(e).__name__}: {e}"
-        passed += ok
-        if not ok:
-            s.failed.append(name)
-        s.row(f"`{name}`", "ok" if ok else "FAILED", f"{seconds:.0f}", note,
-              f"b-logs/{name.replace(' ', '_').replace('-', '')}.log")
-    if "eval.harness" not in runs:
-        s.row("`eval.harness`", "skipped", "", "lm-eval is not installed here (requirements-eval.txt)", "")
-    s.record(runs={name: dict(rc=results[name][0], seconds=round(results[name][1], 1)) for name in runs})
+    results, passed = {}, 0
+    with concurrent.futures.ThreadPoolExecutor(4 if s.cuda else 2) as pool:  # in order: the compiled runs first
+        futures = {pool.submit(launch, name, cmd, env, s.left, logs): name for name, (cmd, env) in runs.items()}
+        for done in concurrent.futures.as_completed(futures):  # rows as runs finish: a cut-off section keeps them
+            name = futures[done]
+            results[name] = done.result()
+            passed += report(s, name, results[name], a.work)
+    compare_compiled(s, results, a.cpu_smoke)
+    s.record(runs={name: dict(rc=r[0], seconds=round(r[1], 1)) for name, r in results.items()})
     s.finish(f"{passed}/{len(runs)} runs ok")
 
 
