@@ -35,7 +35,7 @@ try:
 except ImportError:
     fused_sampling = None
 
-PAPER_S = 77.0  # the paper's Limitations: about 77 s per batch of 8 x 2048, 100 steps, one GPU
+PAPER_S = 77.0  # the paper's Limitations: about 77 s per batch of 8 x 2048, 100 steps
 WARM, TIMED = 3, 10  # untimed steps first (the first has no projection and, compiled, its own graph)
 PHASES = {"projection": ("project_spans", "project"), "re-noising": ("renoise_spans_", "renoise_")}
 COLUMNS = ("model", "guidance", "projection", "re-noising")
