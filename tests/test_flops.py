@@ -92,7 +92,7 @@ def test_causal_stages_match_the_flop_counter(stage):
     """ar: the head at every position; rm: the score head at the last. Attention over the full L x L."""
     net = tiny(stage)
     ids = torch.randint(3, 512, (B, L), generator=torch.Generator().manual_seed(3))
-    objective = train.Objective(net, stage)
+    objective = train.Objective(net, stage, train.STAGES[stage]["loss_weighting"])
     if stage == "ar":
         b = dict(ids=ids)
     else:
