@@ -6,9 +6,8 @@ whole answer as it forms, and a page at / that shows it denoising.
     python serve.py --model hamishivi/tess2 --reward-model hamishivi/tess_mistral_rm --api-key KEY
 
 The server loads the model once; every request goes through sample.py's reverse process, so its
-answer equals `python sample.py` with the same model, prompt, seed and settings. The Engine below
-owns the model and knows nothing of HTTP; the rest of this file is the HTTP side (OpenAI's formats
-are in support/serving.py) and the command line.
+answer equals `python sample.py` with the same model, prompt, seed and settings. The Engine owns the
+model and knows nothing of HTTP; Api is the HTTP side (OpenAI's formats: support/serving.py).
 """
 import argparse
 import asyncio
@@ -39,7 +38,7 @@ from support.cli import run_cli
 from support.hub import read_config
 from support.prompts import Settings, decode_row, plan, settings_for
 from support.serving import (Answer, ApiError, Draft, Failed, Finished, Started, Step, api_words, envelope,
-                             final_choices, new_id, parse_json, parse_request, read_body, stream_events)
+                             final_choices, new_id, parse_json, parse_request, read_body, stream_events, watched)
 from support.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -136,7 +135,8 @@ class Engine:
             return dict(self.counts, queued=len(self.queue), max_batch=self.max_batch, max_queue=self.max_queue)
 
     def stop(self):
-        """Cancel what waits and what runs (at its next step), and end the loop."""
+        """Refuse new requests, fail the waiting ones and cancel the running one at its next step (each
+        gets a 503); the loop then ends (join self.thread to wait for it)."""
         with self.lock:
             self.stopping = True
             for handle in self.queue:
@@ -144,7 +144,6 @@ class Engine:
             self.counts["cancelled"] += len(self.queue)
             self.queue.clear()
             self.lock.notify_all()
-        self.thread.join()
 
     def loop(self):
         while True:
@@ -174,7 +173,8 @@ class Engine:
         try:
             gens = sample.run(self.model, self.tok, [handle.batch], handle.settings, self.reward_model, on_step)
         except Cancelled:
-            return "cancelled", Failed(503 if self.stopping else 499, "cancelled")
+            why = Failed(503, "the server is shutting down") if self.stopping else Failed(499, "cancelled")
+            return "cancelled", why
         except Exception as e:  # a bug or out of memory: this request fails, the server goes on
             traceback.print_exc()
             return "failed", Failed(500, f"generation failed: {type(e).__name__}: {e}")
@@ -196,7 +196,8 @@ class Engine:
         span = batch.span_mask[r, :batch.lengths[r]]
         gaps = int(span[:batch.ends[r]].sum())
         region = batch.lengths[r] - batch.ends[r]
-        return Answer(g.text, g.tokens, int((~span).sum()), len(g.tokens) - gaps < region, g.steps_used)
+        ended = region == 0 or len(g.tokens) - gaps < region  # gaps only, or the region was cut short
+        return Answer(g.text, g.tokens, int((~span).sum()), ended, g.steps_used)
 
 
 def answer_positions(row, span, end, eos, pad):
@@ -209,22 +210,6 @@ def answer_positions(row, span, end, eos, pad):
 
 # -----------------------------------------------------------------------------
 # HTTP: OpenAI's endpoints, /health and the page
-
-
-async def watched(request, engine, handle):
-    """The handle's events; a client that disconnects cancels its request at once."""
-    async def watch():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        engine.cancel(handle)
-    watcher = asyncio.create_task(watch())
-    try:
-        async for event in handle.stream():
-            yield event
-    finally:
-        watcher.cancel()
-        if not handle.done:
-            engine.cancel(handle)
 
 
 class Api:
@@ -245,7 +230,8 @@ class Api:
     @asynccontextmanager
     async def lifespan(self, app):
         yield
-        await asyncio.to_thread(self.engine.stop)  # what the drain left running is cancelled at its next step
+        self.engine.stop()  # after the drain (Server.shutdown): nothing runs any more
+        await asyncio.to_thread(self.engine.thread.join)
 
     def authorize(self, request):
         given = request.headers.get("authorization", "").encode()
@@ -299,7 +285,7 @@ class Api:
 
     async def error(self, request, e):
         if isinstance(e, HTTPException):
-            e = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=e.status_code)
+            e = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
         elif not isinstance(e, ApiError):
             traceback.print_exception(e)
             e = ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
@@ -311,17 +297,17 @@ class Api:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     arg = p.add_argument
     arg("--model", default=sample.DEFAULT_MODEL, help="diffusion model: checkpoint directory or Hub id "
         f"(default: {sample.DEFAULT_MODEL} of this repository)")
     arg("--reward-model", help="reward model for guidance (requests then may set eta; default eta 0.25)")
     arg("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    arg("--port", type=int, default=8000)
+    arg("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
     arg("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: no key)")
     arg("--max-batch", type=int, default=8, help="rows the engine runs at once; a request's n fits in it")
     arg("--max-queue", type=int, default=64, help="requests waiting to run; beyond it a request gets 429")
-    arg("--drain", type=float, default=30.0, help="on SIGTERM, seconds that running requests get to finish")
+    arg("--drain", type=float, default=30.0, help="on SIGTERM, seconds given to accepted requests, then a 503")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     arg("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, float32 on cpu")
     arg("--threads", type=int, help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
@@ -364,6 +350,23 @@ def served_name(model_arg):
     return os.path.basename(os.path.normpath(model_arg)) if local else model_arg
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown (SIGTERM) gives the requests it accepted --drain
+    seconds to finish and then has the engine cancel the rest: each of their clients gets a 503 rather
+    than a cut connection."""
+
+    def __init__(self, config, engine, drain):
+        super().__init__(config)
+        self.engine, self.drain = engine, drain
+
+    async def shutdown(self, sockets=None):
+        timer = asyncio.get_running_loop().call_later(self.drain, self.engine.stop)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
@@ -385,7 +388,7 @@ def main(argv=None):
     app = Api(engine, name, a.api_key, page).app()
     host, port = sock.getsockname()[:2]
     print(f"serve.py: {name} at http://{host}:{port}/ (OpenAI API under /v1)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=a.drain, log_level="warning"))
+    server = Server(uvicorn.Config(app, timeout_graceful_shutdown=a.drain + 10, log_level="warning"), engine, a.drain)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler found before it: ours, so
     # that a clean shutdown exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)

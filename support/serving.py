@@ -6,6 +6,7 @@ back as OpenAI's JSON and Server-Sent Events. Nothing here touches the model; se
 Every mistake in a request is an ApiError, answered in OpenAI's error format
 {"error": {"message", "type", "param", "code"}}.
 """
+import asyncio
 import json
 import math
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import data.chat
 from support import views
+from support.prompts import GAP
 
 MAX_BODY = 1 << 20  # bytes: a request body is JSON text, never a file
 MAX_STEPS = 10_000  # steps beyond this are a typo (the released evaluation takes 100), not a request to honour
@@ -62,7 +64,7 @@ class Answer:
     text: str
     tokens: list
     prompt_tokens: int  # context positions, BOS included
-    ended: bool  # the model ended its answer (EOS or [PAD]) before the row's last position
+    ended: bool  # the model ended its answer (EOS or [PAD]) before the row's last position, or it had gaps only
     steps_used: int
 
 
@@ -90,12 +92,12 @@ class Failed:
 
 
 # -----------------------------------------------------------------------------
-# Reading a body
+# Reading a request, watching its client
 
 
 async def read_body(request):
     size = request.headers.get("content-length", "")
-    if size.isdigit() and int(size) > MAX_BODY:
+    if size.isdigit() and (len(size) > 9 or int(size) > MAX_BODY):
         raise ApiError(413, f"the body has {size} bytes; this server takes at most {MAX_BODY}")
     body = b""
     async for chunk in request.stream():
@@ -103,6 +105,22 @@ async def read_body(request):
         if len(body) > MAX_BODY:
             raise ApiError(413, f"the body is over {MAX_BODY} bytes, the most this server takes")
     return body
+
+
+async def watched(request, engine, handle):
+    """The handle's events; a client that disconnects cancels its request at once."""
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        engine.cancel(handle)
+    watcher = asyncio.create_task(watch())
+    try:
+        async for event in handle.stream():
+            yield event
+    finally:
+        watcher.cancel()
+        if not handle.done:
+            engine.cancel(handle)
 
 
 def api_words(message):
@@ -126,6 +144,10 @@ def parse_json(body: bytes):
         raise ApiError(400, f"the body is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "the body must be a JSON object")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" alone parses, but is no text a tokenizer takes
+        raise ApiError(400, "the body holds a lone UTF-16 surrogate (such as \\ud800): not text") from None
     return obj
 
 
@@ -260,6 +282,15 @@ def stream_fields(body, request: ApiRequest):
         raise ApiError(400, "'every' belongs to the diffusion stream: add \"diffusion\": true", "stream_options")
 
 
+def check_gaps(prompts, max_length, param):
+    """<mask:N> gaps fit in the model: a row's gap positions are laid out before its length is checked."""
+    for prompt in prompts:
+        sizes = [int(n) if len(n) < 8 else max_length + 1 for n in GAP.findall(prompt) if n.isdigit()]
+        if sum(sizes) > max_length:
+            raise ApiError(400, f"the <mask:N> gaps of a prompt ask for {sum(sizes)} positions, more than the "
+                           f"model reads ({max_length})", param)
+
+
 def parse_request(body: dict, kind: str, model_name: str, max_length: int, max_batch: int, reward_model: bool,
                   chat_template: bool = True) -> ApiRequest:
     """A checked chat ("chat") or completion ("completion") request. model_name is compared as a
@@ -272,6 +303,7 @@ def parse_request(body: dict, kind: str, model_name: str, max_length: int, max_b
     if kind == "chat" and not chat_template:
         raise ApiError(400, "this checkpoint has no chat template: use /v1/completions", "messages")
     prompts = [render_chat(body["messages"])] if kind == "chat" else texts(body["prompt"], "prompt")
+    check_gaps(prompts, max_length, "messages" if kind == "chat" else "prompt")
     n = whole(body, "n", 1, max_batch, default=1)
     if n * len(prompts) > max_batch:
         raise ApiError(400, f"{len(prompts)} prompts x n = {n} make {n * len(prompts)} rows, but a request "

@@ -290,6 +290,8 @@ BAD = [  # (body, status, param)
     (b"[1, 2]", 400, None),
     (b'{"messages": [{"role": "user", "content": "hi"}], "steps": NaN}', 400, None),
     (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400, None),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),  # a lone surrogate: not text
+    ({**CHAT, "messages": [{"role": "user", "content": "a <mask:999999999999> b"}]}, 400, "messages"),
     ({**CHAT, "steps": 0}, 400, "steps"),
     ({**CHAT, "steps": -3}, 400, "steps"),
     ({**CHAT, "steps": "12"}, 400, "steps"),
@@ -404,16 +406,22 @@ def test_guided_answers_equal_sample_py_with_the_reward_model(tmp_path, oracle):
 
 
 @pytest.mark.slow
-def test_sigterm_lets_the_running_request_finish_then_exits_0(tmp_path):
-    s = Server(tmp_path)
+def test_sigterm_drains_the_running_request_cancels_the_rest_and_exits_0(tmp_path):
+    s = Server(tmp_path, "--drain", "5")
     try:
-        c, r = s.open_stream("/v1/completions", {"prompt": "ROMEO.", "steps": 60, "max_tokens": 16,
-                                                 "stream_options": {"diffusion": True, "every": 10}})
-        stream = events(r)
-        next(stream)
+        diffusion = {"stream_options": {"diffusion": True, "every": 10}}
+        c1, r1 = s.open_stream("/v1/completions", {"prompt": "ROMEO.", "steps": 40, "max_tokens": 16, **diffusion})
+        running = events(r1)
+        next(running)
+        c2, r2 = s.open_stream("/v1/completions", {"prompt": "ROMEO.", "steps": 10_000, "max_tokens": 16,
+                                                   **diffusion})  # waits, then would run for minutes
+        deadline = time.time() + 10
+        while s.health()["queued"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
         s.proc.send_signal(signal.SIGTERM)
-        rest = list(stream)
-        assert rest[-1]["object"] == "text_completion"  # drained: the answer arrived
+        assert list(running)[-1]["object"] == "text_completion"  # drained: its answer arrived
+        rest = list(events(r2))  # cancelled once the 5 s of draining are over
+        assert "shutting down" in rest[-1]["error"]["message"]
         assert s.proc.wait(timeout=30) == 0, s.output()
         assert "Traceback" not in s.output()
     finally:
