@@ -92,19 +92,17 @@ def join(state, other):
         mine, theirs = getattr(state, f.name), getattr(other, f.name)
         if f.name == "logits" and (mine is None) != (theirs is None):
             mine, theirs = (torch.zeros_like(x.S) if x.logits is None else x.logits for x in (state, other))
-        joined = mine + theirs if isinstance(mine, list) else None if mine is None else \
-            torch.cat([widen(mine), widen(theirs)])
-        setattr(state, f.name, joined)
+        setattr(state, f.name, mine + theirs if isinstance(mine, list) else None if mine is None else
+                torch.cat([widen(mine), widen(theirs)]))
 
 
 @functools.cache
 def compiled_predict():
-    """--compile: tess2.predict as one graph (fullgraph: a graph break is an error; tests check
-    there is none). torch.compile's default mode, not "reduce-overhead": its CUDA graphs overwrite a
-    step's output at the next replay, while those logits are still the self-conditioning input of
-    the step after (they would need a (B, L, V) clone each step), and it records a graph for every
-    batch shape, which changes as rows leave and join. A large model's step is bound by its matrix
-    products, where CUDA graphs save little."""
+    """--compile: tess2.predict as one graph (fullgraph: a graph break is an error). The default mode,
+    not "reduce-overhead": its CUDA graphs overwrite a step's logits at the next replay while they are
+    the next step's self-conditioning input (they would need a (B, L, V) clone each step), and record a
+    graph per batch shape, which changes as rows leave and join; a large model's step is bound by its
+    matrix products, where CUDA graphs save little."""
     return torch.compile(tess2.predict, fullgraph=True)
 
 
@@ -131,13 +129,12 @@ def predict_rows(model, state, guide=None, compiled=False):
 @torch.no_grad()
 def step(model, state, guide=None, on_step=None, compiled=False):
     """Every row of the batch one diffusion step on (§9), in place: its prediction at timestep i / N;
-    then, after its last step (i = 0) or an early exit, it leaves the batch, and every other row gets
-    S_{i-1} = sqrt(alpha_bar_{i-1}) S_hat + sqrt(1 - alpha_bar_{i-1}) k eps from its projection S_hat
-    (Eq. 4-5). Early exit M: a row stops once its argmax has not changed for M steps in a row, from
-    half of its steps on (predictions settle late: bench/bench_early_exit.py). on_step(state) sees
-    every row's prediction (state.logits, state.best) before the finished rows leave. Returns the
-    finished rows, [(key, tokens (L,), steps taken)]: tokens the argmax of its final (guided) logits
-    at span positions and its ids elsewhere (released: the output is the argmax, not the last sample)."""
+    then, after its last step (i = 0) or an early exit, it leaves, and every other row gets S_{i-1} =
+    sqrt(alpha_bar_{i-1}) S_hat + sqrt(1 - alpha_bar_{i-1}) k eps from its projection S_hat (Eq. 4-5).
+    Early exit M: a row stops once its argmax is unchanged for M steps, from half of its steps on
+    (predictions settle late: bench/bench_early_exit.py). on_step(state) sees every row's prediction
+    before the finished rows leave. Returns them, [(key, tokens (L,), steps taken)]: the argmax of the
+    final (guided) logits at span positions, ids elsewhere (released: the argmax, not the last sample)."""
     predict_rows(model, state, guide, compiled)
     if on_step is not None:
         on_step(state)
@@ -157,9 +154,8 @@ def step(model, state, guide=None, on_step=None, compiled=False):
 def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None, lengths=None,
             on_step=None, compiled=False):
     """The reverse process on one batch: `step` until every row is done. ids (B, L) context tokens,
-    span_mask (B, L), seeds: one int per row; lengths: each row's own length (default: all L).
-    top_p None projects by argmax (paper Eq. 5), else by nucleus sampling (released default 0.99).
-    Returns tokens (B, L), each row's output (see `step`), and steps_used (B,)."""
+    span_mask (B, L), seeds: one int per row; lengths: each row's own (default L). top_p None: argmax
+    (paper Eq. 5), else nucleus (released 0.99). Returns tokens (B, L), as `step`, and steps_used (B,)."""
     state = start(ids, span_mask, seeds, model.args.vocab_size, steps, top_p, early_exit, lengths)
     tokens, steps_used = ids.clone(), torch.full((len(seeds),), steps, dtype=torch.long)
     while state.keys:
@@ -189,11 +185,10 @@ def guidance_mode(rm, checkpointing: bool):
 
 
 def recompute_reward_model(rm, tokens: int, vocab_size: int, device) -> bool:
-    """Whether guidance recomputes the reward model's blocks in its backward (no --no-guidance-ckpt):
-    when what the backward keeps would not fit in the device's free memory. It keeps, with frozen
-    weights, about 6 D + 3 F + 2 D_kv values per token and layer in the model's dtype (136 KiB at
-    Mistral-7B's sizes in bf16, by bench/bench_guidance_memory.py), and four fp32 (B, L, V) tensors
-    (the logits guided, their softmax, its gradient, a temporary). Off on a CPU."""
+    """Whether guidance recomputes the reward model's blocks in its backward: where what it keeps would
+    not fit in the device's free memory. It keeps, weights frozen, about 6 D + 3 F + 2 D_kv values per
+    token and layer (136 KiB at Mistral-7B's sizes in bf16: bench/bench_guidance_memory.py) and four
+    fp32 (B, L, V) tensors (the logits guided, their softmax, its gradient, a temporary). Off on CPU."""
     if torch.device(device).type != "cuda":
         return False
     a = rm.args
@@ -224,9 +219,12 @@ def check_pair(args: ModelArgs, tokenizer, rm_args: ModelArgs | None = None, rm_
                          f"{rm_tokenizer.fingerprint()}; reward guidance needs both to share one tokenizer")
 
 
-def reward_guide(rm, s: Settings, recompute: bool):
-    """guide(logits, state) for `step`: Eq. 9-11 on every row, its reward read at its last position."""
+def reward_guide(rm, s: Settings, tokens: int, vocab_size: int, device):
+    """guide(logits, state) for `step`: Eq. 9-11 on every row, its reward read at its last position;
+    the reward model's blocks recomputed per s.guidance_ckpt, else if a batch of `tokens` needs it."""
     eta = GUIDANCE_ETA if s.eta is None else s.eta
+    recompute = s.guidance_ckpt if s.guidance_ckpt is not None else \
+        recompute_reward_model(rm, tokens, vocab_size, device)
 
     def guide(logits, state):
         last = torch.tensor(state.lengths, device=logits.device) - 1  # (B,)
@@ -243,16 +241,13 @@ def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None)
     out = []
     for batch in batches:
         ids, span_mask = batch.ids.to(dev), batch.span_mask.to(dev)
-        recompute = s.guidance_ckpt if s.guidance_ckpt is not None else \
-            recompute_reward_model(reward_model, ids.numel(), model.args.vocab_size, dev) if guided else False
-        guide = reward_guide(reward_model, s, recompute) if guided else None
+        guide = reward_guide(reward_model, s, ids.numel(), model.args.vocab_size, dev) if guided else None
         watch = None if on_step is None else functools.partial(on_step, batch)
         t0 = time.perf_counter()
         tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p, guide, s.early_exit,
                                      batch.lengths, watch, s.compile)
         seconds = time.perf_counter() - t0
-        for b, prompt in enumerate(batch.prompts):
-            n = batch.lengths[b]
+        for b, (prompt, n) in enumerate(zip(batch.prompts, batch.lengths)):
             g = decode_row(tokenizer, prompt, tokens[b, :n].tolist(), batch.span_mask[b, :n].tolist(), batch.ends[b])
             g.steps_used, g.seconds = int(steps_used[b]), seconds
             out.append(g)
@@ -261,12 +256,11 @@ def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None)
 
 def generate(model, tokenizer, prompts, *, reward_model=None, reward_tokenizer=None, details=False, record=False,
              **settings):
-    """Generate a response for each prompt (a str or list of str) -> list[str]; with details=True
-    (or record=True) a list of Generation: text, tokens, steps used, seconds and, if record, the
-    per-step predictions and confidences. settings: any Settings field (steps=, top_p=, length=,
-    total_length=, seed=, eta=, ...) over the model's generation_config.json, else the released
-    evaluation's defaults (support/prompts.settings_for); None leaves a field to those, except
-    top_p=None: argmax. Prompt j is sampled with seed + j."""
+    """A response to each prompt (a str or list of str) -> list[str]; with details=True (or record=True)
+    a list of Generation: text, tokens, steps used, seconds and, if record, the per-step predictions
+    and confidences. settings: Settings fields (steps=, top_p=, length=, seed=, eta=, ...) over the
+    model's generation_config.json (support/prompts.settings_for; None: the checkpoint's, but
+    top_p=None: argmax). Prompt j is sampled with seed + j."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     s = settings_for(getattr(model, "generation_config", None), model.args.max_length, **settings)
     if s.eta and reward_model is None:
@@ -289,7 +283,7 @@ def checkpoint_dir(name, flag, default):
     path = os.path.join(HERE, name) if name == default else name
     if os.path.isdir(path) or (name != default and is_hub_id(name)):
         return resolve(path)
-    hint = f" (the default {flag})" if name == default else ""
+    hint = f" (the default {flag})" * (name == default)
     raise ValueError(f"no checkpoint directory {path!r}{hint}: pass {flag} DIR, a directory holding config.json, "
                      "model.safetensors and tokenizer.json (or a Hub id such as hamishivi/tess2)")
 
@@ -307,8 +301,7 @@ def pick_device(name):
 
 
 def parse_args(argv=None):
-    """The flags. Those that are Settings fields share their names and default to None: the
-    checkpoint's generation_config.json, else the released evaluation's (support/prompts.py)."""
+    """The flags; those named as Settings fields default to None: the checkpoint's (support/prompts.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Infilling: write <mask:N> in a "
                                 "prompt for a gap of N tokens; the prompt is then used as written (no chat template). "
                                 "Flags left out take the checkpoint's generation_config.json, else the released "
@@ -318,8 +311,7 @@ def parse_args(argv=None):
         f"{DEFAULT_MODEL} of this repository)")
     arg("--prompt", action="append", help="a prompt (repeat for several); <mask:N> marks a gap")
     arg("--prompts-file", help="one prompt per line (.jsonl: a JSON string or {\"prompt\": ...} per line)")
-    arg("--no-chat", dest="chat", action="store_const", const=False, help="do not wrap prompts in the Tulu chat "
-        "template")
+    arg("--no-chat", dest="chat", action="store_const", const=False, help="no Tulu chat template around prompts")
     arg("--steps", type=int, help="diffusion steps N")
     arg("--length", type=int, help="positions to generate after each prompt (instead of --total-length)")
     arg("--total-length", type=int, help="every row's length, prompt + region (released evaluation: 2048)")

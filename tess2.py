@@ -132,7 +132,7 @@ def diffusion_loss(model, ids, span_mask, t, eps, self_condition=False, k: float
     B, L = ids.shape
     dev = ids.device
     coins = torch.as_tensor(self_condition, dtype=torch.bool).expand(B)  # (B,), on the host when given so
-    schedule = lambda t: alpha_bar(t.double() / num_steps).float()  # = alpha_bars(T)[t], made on t's device  # noqa: E731
+    schedule = lambda t: alpha_bar(t.double() / num_steps).float()  # = alpha_bars(T)[t], on t's device  # noqa: E731
     prev_logits = None
     if extra_pass or bool(coins.any()):  # Sec. 3.1: a prediction at t+1 with the same noise, no gradient
         t1 = (t + 1).clamp(max=num_steps - 1)

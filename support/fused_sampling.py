@@ -126,17 +126,8 @@ def _nucleus(logits, top_p: float, head: int = 64):
         return
     yield tuple(x[done] for x in answer)
     positions = positions[~done]
-    # Second try: bucket each probability by its bit pattern's top 12 bits (sign 0, the binary
-    # exponent and 3 bits of mantissa: bucket j holds an eighth of an octave, larger values first,
-    # zeros and subnormals last) and find the first bucket j* where the mass of buckets 0..j*
-    # exceeds top_p. The top (count of buckets 0..j*) + 1 then holds the kept set, and bucket j*
-    # the boundary (both checked, as the histogram's sums round differently from cumsum's).
-    left = probs[positions]  # (r, V)
-    bucket = (1023 - (left.view(torch.int32) >> 20)).long()  # (r, V) in [7, 1023]: the fp32 bits are monotone
-    mass = left.new_zeros(len(positions), 1024).scatter_add_(1, bucket, left).cumsum(-1)  # (r, 1024)
-    count = torch.zeros_like(mass).scatter_add_(1, bucket, torch.ones_like(left)).cumsum(-1).long()  # exact below 2^24
-    del left, bucket
-    j = (mass <= top_p).sum(-1, keepdim=True).clamp_(max=1023)  # (r, 1): the first bucket past top_p
+    # Second try: from a histogram, a top-k that holds the kept set, or the boundary's bucket
+    j, count = _histogram(probs[positions], top_p)  # (r, 1), (r, 1024)
     top = count.gather(1, j).squeeze(1) + 1  # (r,)
     by_bucket = top > V // 2  # a top-k that large costs about the full sort: find the boundary in bucket j*
     last = []  # positions for the full sort
@@ -160,6 +151,19 @@ def _nucleus(logits, top_p: float, head: int = 64):
     positions = torch.cat(last).sort().values
     if len(positions):  # the full sort: always exact
         yield _nucleus_top(probs, positions, V, top_p)[1]
+
+
+def _histogram(probs, top_p: float):
+    """Each probability of probs (r, V) bucketed by its bit pattern's top 12 bits (sign 0, the binary
+    exponent and 3 bits of mantissa: bucket j holds an eighth of an octave, larger values first,
+    zeros and subnormals last). Returns j* (r, 1), the first bucket where the mass of buckets 0..j*
+    exceeds top_p, and the cumulative counts (r, 1024). The top (count of buckets 0..j*) + 1 then
+    holds the kept set, and bucket j* the boundary (both checked by the caller, as the histogram's
+    sums round differently from cumsum's)."""
+    bucket = (1023 - (probs.view(torch.int32) >> 20)).long()  # (r, V) in [7, 1023]: the fp32 bits are monotone
+    mass = probs.new_zeros(len(probs), 1024).scatter_add_(1, bucket, probs).cumsum(-1)  # (r, 1024)
+    count = torch.zeros_like(mass).scatter_add_(1, bucket, torch.ones_like(probs)).cumsum(-1).long()  # exact < 2^24
+    return (mass <= top_p).sum(-1, keepdim=True).clamp_(max=1023), count
 
 
 def _nucleus_top(probs, positions, k: int, top_p: float):
