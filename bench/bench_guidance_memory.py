@@ -6,11 +6,12 @@ and few tokens, then scaled to the paper's batch (8 x 2048 tokens, 32 layers, V 
     python bench/bench_guidance_memory.py [--tokens 256]
 
 Three ways: weights requiring grad (as loaded for training), weights frozen, frozen plus
-per-block recomputation (sample.py's guidance_mode on CUDA). Bytes kept for backward are summed
-from autograd's saved-tensor hooks (parameters excluded: they exist anyway), with 1 and 2 layers:
-the difference is one layer's share, the rest is the embedding and head's. The (B, L, V) tensors
-are counted apart, at V = 32001 (4 fp32 ones: the logits being guided, their softmax, its
-gradient, the self-conditioning logits).
+per-block recomputation (sample.py's choice where what the backward keeps would not fit in the
+device's free memory: sample.recompute_reward_model, whose per-token estimate comes from here).
+Bytes kept for backward are summed from autograd's saved-tensor hooks (parameters excluded: they
+exist anyway), with 1 and 2 layers: the difference is one layer's share, the rest is the embedding
+and head's. The (B, L, V) tensors are counted apart, at V = 32001 (4 fp32 ones: the logits being
+guided, their softmax, its gradient, the self-conditioning logits).
 """
 import argparse
 import os

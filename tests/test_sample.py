@@ -362,6 +362,13 @@ def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, 
     assert gens[0].steps_used == 2 and json.loads(capsys.readouterr().out)["steps_used"] == 2
 
 
+def test_no_flag_re_declares_a_sampling_default():
+    """Flags left out are None, the checkpoint's: only the flags given override its settings."""
+    assert sample.parse_args(["--prompt", "x"]).overrides == {}
+    a = sample.parse_args(["--prompt", "x", "--no-chat", "--argmax", "--compile", "--no-guidance-ckpt", "--steps", "3"])
+    assert a.overrides == dict(chat=False, top_p=None, compile=True, guidance_ckpt=False, steps=3)
+
+
 def test_the_shipped_model_carries_short_rows(tok):
     s = prompt_rows.settings_for(read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
     assert s.total_length <= 256 and s.guidance_steps == 1
