@@ -191,9 +191,9 @@ def recompute_reward_model(rm, tokens: int, vocab_size: int, device) -> bool:
     fp32 (B, L, V) tensors (the logits guided, their softmax, its gradient, a temporary). Off on CPU."""
     if torch.device(device).type != "cuda":
         return False
-    a = rm.args
-    per_token = (6 * a.hidden_size + 3 * a.intermediate_size + 2 * a.num_key_value_heads * a.head_dim) \
-        * a.num_hidden_layers * rm.embed_tokens.weight.element_size() + 4 * vocab_size * 4
+    args = rm.args
+    per_token = (6 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_key_value_heads * args.head_dim) \
+        * args.num_hidden_layers * rm.embed_tokens.weight.element_size() + 4 * vocab_size * 4
     free, _ = torch.cuda.mem_get_info(device)
     return tokens * per_token > free
 

@@ -47,7 +47,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     V, dtype = 1024, torch.bfloat16  # a small vocabulary here; the (B, L, V) tensors are counted apart
-    rows = []
+    table = []
     for name, frozen, ckpt in (("weights require grad", False, False), ("weights frozen", True, False),
                                ("frozen + per-block recomputation", True, True)):
         kept = []
@@ -57,7 +57,7 @@ def main():
             rm = rm.to(dtype).init_weights().eval().requires_grad_(not frozen)
             rm.gradient_checkpointing = ckpt
             kept.append(kept_bytes(rm, a.tokens, V, dtype) / a.tokens)
-        rows.append((name, kept[1] - kept[0], 2 * kept[0] - kept[1]))  # per layer, the rest
+        table.append((name, kept[1] - kept[0], 2 * kept[0] - kept[1]))  # per layer, the rest
     tokens_7b, layers_7b, V_7b = 8 * 2048, 32, 32001
     weights = 2 * 7.24e9 * 2  # diffusion model and reward model, bf16
     blv = 4 * tokens_7b * V_7b * 4
@@ -65,10 +65,10 @@ def main():
     print("| reward model in the guidance backward | kept per token per layer | activations at 8 x 2048 x 32 "
           "layers | with both models' bf16 weights and the (B, L, V) tensors |")
     print("| --- | --- | --- | --- |")
-    for name, per_layer, rest in rows:
+    for name, per_layer, rest in table:
         acts = (per_layer * layers_7b + rest) * tokens_7b
         if "recomputation" in name:  # plus one block's activations while it is recomputed
-            acts += rows[1][1] * tokens_7b
+            acts += table[1][1] * tokens_7b
         print(f"| {name} | {per_layer / 1024:.1f} KiB | {acts / 1e9:.1f} GB | {(acts + weights + blv) / 1e9:.1f} GB |")
 
 if __name__ == "__main__":

@@ -186,8 +186,7 @@ class TESS2(LM):
         self.model, self.tok, self.reward, self.reward_tok = model, tokenizer, reward, reward_tok
         if eta and reward is None:
             raise ValueError(f"eta = {eta} needs a reward model: pass reward_model (--reward-model)")
-        a = model.args  # the positions the model reads: its window, if it has one
-        self.max_len = min(a.max_position_embeddings, a.sliding_window or a.max_position_embeddings)
+        self.max_len = model.args.max_length  # the positions the model reads: its window, if it has one
         self.length, self.mc_samples = int(length), int(mc_samples)
         for name, value in (("length", self.length), ("mc_samples", self.mc_samples)):
             if value < 1:

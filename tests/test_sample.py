@@ -22,7 +22,7 @@ import tess2
 from conftest import word_tokenizer
 from model import Transformer, preset
 from support import fused_sampling
-from support import prompts as prompt_rows
+from support import prompts as prompting
 from support.hub import read_json
 from support.tokenizer import Tokenizer
 
@@ -108,11 +108,11 @@ class LikesToken(nn.Module):
 
 
 def settings(**kw):
-    return prompt_rows.Settings(**{"total_length": None, **kw}).check()
+    return prompting.Settings(**{"total_length": None, **kw}).check()
 
 
 def batch(tok, prompts, **kw):
-    return prompt_rows.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
+    return prompting.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
 
 
 def test_seeded_runs_are_reproducible_and_different_seeds_differ(model, tok):
@@ -223,7 +223,7 @@ def test_context_tokens_never_change(model, tok):
     gens = sample.generate(model, tok, ["write a sonnet", "the cat sat on the mat and the dog"], steps=6, length=10,
                            record=True)
     for g, prompt in zip(gens, ["write a sonnet", "the cat sat on the mat and the dog"]):
-        ids, _ = prompt_rows.encode_prompt(tok, prompt)
+        ids, _ = prompting.encode_prompt(tok, prompt)
         n = len(ids)
         assert g.predictions.shape == g.confidence.shape == (6, n + 10)
         assert torch.equal(g.predictions[:, :n], torch.tensor(ids).expand(6, -1))  # at every step
@@ -338,12 +338,12 @@ def test_rows_that_exit_leave_the_batch_and_the_others_go_on_unchanged(sharp, to
 
 
 def test_a_checkpoint_without_generation_config_gets_the_released_evaluation_defaults(model, tok):
-    s = prompt_rows.settings_for(None, 4096)
+    s = prompting.settings_for(None, 4096)
     assert (s.steps, s.top_p, s.total_length, s.length, s.guidance_steps, s.tau) == (100, 0.99, 2048, None, 1, 1.0)
-    assert prompt_rows.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
+    assert prompting.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
     g = sample.generate(model, tok, ["the cat"], steps=2, details=True)[0]  # tiny model: 1024 positions
     assert g.steps_used == 2
-    assert prompt_rows.plan(tok, ["the cat"], prompt_rows.settings_for(None, 1024), model.args)[0].lengths == [1024]
+    assert prompting.plan(tok, ["the cat"], prompting.settings_for(None, 1024), model.args)[0].lengths == [1024]
 
 
 def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, tok, capsys):
@@ -352,12 +352,12 @@ def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, 
         json.dump({"steps": 3, "top_p": 0.9, "total_length": 20, "guidance_steps": 2, "chat": False}, f)
     m = Transformer.from_pretrained(ckpt, verbose=False)
     assert m.generation_config["total_length"] == 20
-    s = prompt_rows.settings_for(m.generation_config, 1024)
+    s = prompting.settings_for(m.generation_config, 1024)
     assert (s.steps, s.top_p, s.total_length, s.guidance_steps, s.chat) == (3, 0.9, 20, 2, False)
     g = sample.generate(m, tok, ["the cat"], details=True)[0]
     assert g.steps_used == 3
-    assert prompt_rows.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
-    assert prompt_rows.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
+    assert prompting.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
+    assert prompting.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
     gens = sample.main(["--model", ckpt, "--prompt", "the cat", "--json", "--steps", "2"])
     assert gens[0].steps_used == 2 and json.loads(capsys.readouterr().out)["steps_used"] == 2
 
@@ -370,7 +370,7 @@ def test_no_flag_re_declares_a_sampling_default():
 
 
 def test_the_shipped_model_carries_short_rows(tok):
-    s = prompt_rows.settings_for(read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
+    s = prompting.settings_for(read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
     assert s.total_length <= 256 and s.guidance_steps == 1
 
 
@@ -657,7 +657,7 @@ def test_generate_with_steps_alone_keeps_the_shipped_models_other_defaults():
     shipped, shipped_tok = Transformer.from_pretrained(path, verbose=False).eval(), Tokenizer(path)
     g = sample.generate(shipped, shipped_tok, ["Continue this speech by ROMEO:"], steps=2, record=True)[0]
     assert g.steps_used == 2 and g.predictions.shape == (2, 160)
-    ids, _ = prompt_rows.encode_prompt(shipped_tok, "Continue this speech by ROMEO:")
+    ids, _ = prompting.encode_prompt(shipped_tok, "Continue this speech by ROMEO:")
     assert g.predictions[0, :len(ids)].tolist() == ids  # templated: the chat template is the checkpoint's
 
 
@@ -730,9 +730,9 @@ def test_guidance_with_frozen_weights_and_recomputed_blocks_is_the_same_update_k
 def test_recomputation_is_chosen_by_free_device_memory_not_by_device_type(monkeypatch):
     torch.manual_seed(1)
     rm = Transformer(preset("tiny", head="score", vocab_size=V)).init_weights().eval()
-    a = rm.args
-    per_token = (6 * a.hidden_size + 3 * a.intermediate_size + 2 * a.num_key_value_heads * a.head_dim) \
-        * a.num_hidden_layers * 4 + 4 * V * 4  # fp32 weights; four fp32 (B, L, V) tensors
+    args = rm.args
+    per_token = (6 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_key_value_heads * args.head_dim) \
+        * args.num_hidden_layers * 4 + 4 * V * 4  # fp32 weights; four fp32 (B, L, V) tensors
     free = 1000 * per_token
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (free, 10 * free))
