@@ -111,8 +111,8 @@ def predict_rows(model, state, guide=None, compiled=False):
     its argmax and early exit's count, into the state; each row has taken one more step."""
     L, dev = state.ids.shape[1], state.ids.device
     t = torch.tensor([(N - 1 - n) / N for N, n in zip(state.steps, state.taken)], device=dev)  # (B,) i / N
-    lengths = torch.tensor(state.lengths, device=dev)
-    key_mask = None if min(state.lengths) == L else torch.arange(L, device=dev) < lengths[:, None]  # (B, L)
+    key_mask = None if min(state.lengths) == L else \
+        torch.arange(L, device=dev) < torch.tensor(state.lengths, device=dev)[:, None]  # (B, L) real positions
     predict = compiled_predict() if compiled else tess2.predict
     logits = predict(model, state.ids, state.span_mask, state.S, t, state.logits, key_padding_mask=key_mask)
     if guide is not None:

@@ -1,6 +1,7 @@
 """
-sample.py: the reverse process (METHOD.md §9), reward guidance (§10), generation settings,
-infilling, batching, early exit and the command line, on tiny random models written to temporary
+sample.py: the reverse process (METHOD.md §9) as a state and one step (rows leaving and joining
+between steps), reward guidance (§10) and its memory, generation settings, infilling, batching,
+early exit, --compile and the command line, on tiny random models written to temporary
 directories with a small word-level tokenizer. Two hand-made stand-ins go through the same code:
 a "model" that always predicts a fixed text and a reward model that likes one token.
 """
