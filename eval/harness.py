@@ -28,14 +28,30 @@ works too. Requests and what answers them:
   It is a score for ranking choices, not a normalised probability.
 
 Every generation and score is appended to OUTPUT/generations.jsonl and OUTPUT/scores.jsonl keyed
-by its request and settings: a run that stops can be started again with the same flags and only
-the missing requests are computed. Progress (items/s, ETA) goes to stderr.
+by its request and by what produced it (the checkpoint's and reward model's files, every setting,
+the dtype and device): a run that stops can be started again with the same flags and only the
+missing requests are computed; another model or other settings compute theirs anew. results.json
+and the samples_<task>.jsonl files are replaced as one set. Progress (items/s, ETA) goes to stderr.
+
+Refused before any weights load, with one line and nothing written: a flag out of its range, a
+checkpoint that is not a diffusion model, a reward model of another tokenizer, an unknown task, and
+--data-files that are not JSONL (or a JSON list) of objects, whose records lack a field the task
+reads or hold it as another kind than the first record does (named by file, line and field).
+
+Across processes: `torchrun --nproc_per_node N -m eval.harness ...` splits the generation batches
+and the likelihood estimates over N processes (a batch keeps its seeds whichever process samples
+it); every process receives every result, and the first writes OUTPUT: the results are those of one
+process.
 """
 import argparse
+import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -54,9 +70,11 @@ except ImportError as e:  # lm-eval is the optional evaluation extra
 import data.chat
 import sample
 import tess2
-from model import Transformer
-from support.cli import atomic_write, run_cli
-from support.prompts import GUIDANCE_ETA, settings_for
+from model import ModelArgs, Transformer
+from support.cli import (ArgumentParser, OutputFolder, atomic_write, file_identity, number, replace_files, run_cli,
+                         seed_flag)
+from support.hub import read_config, read_json
+from support.prompts import GUIDANCE_ETA, Settings, process_device, processes, settings_for, spread
 from support.tokenizer import Tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -66,11 +84,167 @@ DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"
 MAX_GEN_TOKS = 256  # positions generated for a request without max_gen_toks: lm-eval's default for its models
 
 
+# -----------------------------------------------------------------------------
+# What the evaluation tools share (eval.intrinsic, eval.sweep, eval.alpaca import it): checkpoints
+# read before their weights, the device, one writer per output folder, answers sampled batch by
+# batch (spread over the processes of a torchrun) into a store keyed by what produced them
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint as read before its weights: its folder, its config, its tokenizer and its sampling
+    defaults (generation_config.json, or None)."""
+    path: str
+    args: ModelArgs
+    tokenizer: Tokenizer
+    generation_config: dict | None
+
+    @classmethod
+    def read(cls, name: str, flag: str, default: str | None = None) -> "Checkpoint":
+        """A local folder or Hub id (the default, one of this repository's models/, found from here)."""
+        path = sample.checkpoint_dir(name, flag, default)
+        gen = os.path.join(path, "generation_config.json")
+        return cls(path, ModelArgs.from_hf(read_config(path)), Tokenizer(path),
+                   read_json(gen, "generation config") if os.path.exists(gen) else None)
+
+    def identity(self) -> dict:
+        """What its files hold (support.cli.file_identity): weights, config and tokenizer."""
+        return file_identity(self.path)
+
+    def load(self, dtype, device) -> Transformer:
+        return Transformer.from_pretrained(self.path, dtype=dtype, device=device, verbose=False).eval()
+
+
+def check_scorer(scorer: Checkpoint, name: str):
+    """A scorer of perplexity (and MAUVE's features) must be a causal language model."""
+    if scorer.args.head != "lm" or scorer.args.timestep_embed:
+        raise ValueError(f"--scorer {name} is a {scorer.args.architecture}: perplexity is measured under a causal "
+                         "language model (a ...ForCausalLM checkpoint), not a diffusion or reward model")
+
+
+def pick_device(name: str | None):
+    """(device, default dtype) for a --device flag (None: cuda if there is a GPU, else cpu); under
+    torchrun "cuda" is each process's own GPU."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = sample.pick_device(process_device(name))
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {name}: a CPU has no index: use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"numbered from 0")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def output_folder(path: str, flag: str = "--output"):
+    """support.cli.OutputFolder for the process that writes (the only one, or the first of a
+    torchrun); the other processes write nothing."""
+    return OutputFolder(path, flag) if processes()[0] == 0 else contextlib.nullcontext()
+
+
+class Progress:
+    """A line on stderr at most every `every` seconds: done/total, items/s and the ETA (from the first
+    process of a torchrun only)."""
+
+    def __init__(self, what: str, total: int, every: float = 10.0, stream=None):
+        self.what, self.total, self.every, self.done = what, total, every, 0
+        self.stream = stream or sys.stderr
+        self.quiet = processes()[0] > 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int):
+        self.done += n
+        now = time.perf_counter()
+        if not self.quiet and (now - self.last >= self.every or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else math.inf
+            print(f"tess2 {self.what}: {self.done}/{self.total} items, {rate:.2f} items/s, "
+                  f"ETA {fmt_seconds(eta)}", file=self.stream, flush=True)
+
+
+def fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Store:
+    """An append-only JSONL file of {"key", ...} records, read back on start (resume). A line cut
+    short by a crash is skipped. path None keeps the records in memory only, as does write=False
+    (the processes of a torchrun but the first read the file and never write it)."""
+
+    def __init__(self, path: str | None, write: bool = True):
+        self.path, self.write, self.records = path, write, {}
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(r, dict) and "key" in r:
+                        self.records[r["key"]] = r
+
+    def add(self, records: list[dict]):
+        for r in records:
+            self.records[r["key"]] = r
+        if self.path and self.write:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def request_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def sample_answers(model, tok, prompts: list[str], s: Settings, store: Store, key, what: str,
+                   **generate_kwargs) -> list[dict]:
+    """Each prompt's answer {"key", "text", "tokens"}, batch by batch as sample.generate makes them:
+    s.batch_size prompts a batch, the batch at prompt j sampled with seed s.seed + j, so that prompt j
+    gets seed + j. Batches whose answers `store` holds (key(j) names prompt j's) are not sampled
+    again; the others are spread over the processes of a torchrun (support.prompts.spread) and
+    recorded in the store as they arrive. generate_kwargs: sample.generate's, over the checkpoint's."""
+    starts = range(0, len(prompts), s.batch_size)
+    todo = [j for j in starts
+            if any(key(i) not in store.records for i in range(j, min(j + s.batch_size, len(prompts))))]
+    progress = Progress(what, len(prompts))
+    progress.update(len(prompts) - sum(min(s.batch_size, len(prompts) - j) for j in todo))
+
+    def run(j):
+        gens = sample.generate(model, tok, prompts[j:j + s.batch_size], details=True,
+                               **dict(generate_kwargs, seed=s.seed + j, batch_size=s.batch_size))
+        return [dict(key=key(j + i), text=g.text, tokens=g.tokens) for i, g in enumerate(gens)]
+
+    for _, records in spread(todo, run):
+        store.add(records)
+        progress.update(len(records))
+    return [store.records[key(i)] for i in range(len(prompts))]
+
+
+def weights_identity(model) -> str:
+    """sha256 of a loaded model's parameters (for a model handed over as an object, not as files)."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Tasks, and local data files checked before anything runs
+
+
 def task_manager(builtin: bool = True):
     """lm-eval's tasks plus the paper's (eval/tasks/); builtin=False: only ours (indexing lm-eval's
     ~15k task configs takes 15-30 s)."""
     from lm_eval.tasks import TaskManager
     return TaskManager(include_path=TASKS_DIR, include_defaults=builtin)
+
+
+def ours(names) -> bool:
+    """Whether every task name is one of eval/tasks/*.yaml."""
+    return all(os.path.exists(os.path.join(TASKS_DIR, f"{n}.yaml")) for n in names)
 
 
 def ours(names) -> bool:
@@ -98,57 +272,125 @@ def local_task(manager, name: str, data_files: dict) -> dict:
     return {**cfg, "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": dict(data_files)}}
 
 
-class Progress:
-    """A line on stderr at most every `every` seconds: done/total, items/s and the ETA."""
-
-    def __init__(self, what: str, total: int, every: float = 10.0, stream=None):
-        self.what, self.total, self.every, self.done = what, total, every, 0
-        self.stream = stream or sys.stderr
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int):
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else math.inf
-            print(f"tess2 {self.what}: {self.done}/{self.total} items, {rate:.2f} items/s, "
-                  f"ETA {fmt_seconds(eta)}", file=self.stream, flush=True)
+def kind(value) -> str:
+    """A JSON value's kind, in words."""
+    return ("an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else "a string"
+            if isinstance(value, str) else "true or false" if isinstance(value, bool) else "a number"
+            if isinstance(value, (int, float)) else "null")
 
 
-def fmt_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+def read_data_file(split: str, path: str) -> list[tuple[str, dict]]:
+    """(where, record) of each record of a --data-files file: JSONL, one JSON object a line (where:
+    "line N"), or one JSON list of objects ("item N"). Anything else is refused by file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data-files {split}={path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    wants = "JSONL (one JSON object a line) or a JSON list of objects"
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {e.lineno}: not JSON ({e.msg}); --data-files takes {wants}") from None
+        records = [(f"item {n}", o) for n, o in enumerate(items, 1)]
+    else:
+        records = []
+        for n, line in enumerate(text.split("\n"), 1):
+            try:
+                records += [(f"line {n}", json.loads(line))] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); --data-files takes {wants}") from None
+    for where, o in records:
+        if not isinstance(o, dict):
+            raise ValueError(f"{path}, {where}: {kind(o)}, not an object; --data-files takes {wants}")
+    if not records:
+        raise ValueError(f"--data-files {split}={path} holds no records")
+    return records
 
 
-class Store:
-    """An append-only JSONL file of {"key", ...} records, read back on start (resume). A line cut
-    short by a crash is skipped. path None keeps the records in memory only."""
-
-    def __init__(self, path: str | None):
-        self.path, self.records = path, {}
-        if path and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    self.records[r["key"]] = r
-
-    def add(self, records: list[dict]):
-        for r in records:
-            self.records[r["key"]] = r
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+def shape_difference(first: dict, record: dict, prefix: str = "") -> str | None:
+    """How a record's fields differ from the first record's: a field missing, or of another kind
+    (objects compared field by field; null goes with any kind), or None."""
+    for name, value in first.items():
+        field = f"{prefix}{name}"
+        if name not in record:
+            return f"no field {field!r}"
+        other = record[name]
+        if value is not None and other is not None and kind(other) != kind(value):
+            return f"field {field!r} is {kind(other)}, not {kind(value)}"
+        if isinstance(value, dict) and isinstance(other, dict):
+            found = shape_difference(value, other, f"{field}.")
+            if found:
+                return found
+    return None
 
 
-def request_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+def check_shape(path: str, records: list[tuple[str, dict]]):
+    """Every record has the fields of the first, each of the same kind: the data set is read as one
+    table, which fails far from the cause (or reads null) where a record differs."""
+    first_where, first = records[0]
+    for where, record in records[1:]:
+        found = shape_difference(first, record)
+        if found:
+            raise ValueError(f"{path}, {where}: {found} as on {first_where}: every record needs the fields of "
+                             "the first, each of the same kind")
+
+
+def plain(x):
+    """A record as JSON holds it: None fields dropped (the data set fills a missing field with None)."""
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items() if v is not None}
+    return [plain(v) for v in x] if isinstance(x, list) else x
+
+
+def read_as_the_task_does(task, doc):
+    """What a task reads of a document: its prompt, target and choices, and (a task's own function)
+    its scoring of an empty answer."""
+    task.doc_to_text(doc)
+    task.doc_to_target(doc)
+    if task.OUTPUT_TYPE == "multiple_choice":
+        task.doc_to_choice(doc)
+    if task.OUTPUT_TYPE == "generate_until" and callable(task.config.process_results):
+        task.process_results(doc, [""])
+
+
+def complaint(e: Exception) -> str:
+    """A task's error on a document, as the field it names."""
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    missing = re.fullmatch(r"'?(\w+)'? is undefined", message)
+    return f"no field {missing.group(1)!r}" if missing else f"no field {message!r}" if isinstance(e, KeyError) \
+        else f"{type(e).__name__}: {message}"
+
+
+def check_task_reads(task, files: dict, records: dict, num_fewshot: int | None):
+    """Reads every document of the splits the task uses as the task does, before any weights load: a
+    split not given, or a record the task cannot read, is named by its file and line."""
+    cfg = task.config
+    shots = num_fewshot if num_fewshot is not None else cfg.num_fewshot or 0
+    used = [cfg.test_split or cfg.validation_split] + [cfg.fewshot_split or cfg.training_split] * (shots > 0)
+    for split in dict.fromkeys(x for x in used if x):
+        if split not in files:
+            raise ValueError(f"--data-files has no {split}=FILE: task {cfg.task} reads its {split} split")
+        docs = cfg.process_docs(task.dataset[split]) if cfg.process_docs else task.dataset[split]
+        for doc in docs:
+            try:
+                read_as_the_task_does(task, doc)
+            except Exception as e:  # the task's own templates and functions, on a user's data
+                where = next((w for w, r in records[split] if plain(r) == plain(dict(doc))), "a record")
+                raise ValueError(f"{files[split]}, {where}: task {cfg.task} cannot read it: {complaint(e)}") from None
+
+
+def data_task(manager, name: str, files: dict, num_fewshot: int | None):
+    """The task with its data from local files, every file and record checked (read_data_file,
+    check_shape, check_task_reads): the lm-eval Task object simple_evaluate takes."""
+    cfg = local_task(manager, name, files)
+    records = {split: read_data_file(split, path) for split, path in files.items()}
+    for split, path in files.items():
+        check_shape(path, records[split])
+    (task,) = manager.load([cfg])["tasks"].values()
+    check_task_reads(task, files, records, num_fewshot)
+    return task
 
 
 def cut_at_stop(text: str, until) -> str:
@@ -164,7 +406,9 @@ class TESS2(LM):
     command line's flags; the sampling ones left None take the checkpoint's generation_config.json
     (support/prompts.settings_for), as sample.py does. model/tokenizer/reward/reward_tok take already
     loaded objects (Python callers, tests). length: positions generated when a request gives no
-    max_gen_toks (lm-eval's default for its own models)."""
+    max_gen_toks (lm-eval's default for its own models). Under torchrun the work is spread over the
+    processes (support.prompts.spread) and every process returns every result, so that lm-eval sees
+    one process's run in each (it is told rank 0 of 1)."""
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, reward_model: str | None = None, eta=None, steps=None,
                  batch_size=None, top_p=None, argmax: bool = False, seed=None, chat=None, length: int = MAX_GEN_TOKS,
@@ -172,21 +416,16 @@ class TESS2(LM):
                  output=None, model=None, tokenizer=None, reward=None, reward_tok=None, progress_every: float = 10.0,
                  max_batch_size=None):
         super().__init__()  # max_batch_size: passed by lm-eval, unused (batches are --batch-size rows)
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        dtype = dtype or (torch.bfloat16 if str(dev).startswith("cuda") else torch.float32)
-        if model is None:
-            pretrained = resolve_default(pretrained, DEFAULT_MODEL)
-            model = Transformer.from_pretrained(pretrained, dtype=dtype, device=dev, verbose=False).eval()
-            tokenizer = Tokenizer(pretrained)
-        if reward is None and reward_model:
-            reward_model = resolve_default(reward_model, DEFAULT_REWARD_MODEL)
-            reward = Transformer.from_pretrained(reward_model, dtype=dtype, device=dev, verbose=False).eval()
-            reward_tok = Tokenizer(reward_model)
-        self.model, self.tok, self.reward, self.reward_tok = model, tokenizer, reward, reward_tok
-        if eta and reward is None:
+        dev, default_dtype = pick_device(device)
+        dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or default_dtype
+        self.model, self.tok, model_identity = self.load(model, tokenizer, pretrained, DEFAULT_MODEL, dtype, dev)
+        self.reward, self.reward_tok, reward_identity = None, None, None
+        if reward is not None or reward_model:
+            self.reward, self.reward_tok, reward_identity = self.load(reward, reward_tok, reward_model,
+                                                                      DEFAULT_REWARD_MODEL, dtype, dev)
+        if eta and self.reward is None:
             raise ValueError(f"eta = {eta} needs a reward model: pass reward_model (--reward-model)")
-        self.max_len = model.args.max_length  # the positions the model reads: its window, if it has one
+        self.max_len = self.model.args.max_length  # the positions the model reads: its window, if it has one
         self.length, self.mc_samples = int(length), int(mc_samples)
         for name, value in (("length", self.length), ("mc_samples", self.mc_samples)):
             if value < 1:
@@ -198,29 +437,43 @@ class TESS2(LM):
                      guidance_steps=number(int, guidance_steps), tau=number(float, tau), eta=number(float, eta),
                      **({"top_p": None} if argmax else {"top_p": number(float, top_p)} if top_p is not None else {}))
         # the checkpoint's settings, then the flags; requests give their own length (max_gen_toks)
-        self.sampling = settings_for(getattr(model, "generation_config", None), self.max_len, length=self.length,
-                                     **flags)
+        self.sampling = settings_for(getattr(self.model, "generation_config", None), self.max_len,
+                                     length=self.length, **flags)
         self.progress_every = float(progress_every)
-        self.name = str(pretrained if isinstance(pretrained, str) else "model")
-        if output:
+        weights = self.model.embed_tokens.weight  # what produced a result: the resume keys (settings)
+        self.produced_by = dict(model=model_identity, reward=reward_identity, dtype=str(weights.dtype),
+                                device=weights.device.type)
+        writer = processes()[0] == 0
+        if output and writer:
             os.makedirs(output, exist_ok=True)
-        self.generations = Store(os.path.join(output, "generations.jsonl") if output else None)
-        self.scores = Store(os.path.join(output, "scores.jsonl") if output else None)
+        self.generations = Store(os.path.join(output, "generations.jsonl") if output else None, writer)
+        self.scores = Store(os.path.join(output, "scores.jsonl") if output else None, writer)
+
+    @staticmethod
+    def load(model, tokenizer, name, default, dtype, device):
+        """(model, tokenizer, identity): handed over as objects (identity: their weights and vocabulary),
+        or read from a checkpoint folder or Hub id (identity: its files)."""
+        if model is not None:
+            return model, tokenizer, dict(weights=weights_identity(model), tokenizer=tokenizer and tokenizer.meta())
+        path = sample.checkpoint_dir(name, "pretrained", default)
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False).eval()
+        return model, Tokenizer(path), file_identity(path)
 
     # -------------------------------------------------------------------------
     # generate_until
 
     def settings(self) -> dict:
-        """What a generation depends on besides its request (the resume key)."""
+        """What a generation depends on besides its request (the resume key): what produced it and
+        every setting."""
         s = self.sampling
-        return dict(model=self.name, steps=s.steps, top_p=s.top_p, seed=s.seed, chat=s.chat,
+        return dict(self.produced_by, steps=s.steps, top_p=s.top_p, seed=s.seed, chat=s.chat,
                     total_length=s.total_length, batch_size=s.batch_size, eta=s.eta if self.reward else None,
-                    reward=bool(self.reward), guidance_steps=s.guidance_steps, tau=s.tau)
+                    guidance_steps=s.guidance_steps, tau=s.tau)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched sample.generate. Requests are sorted by (max_gen_toks, prompt length) so a batch
         wastes few positions; the batch starting at sorted index s is sampled with seed + s, so the
-        same requests and settings give the same texts, resumed or not."""
+        same requests and settings give the same texts, resumed or not, in one process or several."""
         items = []
         for r in requests:
             context, kwargs = r.args[0], dict(r.args[1] or {})
@@ -235,24 +488,31 @@ class TESS2(LM):
                 cur = []
             cur.append(i)
         batches += [cur] if cur else []
-        out, progress, start = [None] * len(items), Progress("generate_until", len(items), self.progress_every), 0
-        for batch in batches:
-            keys = [request_key("gen", self.settings(), start, items[i][0], items[i][1]) for i in batch]
-            if not all(k in self.generations.records for k in keys):
-                self.generations.add(self.run_batch([items[i] for i in batch], keys, start))
-            for i, k in zip(batch, keys):
-                out[i] = cut_at_stop(self.generations.records[k]["raw"], items[i][2])
-            progress.update(len(batch))
-            start += len(batch)
+        starts = list(itertools.accumulate([0] + [len(b) for b in batches]))
+        keys = [[request_key("gen", self.settings(), start, items[i][0], items[i][1]) for i in batch]
+                for batch, start in zip(batches, starts)]
+        progress = Progress("generate_until", len(items), self.progress_every)
+        todo = [k for k, ks in enumerate(keys) if not all(x in self.generations.records for x in ks)]
+        progress.update(len(items) - sum(len(batches[k]) for k in todo))
+        run = lambda k: self.run_batch([items[i] for i in batches[k]], keys[k], starts[k])  # noqa: E731
+        for k, records in spread(todo, run):
+            self.generations.add(records)
+            progress.update(len(records))
+        out = [None] * len(items)
+        for batch, ks in zip(batches, keys):
+            for i, x in zip(batch, ks):
+                out[i] = cut_at_stop(self.generations.records[x]["raw"], items[i][2])
         return out
 
     def run_batch(self, batch, keys, start) -> list[dict]:
+        """One batch sampled: rows of prompt + max_gen_toks positions, or every row total_length long."""
         prompts, length, s = [c for c, _, _ in batch], batch[0][1], self.sampling
         t0 = time.perf_counter()
         texts = sample.generate(self.model, self.tok, prompts, steps=s.steps, top_p=s.top_p, seed=s.seed + start,
-                                batch_size=len(prompts), chat=s.chat, total_length=s.total_length, length=length,
-                                reward_model=self.reward, reward_tokenizer=self.reward_tok,
-                                eta=s.eta if self.reward else None, guidance_steps=s.guidance_steps, tau=s.tau)
+                                batch_size=len(prompts), chat=s.chat, total_length=s.total_length,
+                                length=None if s.total_length else length, reward_model=self.reward,
+                                reward_tokenizer=self.reward_tok, eta=s.eta if self.reward else None,
+                                guidance_steps=s.guidance_steps, tau=s.tau)
         seconds = time.perf_counter() - t0
         return [dict(key=k, context=c, max_gen_toks=n, until=u, raw=text, seconds=seconds)
                 for k, (c, n, u), text in zip(keys, batch, texts)]
@@ -316,25 +576,31 @@ class TESS2(LM):
         return out
 
     def score_pairs(self, pairs, what: str):
-        """[(context ids, continuation ids)] -> [(estimated log-likelihood, is_greedy)], cached."""
-        progress = Progress(what, len(pairs), self.progress_every)
-        settings = dict(model=self.name, mc_samples=self.mc_samples, seed=self.sampling.seed)
-        out = []
+        """[(context ids, continuation ids)] -> [(estimated log-likelihood, is_greedy)], cached; the
+        estimates not cached are spread over the processes of a torchrun."""
+        settings = dict(self.produced_by, mc_samples=self.mc_samples, seed=self.sampling.seed,
+                        chunk=self.sampling.batch_size)
+        fitted = []
         for ctx, cont in pairs:
             if len(cont) >= self.max_len:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's "
                                  f"{self.max_len} positions with BOS before it")
             if len(ctx) + len(cont) > self.max_len:  # keep BOS, the context's end and the continuation
                 ctx = [self.tok.bos_id] + ctx[len(ctx) + len(cont) - self.max_len + 1:]
-            key = request_key("ll", settings, ctx, cont)
-            if key not in self.scores.records:
-                logp, greedy = estimate_loglikelihood(self.model, ctx, cont, self.mc_samples, self.sampling.seed,
-                                                      self.sampling.batch_size)
-                self.scores.add([dict(key=key, logp=logp, greedy=greedy)])
-            r = self.scores.records[key]
-            out.append((r["logp"], r["greedy"]))
+            fitted.append((request_key("ll", settings, ctx, cont), ctx, cont))
+        todo = list({key: (key, ctx, cont) for key, ctx, cont in fitted if key not in self.scores.records}.values())
+        progress = Progress(what, len(todo), self.progress_every)
+
+        def run(job):
+            key, ctx, cont = job
+            logp, greedy = estimate_loglikelihood(self.model, ctx, cont, self.mc_samples, self.sampling.seed,
+                                                  self.sampling.batch_size)
+            return [dict(key=key, logp=logp, greedy=greedy)]
+
+        for _, records in spread(todo, run):
+            self.scores.add(records)
             progress.update(1)
-        return out
+        return [(self.scores.records[key]["logp"], self.scores.records[key]["greedy"]) for key, _, _ in fitted]
 
 
 @torch.no_grad()
@@ -369,13 +635,6 @@ def estimate_loglikelihood(model, context: list[int], continuation: list[int], s
     return total / samples, greedy
 
 
-def resolve_default(name: str, default: str) -> str:
-    """The shipped default checkpoints are found in the repository's models/, wherever this is run from."""
-    if name == default and not os.path.isdir(name):
-        return os.path.join(ROOT, default)
-    return name
-
-
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -393,84 +652,110 @@ def parse_data_files(text: str | None) -> dict | None:
     return out
 
 
+def item_limit(text: str):
+    """--limit: a fraction of each task's items (in (0, 1)) or a whole number of them (>= 1)."""
+    value = number(float, lo=0, lo_open=True)(text)
+    if value >= 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) or a whole number of items, got {text}")
+    return int(value) if value >= 1 else value
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="eval.harness", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive = number(int, lo=1)
+    p = ArgumentParser(prog="eval.harness", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusion checkpoint: folder or Hub id")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (eval/tasks/ included)")
     p.add_argument("--output", required=True, help="folder for results.json, samples and the resumable cache")
     p.add_argument("--reward-model", help="reward model for guidance (with --eta)")
-    p.add_argument("--eta", type=float, help=f"reward guidance step size (default {GUIDANCE_ETA} with --reward-model)")
+    p.add_argument("--eta", type=number(float, lo=0),
+                   help=f"reward guidance step size (default {GUIDANCE_ETA} with --reward-model)")
     # sampling flags left out take the checkpoint's generation_config.json, as in sample.py
-    p.add_argument("--guidance-steps", type=int, help="gradient steps per diffusion step (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, help="diffusion steps (default: the checkpoint's; the paper: 100)")
-    p.add_argument("--batch-size", type=int, help="rows per sampling batch / draws per forward pass (default: "
-                                                  "the checkpoint's)")
-    p.add_argument("--top-p", type=float, help="nucleus projection (default: the checkpoint's; released: 0.99)")
+    p.add_argument("--guidance-steps", type=positive, help="gradient steps per diffusion step (default: the "
+                                                            "checkpoint's)")
+    p.add_argument("--steps", type=positive, help="diffusion steps (default: the checkpoint's; the paper: 100)")
+    p.add_argument("--batch-size", type=positive, help="rows per sampling batch / draws per forward pass (default: "
+                                                       "the checkpoint's)")
+    p.add_argument("--top-p", type=number(float, lo=0, hi=1, lo_open=True),
+                   help="nucleus projection (default: the checkpoint's; released: 0.99)")
     p.add_argument("--argmax", action="store_true", help="project by argmax (paper Eq. 5)")
-    p.add_argument("--total-length", type=int, help="pad every row to this length (the released evaluation: 2048)")
+    p.add_argument("--total-length", type=positive, help="pad every row to this length (the released "
+                                                         "evaluation: 2048)")
     p.add_argument("--no-chat", dest="chat", action="store_const", const=False,
                    help="no Tulu chat template (base, not instruction-tuned, models)")
-    p.add_argument("--seed", type=int, help="the batch at sorted request s is sampled with seed + s (default: "
-                                            "the checkpoint's)")
-    p.add_argument("--mc-samples", type=int, default=8, help="draws of (t, eps) per likelihood estimate")
-    p.add_argument("--limit", type=float, help="items per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int, help="override the tasks' number of examples")
+    p.add_argument("--seed", type=seed_flag, help="the batch at sorted request s is sampled with seed + s (default: "
+                                                  "the checkpoint's)")
+    p.add_argument("--mc-samples", type=positive, default=8, help="draws of (t, eps) per likelihood estimate")
+    p.add_argument("--limit", type=item_limit, help="items per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=number(int, lo=0), help="override the tasks' number of examples")
     p.add_argument("--data-files", help="SPLIT=PATH,...: run the one task on local JSON/JSONL files")
-    p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval's bootstrap for standard errors")
+    p.add_argument("--bootstrap-iters", type=number(int, lo=0), default=1000,
+                   help="lm-eval's bootstrap for standard errors (0: none)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     return p.parse_args(argv)
 
 
-def check_output(path: str):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output {path} is a file: give a folder")
-    os.makedirs(path, exist_ok=True)
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"--output {path} is not writable")
-
-
 def evaluate(lm, tasks, manager, output=None, limit=None, num_fewshot=None, bootstrap_iters=1000):
-    """lm-eval's simple_evaluate, then results.json and one samples_<task>.jsonl per task in output."""
+    """lm-eval's simple_evaluate, then results.json and one samples_<task>.jsonl per task in output,
+    replacing the earlier ones as one set (support.cli.replace_files: results.json last). Under
+    torchrun every process evaluates (TESS2 spreads the work) and the first writes."""
     import lm_eval
-    if limit is not None:
-        limit = int(limit) if limit >= 1 else limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                   num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=bootstrap_iters)
-    if output:
+    if output and res is not None and processes()[0] == 0:
         samples = res.pop("samples", {})
+        staging = os.path.join(output, ".tmp-results")
+        os.makedirs(staging, exist_ok=True)
         for task, records in samples.items():
-            atomic_write(os.path.join(output, f"samples_{task}.jsonl"),
+            atomic_write(os.path.join(staging, f"samples_{task}.jsonl"),
                          "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records))
-        atomic_write(os.path.join(output, "results.json"), json.dumps(res, indent=2, default=str) + "\n")
+        atomic_write(os.path.join(staging, "results.json"), json.dumps(res, indent=2, default=str) + "\n")
+        earlier = [n for n in os.listdir(output) if n.startswith("samples_") and n.endswith(".jsonl")]
+        replace_files(staging, output, "results.json", old=earlier)
         res["samples"] = samples
     return res
 
 
+def checked_model(a):
+    """The diffusion model (and reward model) the flags name, their configs and tokenizers checked
+    and the row length against the model's, before any weights load."""
+    model = Checkpoint.read(a.model, "--model", DEFAULT_MODEL)
+    reward = Checkpoint.read(a.reward_model, "--reward-model", DEFAULT_REWARD_MODEL) if a.reward_model else None
+    sample.check_pair(model.args, model.tokenizer, reward and reward.args, reward and reward.tokenizer)
+    if a.total_length is not None and a.total_length > model.args.max_length:
+        raise ValueError(f"--total-length {a.total_length} is longer than the {model.args.max_length} positions "
+                         "the model reads")
+    return model, reward
+
+
 def main(argv=None):
     a = parse_args(argv)
-    check_output(a.output)
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     files = parse_data_files(a.data_files)
     if files and len(names) != 1:
         raise ValueError("--data-files applies to one task: pass a single --tasks name")
+    if a.eta and not a.reward_model:
+        a.reward_model = DEFAULT_REWARD_MODEL
+    model, reward = checked_model(a)
+    pick_device(a.device)
     manager = task_manager(builtin=not ours(names))
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; ours are in {TASKS_DIR} "
                          "(`lm-eval ls tasks` lists lm-eval's)")
-    tasks = [local_task(manager, names[0], files)] if files else names
-    if a.eta and not a.reward_model:
-        a.reward_model = DEFAULT_REWARD_MODEL
-    lm = TESS2(pretrained=a.model, reward_model=a.reward_model, eta=a.eta, steps=a.steps, batch_size=a.batch_size,
-               top_p=a.top_p, argmax=a.argmax, seed=a.seed, chat=a.chat, total_length=a.total_length,
-               guidance_steps=a.guidance_steps, mc_samples=a.mc_samples, device=a.device, dtype=a.dtype,
-               output=a.output)
-    res = evaluate(lm, tasks, manager, a.output, a.limit, a.num_fewshot, a.bootstrap_iters)
-    from lm_eval.utils import make_table
-    print(make_table(res))
-    print(f"results: {os.path.join(a.output, 'results.json')}")
+    tasks = [data_task(manager, names[0], files, a.num_fewshot)] if files else names
+    with output_folder(a.output):
+        lm = TESS2(pretrained=model.path, reward_model=reward and reward.path, eta=a.eta, steps=a.steps,
+                   batch_size=a.batch_size, top_p=a.top_p, argmax=a.argmax, seed=a.seed, chat=a.chat,
+                   total_length=a.total_length, guidance_steps=a.guidance_steps, mc_samples=a.mc_samples,
+                   device=a.device, dtype=a.dtype, output=a.output)
+        res = evaluate(lm, tasks, manager, a.output, a.limit, a.num_fewshot, a.bootstrap_iters)
+    if processes()[0] == 0:
+        from lm_eval.utils import make_table
+        print(make_table(res))
+        print(f"results: {os.path.join(a.output, 'results.json')}")
 
 
 if __name__ == "__main__":

@@ -18,20 +18,31 @@ LM's last position has read the whole text, so it summarises it; a mean over pos
 the first tokens, which have seen little, as much. MAUVE quantises the features into about n/10
 clusters: it needs a few dozen texts at least (the paper: 512); with a dozen, even identical sets
 score 0.75.
+
+OUTPUT/generations.jsonl and OUTPUT/metrics.json are written as one set, metrics.json carrying the
+fingerprint of what produced them (the model's, scorer's and reward model's files, the prompts,
+every setting, the dtype and device): the same run again prints them and samples nothing; any
+other run replaces both. Refused before any weights load, with one line and nothing written: a
+flag out of its range, an empty --prompts file, a --model that is not a diffusion model, a --scorer
+that is not a causal LM, a reward model of another tokenizer, a prompt too long for the model.
+`torchrun --nproc_per_node N -m eval.intrinsic ...` spreads the batches over N processes (prompt j
+is sampled with seed + j whichever process has it); the first measures and writes.
 """
 import argparse
+import dataclasses
 import json
 import os
+import types
 
 import torch
 
 import sample
-from eval.harness import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, check_output, resolve_default
+from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, check_scorer, output_folder,
+                          pick_device, request_key, sample_answers)
 from eval.metrics import distinct_n, perplexity, unigram_entropy
-from model import Transformer
-from support.cli import atomic_write, run_cli
-from support.prompts import given, settings_for
-from support.tokenizer import Tokenizer
+from support.cli import (ArgumentParser, atomic_write, fingerprint, number, read_marker, replace_files, run_cli,
+                         seed_flag)
+from support.prompts import given, plan, processes, settings_for
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -51,7 +62,7 @@ def read_prompts(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{n}: expected {{\"prompt\": ..., \"reference\": ...}} or a plain line")
             records.append(dict(prompt=o["prompt"], reference=o.get("reference")))
     if not records:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"--prompts {path}: no prompts in it (it is empty or blank): one prompt a line")
     return records
 
 
@@ -87,73 +98,113 @@ def measure(records, texts, scorer=None, scorer_tok=None) -> dict:
     return m
 
 
-def load(path, dtype, device, default=DEFAULT_MODEL):
-    path = resolve_default(path, default)
-    return Transformer.from_pretrained(path, dtype=dtype, device=device, verbose=False).eval(), Tokenizer(path)
-
-
 def common_flags(p):
-    """The flags eval.intrinsic and eval.sweep share. Sampling flags left out take the checkpoint's
-    generation_config.json, as in sample.py."""
+    """The flags eval.intrinsic and eval.sweep share, each number in its range. Sampling flags left
+    out (None) take the checkpoint's generation_config.json, as in sample.py."""
+    positive = number(int, lo=1)
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusion checkpoint: folder or Hub id")
     p.add_argument("--prompts", required=True, help="JSONL {\"prompt\", \"reference\"} or one prompt a line")
     p.add_argument("--scorer", help="held-out causal LM for perplexity and MAUVE features (folder or Hub id)")
     p.add_argument("--output", required=True, help="folder for the results and every generation")
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--length", type=int, help="positions generated after each prompt (default: rows of the "
-                                              "checkpoint's total length)")
-    p.add_argument("--top-p", type=float, help="nucleus projection (default: the checkpoint's)")
+    p.add_argument("--limit", type=positive, help="only the first N prompts")
+    p.add_argument("--length", type=positive, help="positions generated after each prompt (default: rows of the "
+                                                   "checkpoint's total length)")
+    p.add_argument("--top-p", type=number(float, lo=0, hi=1, lo_open=True),
+                   help="nucleus projection (default: the checkpoint's)")
     p.add_argument("--argmax", action="store_true")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, help="Tulu template around prompts (default: "
                    "the checkpoint's: tuned models use it; the paper's adaptation metrics, on adapted models, do not)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int, help="prompt j is sampled with seed + j (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=positive)
+    p.add_argument("--seed", type=seed_flag, help="prompt j is sampled with seed + j (default: the checkpoint's)")
     p.add_argument("--reward-model", help="for --eta")
-    p.add_argument("--guidance-steps", type=int)
+    p.add_argument("--guidance-steps", type=positive)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
 
-def setup(a):
-    """Validated flags -> (records, model, tok, scorer, scorer_tok, settings for sample.generate): the
-    Settings fields the flags give except steps and eta (passed on their own: eval.sweep sweeps
-    them), and the reward model. a.chat becomes the value used (the checkpoint's if not given)."""
-    check_output(a.output)
+def prepare(a, steps=None, eta=None, guided=False):
+    """Everything checked before any weights load: the prompts, the checkpoints' configs and
+    tokenizers (a diffusion model, a causal scorer, a reward model of the same tokenizer), the device,
+    the settings and every batch (rows that fit the model). guided: a reward model is needed (the
+    shipped one unless --reward-model). Returns the plan of the run: records, the Checkpoints,
+    settings (sample.generate's Settings) and flags (what to pass to sample.generate)."""
     records = read_prompts(a.prompts)[:a.limit]
-    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-    model, tok = load(a.model, dtype, dev)
-    scorer, scorer_tok = load(a.scorer, dtype, dev) if a.scorer else (None, None)
-    if scorer is not None and scorer.args.head != "lm":
-        raise ValueError(f"--scorer {a.scorer} has no LM head: give a causal language model")
-    wants_reward = a.reward_model or getattr(a, "eta", None)
-    reward, reward_tok = load(a.reward_model or DEFAULT_REWARD_MODEL, dtype, dev,
-                              DEFAULT_REWARD_MODEL) if wants_reward else (None, None)
+    model = Checkpoint.read(a.model, "--model", DEFAULT_MODEL)
+    scorer = Checkpoint.read(a.scorer, "--scorer") if a.scorer else None
+    if scorer is not None:
+        check_scorer(scorer, a.scorer)
+    wants_reward = a.reward_model or guided or eta
+    reward = Checkpoint.read(a.reward_model or DEFAULT_REWARD_MODEL, "--reward-model",
+                             DEFAULT_REWARD_MODEL) if wants_reward else None
+    sample.check_pair(model.args, model.tokenizer, reward and reward.args, reward and reward.tokenizer)
+    device, dtype = pick_device(a.device)
+    dtype = getattr(torch, a.dtype) if a.dtype else dtype
     flags = {k: v for k, v in given(a).items() if k not in ("steps", "eta")}
-    a.chat = settings_for(model.generation_config, model.args.max_length, **flags).chat
-    return records, model, tok, scorer, scorer_tok, dict(flags, reward_model=reward, reward_tokenizer=reward_tok)
+    settings = settings_for(model.generation_config, model.args.max_length, steps=steps, eta=eta, **flags)
+    plan(model.tokenizer, [r["prompt"] for r in records], settings, model.args)  # every row fits, or a message
+    return types.SimpleNamespace(records=records, model=model, scorer=scorer, reward=reward, device=device,
+                                 dtype=dtype, settings=settings, flags=flags)
 
 
-def write_generations(path, records, texts):
-    atomic_write(path, "".join(json.dumps(dict(prompt=r["prompt"], reference=r["reference"], text=t),
-                                          ensure_ascii=False) + "\n" for r, t in zip(records, texts)))
+def produced_by(run) -> dict:
+    """What a run's results depend on besides the swept values: the checkpoints' files, the prompts,
+    every setting, the dtype and the device (the key of its results)."""
+    return dict(model=run.model.identity(), scorer=run.scorer and run.scorer.identity(),
+                reward=run.reward and run.reward.identity(), prompts=run.records,
+                settings=dataclasses.asdict(run.settings), dtype=str(run.dtype), device=run.device.type)
+
+
+def load(run, scorer=True):
+    """The weights: (model, reward model or None, scorer or None); the scorer only where it measures
+    (the first process of a torchrun)."""
+    model = run.model.load(run.dtype, run.device)
+    reward = run.reward.load(run.dtype, run.device) if run.reward else None
+    return model, reward, run.scorer.load(run.dtype, run.device) if scorer and run.scorer else None
+
+
+def answers(run, model, reward, **generate_kwargs) -> list[dict]:
+    """Every prompt's answer {"text", "tokens"}: batches spread over the processes of a torchrun."""
+    prompts = [r["prompt"] for r in run.records]
+    key = lambda j: request_key(j, prompts[j])  # noqa: E731  (an in-memory store: one run's answers)
+    return sample_answers(model, run.model.tokenizer, prompts, run.settings, Store(None), key, "intrinsic",
+                          **run.flags, reward_model=reward, reward_tokenizer=run.reward and run.reward.tokenizer,
+                          **generate_kwargs)
+
+
+def generations_file(records, texts) -> str:
+    """generations.jsonl: {"prompt", "reference", "text"} a line."""
+    return "".join(json.dumps(dict(prompt=r["prompt"], reference=r["reference"], text=t), ensure_ascii=False) + "\n"
+                   for r, t in zip(records, texts))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="eval.intrinsic", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="eval.intrinsic", description=__doc__.split("\n\n")[0])
     common_flags(p)
-    p.add_argument("--steps", type=int, help="diffusion steps (default: the checkpoint's)")
-    p.add_argument("--eta", type=float, help="reward guidance (needs --reward-model, or the shipped one)")
+    p.add_argument("--steps", type=number(int, lo=1), help="diffusion steps (default: the checkpoint's)")
+    p.add_argument("--eta", type=number(float, lo=0), help="reward guidance (needs --reward-model, or the "
+                                                           "shipped one)")
     a = p.parse_args(argv)
-    records, model, tok, scorer, scorer_tok, settings = setup(a)
-    texts = sample.generate(model, tok, [r["prompt"] for r in records], steps=a.steps, eta=a.eta, **settings)
-    write_generations(os.path.join(a.output, "generations.jsonl"), records, texts)
-    metrics = measure(records, texts, scorer, scorer_tok)
-    used = settings_for(model.generation_config, model.args.max_length, steps=a.steps, eta=a.eta,
-                        **{k: v for k, v in settings.items() if k not in ("reward_model", "reward_tokenizer")})
-    atomic_write(os.path.join(a.output, "metrics.json"), dict(metrics, model=a.model, scorer=a.scorer,
-                                                              steps=used.steps, eta=a.eta, n=len(records)))
+    run = prepare(a, steps=a.steps, eta=a.eta)
+    key = fingerprint(produced_by(run))
+    earlier = read_marker(a.output, "metrics.json") if os.path.isdir(a.output) else None
+    if earlier is not None and earlier.get("fingerprint") == key:  # every process sees the same file
+        if processes()[0] == 0:
+            print(f"{a.output} holds this run's metrics: nothing to do")
+            print(json.dumps({k: v for k, v in earlier.items() if k != "fingerprint"}, indent=2))
+        return
+    rank = processes()[0]
+    with output_folder(a.output) as out:
+        model, reward, scorer = load(run, scorer=rank == 0)
+        texts = [x["text"] for x in answers(run, model, reward, steps=a.steps, eta=a.eta)]
+        if rank > 0:
+            return
+        metrics = measure(run.records, texts, scorer, run.scorer and run.scorer.tokenizer)
+        staging = out.staging("results")
+        atomic_write(os.path.join(staging, "generations.jsonl"), generations_file(run.records, texts))
+        atomic_write(os.path.join(staging, "metrics.json"), dict(
+            metrics, model=a.model, scorer=a.scorer, steps=run.settings.steps, eta=a.eta,
+            n=len(run.records), fingerprint=key))
+        replace_files(staging, a.output, "metrics.json", old=["generations.jsonl"])
     print(json.dumps(metrics, indent=2))
 
 

@@ -16,19 +16,24 @@ response + EOS, as it was trained. "who" accuracy is exact match of the answered
 held-out "Who says this ...?" chats.
 
     python -m eval.miniature --out out/miniature --sft .../sft/step-N [--rm .../rm/step-N] [--scorer DIR]
+
+results.json, results.md and settling.html are replaced in OUT as one set (one writer at a time).
+Refused before any weights load, with one line and nothing written: a flag out of its range, an
+--sft that is not a diffusion model, an --rm that is not a reward model of its tokenizer, a --scorer
+that is not a causal LM, held-out chats missing or without a "continue" chat, --ship without --rm.
 """
-import argparse
 import json
 import os
 import time
 
 import torch
 
+import sample
 from data.chat import format_prompt
+from eval.harness import Checkpoint, check_scorer
 from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
-from model import Transformer
 from sample import generate
-from support.tokenizer import Tokenizer
+from support.cli import ArgumentParser, OutputFolder, atomic_write, number, replace_files
 from support.views import write_html
 
 
@@ -44,7 +49,7 @@ def scored_perplexity(scorer, scorer_tok, chats, texts):
     lines = [c["user"].split("\n", 1)[1] for c in chats]
     prompts = [scorer_tok.encode(x + "\n") for x in lines]
     continuations = [scorer_tok.encode(t.strip()) for t in texts]
-    if not any(continuations):  # every answer empty (a barely trained model ends at once): nothing to score
+    if not any(continuations):  # every answer empty (a barely trained model may end them at once): no score
         return float("nan")
     return perplexity(scorer, prompts, continuations)
 
@@ -125,40 +130,73 @@ def markdown(results, cmd):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    positive, whole = number(int, lo=1), number(int, lo=0)
+    p = ArgumentParser(prog="eval.miniature", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the miniature's output folder (data/ and the runs' logs)")
     p.add_argument("--sft", required=True, help="instruction-tuned diffusion checkpoint to sample from")
     p.add_argument("--rm", help="reward model checkpoint (without it: no reward column, no eta sweep)")
     p.add_argument("--scorer", help="causal LM checkpoint that judges perplexity, with its tokenizer "
                    "(default: SmolLM2-135M-Instruct, converted once by data/smollm2.py)")
-    p.add_argument("--prompts", type=int, default=16, help="held-out chats per measurement")
-    p.add_argument("--who", type=int, help="held-out 'who says this' chats per steps row (default --prompts; 0: none)")
-    p.add_argument("--length", type=int, default=64, help="positions generated per prompt")
-    p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 25, 50, 100], help="steps sweep")
-    p.add_argument("--etas", type=float, nargs="+", default=[0, 0.1, 0.25, 0.5, 1, 2, 4], help="eta sweep")
-    p.add_argument("--eta-steps", type=int, default=25, help="diffusion steps in the eta sweep")
+    p.add_argument("--prompts", type=positive, default=16, help="held-out chats per measurement")
+    p.add_argument("--who", type=whole, help="held-out 'who says this' chats per steps row (default --prompts; "
+                                             "0: none)")
+    p.add_argument("--length", type=positive, default=64, help="positions generated per prompt")
+    p.add_argument("--steps", type=positive, nargs="+", default=[5, 10, 25, 50, 100], help="steps sweep")
+    p.add_argument("--etas", type=number(float, lo=0), nargs="+", default=[0, 0.1, 0.25, 0.5, 1, 2, 4],
+                   help="eta sweep")
+    p.add_argument("--eta-steps", type=positive, default=25, help="diffusion steps in the eta sweep")
     p.add_argument("--smoke", action="store_true", help="tiny sweeps (CI)")
     p.add_argument("--ship", help="also save the sft and reward models in bf16 to DIR/tess2-shakespeare{,-rm}")
     a = p.parse_args(argv)
+    if a.ship and not a.rm:
+        p.error("--ship writes the diffusion model and the reward model: pass --rm")
     if a.smoke:
         a.prompts, a.length, a.steps, a.etas, a.eta_steps = 2, 8, [2, 4], [0, 0.5], 2
     return a
 
 
-def main(argv=None):
-    a = parse_args(argv)
+def prepare(a):
+    """Everything checked before any weights load: the held-out chats, the checkpoints' configs and
+    tokenizers. Returns (sft, rm or None, scorer Checkpoints, continue chats, who chats)."""
+    chats_file = os.path.join(a.out, "data", "sft_val.jsonl")
+    if not os.path.isfile(chats_file):
+        raise ValueError(f"{chats_file} does not exist: prepare the data first (python -m data.shakespeare --out "
+                         f"{os.path.join(a.out, 'data')})")
+    chats = read_jsonl(chats_file)
+    cont = [c for c in chats if c.get("task") == "continue"][: a.prompts]
+    who = [c for c in chats if c.get("task") == "who"][: a.prompts if a.who is None else a.who]
+    if not cont:
+        raise ValueError(f"{chats_file} holds no \"continue\" chat to measure: prepare the data again")
+    sft = Checkpoint.read(a.sft, "--sft")
+    rm = Checkpoint.read(a.rm, "--rm") if a.rm else None
+    sample.check_pair(sft.args, sft.tokenizer, rm and rm.args, rm and rm.tokenizer)
     if a.scorer is None:
         from data.smollm2 import ensure
         a.scorer = str(ensure())
-    torch.manual_seed(0)
-    t0 = time.time()
-    tok = Tokenizer(a.sft)
-    scorer = (Transformer.from_pretrained(a.scorer, verbose=False).eval(), Tokenizer(a.scorer))
-    model = Transformer.from_pretrained(a.sft, verbose=False).eval()
-    rm = Transformer.from_pretrained(a.rm, verbose=False).eval() if a.rm else None
-    chats = read_jsonl(os.path.join(a.out, "data", "sft_val.jsonl"))
-    cont = [c for c in chats if c["task"] == "continue"][: a.prompts]
-    who = [c for c in chats if c["task"] == "who"][: a.prompts if a.who is None else a.who]
+    scorer = Checkpoint.read(a.scorer, "--scorer")
+    check_scorer(scorer, a.scorer)
+    return sft, rm, scorer, cont, who
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    sft, rm_checkpoint, scorer_checkpoint, cont, who = prepare(a)
+    with OutputFolder(a.out, "--out") as out:
+        torch.manual_seed(0)
+        t0 = time.time()
+        scorer = (scorer_checkpoint.load(torch.float32, "cpu"), scorer_checkpoint.tokenizer)
+        model = sft.load(torch.float32, "cpu")
+        rm = rm_checkpoint.load(torch.float32, "cpu") if rm_checkpoint else None
+        results, kept = measure(a, model, sft.tokenizer, rm, scorer, cont, who)
+        write_results(a, out, results, sft.tokenizer, kept, t0)
+    if a.ship:
+        for src, name in ((model, "tess2-shakespeare"), (rm, "tess2-shakespeare-rm")):
+            src.to(torch.bfloat16).save_pretrained(os.path.join(a.ship, name), tokenizer_from=a.sft)
+    print(open(os.path.join(a.out, "results.md")).read())
+
+
+def measure(a, model, tok, rm, scorer, cont, who):
+    """Every table of results.md but the adaptation's: (results, the generations recorded at each step)."""
     users = [c["user"] for c in cont]
     results = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer, prompts=users[:2],
                    reference_perplexity=scored_perplexity(*scorer, cont, [c["assistant"] for c in cont]))
@@ -183,25 +221,21 @@ def main(argv=None):
         _, metrics = run(a.eta_steps, reward_model=rm if eta else None, eta=eta or None)
         results["eta"].append(dict(eta=eta, **metrics))
         print(f"eta {eta}: {metrics}", flush=True)
-    write_results(a, results, tok, kept, t0)
-    if a.ship:
-        if rm is None:
-            raise ValueError("--ship writes the diffusion model and the reward model: pass --rm")
-        for src, name in ((model, "tess2-shakespeare"), (rm, "tess2-shakespeare-rm")):
-            src.to(torch.bfloat16).save_pretrained(os.path.join(a.ship, name), tokenizer_from=a.sft)
-    print(open(os.path.join(a.out, "results.md")).read())
+    return results, kept
 
 
-def write_results(a, results, tok, kept, t0):
-    """results.json, results.md and the settling page (of the generations recorded) in a.out."""
-    html = os.path.join(a.out, "settling.html")
-    write_html(html, tok, kept[:4])
+def write_results(a, out, results, tok, kept, t0):
+    """results.json, results.md and the settling page (of the generations recorded), replacing the
+    earlier ones in a.out as one set (results.json, the marker, last)."""
+    staging = out.staging("results")
+    html = os.path.join(a.out, "settling.html")  # where it will be: results.md names it
+    write_html(os.path.join(staging, "settling.html"), tok, kept[:4])
     results["settling"] = dict(settling(kept), rows=len(kept), steps=len(kept[0].predictions), html=html)
     results["seconds"] = time.time() - t0
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(markdown(results, "bash eval/miniature.sh" + (" (SMOKE=1)" if a.smoke else "")))
+    atomic_write(os.path.join(staging, "results.md"),
+                 markdown(results, "bash eval/miniature.sh" + (" (SMOKE=1)" if a.smoke else "")))
+    atomic_write(os.path.join(staging, "results.json"), json.dumps(results, indent=1))
+    replace_files(staging, a.out, "results.json", old=["results.md", "settling.html"])
 
 
 if __name__ == "__main__":

@@ -244,15 +244,23 @@ class OutputFolder:
 
 
 def replace_files(staging, target, marker: str, old=()):
-    """Moves every file of `staging` into `target` as one set. The marker (the file that says the
-    result is complete, e.g. meta.json) goes first, then the `old` files of the previous result, then
-    the new files come in and the new marker last: a reader finds the old result, no result, or the
-    new one, never a mix of two runs. `staging` is removed."""
+    """Moves every file (or folder) of `staging` into `target` as one set. The marker (the file that
+    says the result is complete, e.g. meta.json) goes first, then the `old` files and folders of the
+    previous result, then the new ones come in and the new marker last: a reader finds the old result,
+    no result, or the new one, never a mix of two runs. `staging` is removed."""
     os.makedirs(target, exist_ok=True)
     for name in [marker, *old]:
-        if os.path.lexists(os.path.join(target, name)):
-            os.unlink(os.path.join(target, name))
+        _remove(os.path.join(target, name))
     for name in sorted(os.listdir(staging), key=lambda n: n == marker):
+        if os.path.isdir(os.path.join(target, name)):  # os.replace puts a file over a file, not a folder
+            _remove(os.path.join(target, name))
         os.replace(os.path.join(staging, name), os.path.join(target, name))
     os.rmdir(staging)
 
+
+def _remove(path):
+    """Deletes a file or a folder (and what it holds), if there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)

@@ -6,8 +6,12 @@ gives.
 
 A row is BOS + the prompt in the Tulu chat template (context: clean tokens that never change) +
 a generation region (span). `<mask:N>` in a prompt is a gap of N span positions (infilling).
+Under torchrun the batches of a run are spread over its processes (spread), prompt j keeping its
+seed + j.
 """
+import atexit
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -94,7 +98,8 @@ def given(flags) -> dict:
 
 
 def read_prompts(path):
-    """One prompt per line; in a .jsonl file, a JSON string or {"prompt": ...} per line (--prompts-file)."""
+    """One prompt per line; in a .jsonl file, a JSON string or {"prompt": ...} per line (--prompts-file).
+    A file without a prompt is refused, by its name."""
     if os.path.isdir(path):
         raise ValueError(f"--prompts-file {path} is a directory: pass a text file, one prompt per line")
     try:
@@ -104,6 +109,8 @@ def read_prompts(path):
         raise ValueError(f"--prompts-file {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not lines:
+        raise ValueError(f"--prompts-file {path} holds no prompt (it is empty or blank): write one prompt per line")
     if not path.endswith(".jsonl"):
         return [line for _, line in lines]
     prompts = []
@@ -125,28 +132,59 @@ def read_prompts(path):
 # Prompts -> rows: context ids, span mask, row length
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = True, placeholder: int = 0):
+def gap_size(spec: str, prompt: str, max_len: int | None = None) -> int:
+    """N of a gap `<mask:N>` (spec is the text between "<mask:" and ">"): a whole number >= 1 written
+    in the digits 0-9, at most the positions the model reads. Anything else is refused by its cause."""
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    where = f"<mask:{spec}> in prompt {shown!r}"
+    rule = "a gap is <mask:N> with N a whole number >= 1"
+    if re.fullmatch(r"[0-9]+", spec):
+        n = int(spec)
+        if n == 0:
+            raise ValueError(f"{where}: a gap of 0 tokens leaves nothing to fill; {rule}")
+        if max_len is not None and n > max_len:
+            raise ValueError(f"{where}: a gap of {n} tokens is longer than the {max_len} positions the model reads")
+        return n
+    if spec != spec.strip():
+        raise ValueError(f"{where}: no spaces inside the brackets; {rule}")
+    if re.fullmatch(r"-[0-9]+", spec):
+        raise ValueError(f"{where}: a gap cannot have a negative size; {rule}")
+    raise ValueError(f"{where}: {spec!r} is not a number written in the digits 0-9; {rule}")
+
+
+def encode_pieces(tokenizer, pieces: list[str]) -> list[list[int]]:
+    """The ids of each text piece of a prompt with gaps, tokenised as the piece reads in running text:
+    the pieces are joined, encoded once and cut where each piece begins. A byte-level BPE (the shipped
+    model's) puts the space before a word into that word's token (" be" is one token), and a
+    SentencePiece tokenizer adds a space only at the start of a text; either way decoding the row gives
+    back every space, newline and punctuation mark as written. Where a token would span a cut (the
+    pieces around a gap merge: "th<mask:1>e"), each piece is encoded on its own."""
+    encoding = tokenizer.tokenizer.encode("".join(pieces), add_special_tokens=False)
+    cuts = list(itertools.accumulate(len(piece) for piece in pieces[:-1]))  # where pieces 1, 2, ... begin
+    if any(start < cut < end for start, end in encoding.offsets for cut in cuts):
+        return [tokenizer.encode(piece) if piece else [] for piece in pieces]
+    firsts = [next((k for k, (start, _) in enumerate(encoding.offsets) if start >= cut), len(encoding.ids))
+              for cut in cuts]  # each piece's first token
+    bounds = [0, *firsts, len(encoding.ids)]
+    return [encoding.ids[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True, placeholder: int = 0, max_len: int | None = None):
     """One prompt -> (ids, span) lists: BOS + the prompt, stripped and in the Tulu chat template
     "<|user|>\\n{prompt}\\n<|assistant|>\\n" as in training (§8) unless chat=False. `<mask:N>`
-    marks a gap of N span positions (filled with `placeholder`, never read); such a prompt is used as
-    written, never templated (write the template out to infill an answer), and spaces next to a gap
-    go: generated tokens carry their own."""
+    marks a gap of N span positions (filled with `placeholder`, never read); such a prompt is used
+    exactly as written, spaces and newlines next to a gap included (encode_pieces), never templated
+    (write the template out to infill an answer)."""
     parts = GAP.split(prompt)  # text, N, text, N, ..., text
     if len(parts) == 1:
         ids = data.chat.encode_prompt(tokenizer, prompt) if chat else [tokenizer.bos_id] + tokenizer.encode(prompt)
         return ids, [False] * len(ids)
+    sizes = [gap_size(spec, prompt, max_len) for spec in parts[1::2]]
     ids, span = [tokenizer.bos_id], [False]
-    for j, part in enumerate(parts):
-        if j % 2:  # a gap
-            if not part.isdigit() or int(part) < 1:
-                raise ValueError(f"<mask:{part}> in prompt {prompt!r}: a gap is <mask:N> with N a whole number >= 1")
-            piece, gap = [placeholder] * int(part), True
-        else:
-            text = part.lstrip() if j > 0 else part
-            text = text.rstrip() if j < len(parts) - 1 else text
-            piece, gap = tokenizer.encode(text) if text else [], False
-        ids += piece
-        span += [gap] * len(piece)
+    for j, piece in enumerate(encode_pieces(tokenizer, parts[::2])):
+        gap = [placeholder] * sizes[j] if j < len(sizes) else []
+        ids += piece + gap
+        span += [False] * len(piece) + [True] * len(gap)
     return ids, span
 
 
@@ -173,7 +211,7 @@ def row_length(n_prompt: int, gaps: bool, s: Settings) -> int:
 def make_batch(tokenizer, prompts, s: Settings, max_len: int, fill: int, first: int = 0) -> Batch:
     """Prompts first, first+1, ... -> one batch. Rows shorter than the batch are padded and masked
     out of attention, so each row computes what it would alone."""
-    encoded = [encode_prompt(tokenizer, p, s.chat, fill) for p in prompts]  # [(ids, span)]
+    encoded = [encode_prompt(tokenizer, p, s.chat, fill, max_len) for p in prompts]  # [(ids, span)]
     lengths = []
     for j, (ids, span) in enumerate(encoded, first):
         n, need = row_length(len(ids), any(span), s), f"prompt {j} has {len(ids)} tokens"
@@ -225,3 +263,59 @@ def decode_row(tokenizer, prompt, row, span, end):
     specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     doc = [x for x, is_span in zip(row[1:end], span[1:end]) if not (is_span and x in specials)]  # prompt, gaps filled
     return Generation(prompt, tokenizer.decode(doc + tail), gaps + tail)
+
+
+def empty_answer(g: Generation) -> str | None:
+    """What the model produced when a generation's answer reads as empty, in words (sample.py's note),
+    or None when it holds text."""
+    if g.text.strip():
+        return None
+    if not g.tokens:
+        return "the model ended it at once (its first token is the end of text)"
+    if not g.text:
+        return f"the model produced {len(g.tokens)} special tokens, which decode to no text"
+    shown = repr(g.text if len(g.text) <= 40 else g.text[:40] + "...")
+    kind = "newlines" if set(g.text) == {"\n"} else "whitespace"
+    return f"the model produced only {kind}: {len(g.tokens)} tokens, {shown}"
+
+
+# -----------------------------------------------------------------------------
+# Prompts across processes: `torchrun --nproc_per_node N` splits a run's batches over N processes
+
+
+def processes() -> tuple[int, int]:
+    """(rank, number of processes) of this run. Under torchrun (WORLD_SIZE > 1) the default process
+    group is started once, with gloo: only texts and scores travel between the processes, each of
+    which samples on its own device (process_device). Alone: (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def process_device(name: str) -> str:
+    """The device of this process: under torchrun "cuda" is the process's own GPU (LOCAL_RANK, taken
+    round the GPUs there are), as the processes of one machine share its GPUs."""
+    if name != "cuda" or processes()[1] == 1 or not torch.cuda.is_available():
+        return name
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+
+
+def spread(jobs: list, run):
+    """Yields (job, run(job)) for every job, in order, on every process: the processes of the run take
+    turns, process k running jobs k, k + n, k + 2n, ... (n processes), and after each round of n jobs
+    every process receives the round's results (torch.distributed.all_gather_object). A batch keeps
+    its seeds whichever process samples it, so the results are the one-process run's."""
+    rank, size = processes()
+    for first in range(0, len(jobs), size):
+        round_jobs = jobs[first:first + size]
+        mine = run(round_jobs[rank]) if rank < len(round_jobs) else None
+        results = [mine]
+        if size > 1:
+            import torch.distributed as dist
+            results = [None] * size
+            dist.all_gather_object(results, mine)
+        yield from zip(round_jobs, results)

@@ -1,6 +1,7 @@
 """eval/alpaca.py: the model-outputs file alpaca-eval reads, and its judge run offline."""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,7 +36,7 @@ def test_outputs_file_and_offline_judge(tmp_path, monkeypatch, capsys, prefers, 
 
     def stub(model, tok, prompts, **kwargs):
         calls.append((list(prompts), kwargs))
-        return [f"  answer to {p}\n" for p in prompts]
+        return [SimpleNamespace(text=f"  answer to {p}\n", tokens=[5]) for p in prompts]
 
     monkeypatch.setattr(alpaca.sample, "generate", stub)
     prompts = tmp_path / "prompts.json"
@@ -60,7 +61,8 @@ def test_outputs_file_and_offline_judge(tmp_path, monkeypatch, capsys, prefers, 
 def test_a_stopped_run_resumes_without_sampling_again(tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    monkeypatch.setattr(alpaca.sample, "generate", lambda m, t, ps, **k: [f"r {p}" for p in ps])
+    monkeypatch.setattr(alpaca.sample, "generate", lambda m, t, ps, **k: [SimpleNamespace(text=f"r {p}", tokens=[5])
+                                                                           for p in ps])
     alpaca.main(["--prompts", str(prompts), "--output", str(tmp_path / "o")])
     monkeypatch.setattr(alpaca.sample, "generate", lambda *a, **k: pytest.fail("sampled again"))
     alpaca.main(["--prompts", str(prompts), "--output", str(tmp_path / "o")])
@@ -83,9 +85,11 @@ def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
     seen = []
-    monkeypatch.setattr(alpaca.sample, "generate", lambda m, t, ps, **kw: seen.append((m, kw)) or ["r"] * len(ps))
+    monkeypatch.setattr(alpaca.sample, "generate", lambda m, t, ps, **kw: seen.append((m, kw)) or
+                        [SimpleNamespace(text="r", tokens=[5])] * len(ps))
     alpaca.main(["--prompts", str(prompts), "--output", str(tmp_path / "o")])
     model, kw = seen[0]
-    sampling = {k: v for k, v in kw.items() if k not in ("reward_model", "reward_tokenizer", "seed", "batch_size")}
+    sampling = {k: v for k, v in kw.items() if k not in ("reward_model", "reward_tokenizer", "seed", "batch_size",
+                                                         "details")}
     cfg, n = model.generation_config, model.args.max_length
     assert settings_for(cfg, n, **sampling) == settings_for(cfg, n, chat=True) and kw["seed"] == 0

@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ mauve = pytest.importorskip("mauve")  # requirements-eval.txt
 
 import eval.intrinsic as intrinsic  # noqa: E402
 import eval.sweep as sweep  # noqa: E402
+import sample  # noqa: E402
 from model import Transformer, preset  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
 
@@ -93,7 +95,7 @@ def test_steps_sweep_writes_a_table_and_a_plot_and_resumes(tmp_path, monkeypatch
     table = (out / "sweep_steps.md").read_text().splitlines()
     assert table[0].startswith("| steps | distinct_1") and [r.split(" | ")[0] for r in table[2:]] == ["| 1", "| 2"]
     assert (out / "sweep_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    monkeypatch.setattr(sweep.sample, "generate", lambda *a, **k: pytest.fail("a finished point ran again"))
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("a finished point ran again"))
     sweep.main(argv)
 
 
@@ -122,10 +124,10 @@ def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
     assert given(p.parse_args(["--prompts", "p", "--output", "o"])) == {}
     seen = []
     monkeypatch.setattr(intrinsic.sample, "generate", lambda m, t, prompts, **kw: seen.append((m, kw)) or
-                        ["some words"] * len(prompts))
+                        [SimpleNamespace(text="some words", tokens=[5])] * len(prompts))
     intrinsic.main(["--prompts", write_prompts(tmp_path), "--output", str(tmp_path / "out")])
     model, kw = seen[0]
-    sampling = {k: v for k, v in kw.items() if k not in ("reward_model", "reward_tokenizer")}
+    sampling = {k: v for k, v in kw.items() if k not in ("reward_model", "reward_tokenizer", "details")}
     cfg = model.generation_config
     assert settings_for(cfg, model.args.max_length, **sampling) == settings_for(cfg, model.args.max_length)
     assert settings_for(cfg, model.args.max_length).total_length == 160

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("lm_eval")  # eval.sweep shares eval.harness's defaults (requirements-eval.txt)
 
 import eval.sweep as sweep  # noqa: E402
+import sample  # noqa: E402
 from model import Transformer, preset  # noqa: E402
 from support.cli import run_cli  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
@@ -30,7 +31,7 @@ def calls(monkeypatch):
     def generate(model, tok, prompts, steps, eta, details, length, **kw):
         made.append(dict(prompts=prompts, steps=steps, eta=eta, length=length, model=model.args.hidden_size))
         return [SimpleNamespace(text=f"{p} then {length}", tokens=tok.encode(f" then {length}")) for p in prompts]
-    monkeypatch.setattr(sweep.sample, "generate", generate)
+    monkeypatch.setattr(sample, "generate", generate)
     return made
 
 
@@ -71,7 +72,7 @@ CHANGES = {  # another run into the same OUTPUT: (how the flags change, what its
     "no scorer": lambda argv, f: without(argv, "--scorer"),
     "another seed": lambda argv, f: argv + ["--seed", "1"],
     "argmax": lambda argv, f: argv + ["--argmax"],
-    "chat template": lambda argv, f: argv + ["--chat"],
+    "no chat template": lambda argv, f: argv + ["--no-chat"],  # the shipped model's own is the template
 }
 
 
@@ -157,12 +158,12 @@ REFUSALS = [  # (flags, phrase of the message); {name} is a path of the `files` 
 def earlier(tmp_path_factory, files):
     """The OUTPUT of a finished sweep (sample.generate stood in for by a fixed text)."""
     out = tmp_path_factory.mktemp("earlier") / "out"
-    real = sweep.sample.generate
-    sweep.sample.generate = lambda model, tok, prompts, **kw: [SimpleNamespace(text="x", tokens=[5]) for _ in prompts]
+    real = sample.generate
+    sample.generate = lambda model, tok, prompts, **kw: [SimpleNamespace(text="x", tokens=[5]) for _ in prompts]
     try:
         sweep.main(base(files, out))
     finally:
-        sweep.sample.generate = real
+        sample.generate = real
     return out
 
 
