@@ -33,7 +33,7 @@ import torch
 import sample
 from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, output_folder, pick_device,
                           request_key, sample_answers)
-from support.cli import ArgumentParser, atomic_write, number, replace_files, run_cli, seed_flag
+from support.cli import ArgumentParser, atomic_write, eta_flag, number, replace_files, run_cli, seed_flag
 from support.prompts import given, plan, processes, settings_for
 
 HUB_DATASET = "tatsu-lab/alpaca_eval"  # its alpaca_eval.json holds the 805 instructions
@@ -108,7 +108,7 @@ def parse_args(argv):
     p.add_argument("--limit", type=positive, help="only the first N instructions")
     p.add_argument("--generator", help="the name in the outputs and leaderboard (default: the model's folder name)")
     p.add_argument("--reward-model")
-    p.add_argument("--eta", type=number(float, lo=0))
+    p.add_argument("--eta", type=eta_flag)
     p.add_argument("--guidance-steps", type=positive)
     # sampling flags left out take the checkpoint's generation_config.json, as in sample.py
     p.add_argument("--steps", type=positive, help="diffusion steps (default: the checkpoint's)")
@@ -141,12 +141,12 @@ def prepare(a):
                          "annotator config file")
     if a.reference_outputs and not os.path.isfile(a.reference_outputs):
         raise ValueError(f"--reference-outputs {a.reference_outputs}: no such file")
-    items = read_prompts(a.prompts)[:a.limit]
     model = Checkpoint.read(a.model, "--model", DEFAULT_MODEL)
     reward = Checkpoint.read(a.reward_model or DEFAULT_REWARD_MODEL, "--reward-model", DEFAULT_REWARD_MODEL) \
         if a.reward_model or a.eta else None
     sample.check_pair(model.args, model.tokenizer, reward and reward.args, reward and reward.tokenizer)
     device, dtype = pick_device(a.device)
+    items = read_prompts(a.prompts)[:a.limit]  # the Hub's, without --prompts: fetched once the rest is checked
     s = settings_for(model.generation_config, model.args.max_length, **dict(given(a), chat=True))
     plan(model.tokenizer, [item["instruction"] for item in items], s, model.args)  # every row fits, or a message
     return items, model, reward, device, getattr(torch, a.dtype) if a.dtype else dtype

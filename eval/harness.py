@@ -71,8 +71,8 @@ import data.chat
 import sample
 import tess2
 from model import ModelArgs, Transformer
-from support.cli import (ArgumentParser, OutputFolder, atomic_write, file_identity, number, replace_files, run_cli,
-                         seed_flag)
+from support.cli import (ArgumentParser, OutputFolder, atomic_write, eta_flag, file_identity, number, replace_files,
+                         run_cli, seed_flag)
 from support.hub import read_config, read_json
 from support.prompts import GUIDANCE_ETA, Settings, process_device, processes, settings_for, spread
 from support.tokenizer import Tokenizer
@@ -309,18 +309,18 @@ def read_data_file(split: str, path: str) -> list[tuple[str, dict]]:
     return records
 
 
-def shape_difference(first: dict, record: dict, prefix: str = "") -> str | None:
-    """How a record's fields differ from the first record's: a field missing, or of another kind
-    (objects compared field by field; null goes with any kind), or None."""
+def shape_difference(first: dict, record: dict, first_where: str, prefix: str = "") -> str | None:
+    """How a record's fields differ from the first record's (found at first_where): a field missing,
+    or of another kind (objects compared field by field; null goes with any kind), or None."""
     for name, value in first.items():
         field = f"{prefix}{name}"
         if name not in record:
-            return f"no field {field!r}"
+            return f"no field {field!r}, which {first_where} has"
         other = record[name]
         if value is not None and other is not None and kind(other) != kind(value):
-            return f"field {field!r} is {kind(other)}, not {kind(value)}"
+            return f"field {field!r} is {kind(other)}, where {first_where} has {kind(value)}"
         if isinstance(value, dict) and isinstance(other, dict):
-            found = shape_difference(value, other, f"{field}.")
+            found = shape_difference(value, other, first_where, f"{field}.")
             if found:
                 return found
     return None
@@ -331,10 +331,10 @@ def check_shape(path: str, records: list[tuple[str, dict]]):
     table, which fails far from the cause (or reads null) where a record differs."""
     first_where, first = records[0]
     for where, record in records[1:]:
-        found = shape_difference(first, record)
+        found = shape_difference(first, record, first_where)
         if found:
-            raise ValueError(f"{path}, {where}: {found} as on {first_where}: every record needs the fields of "
-                             "the first, each of the same kind")
+            raise ValueError(f"{path}, {where}: {found}: every record needs the fields of the first, each of the "
+                             "same kind")
 
 
 def plain(x):
@@ -355,41 +355,68 @@ def read_as_the_task_does(task, doc):
         task.process_results(doc, [""])
 
 
+JINJA_KINDS = {"dict": "an object", "str": "a string", "list": "a list", "int": "a number", "float": "a number",
+               "NoneType": "null"}
+
+
 def complaint(e: Exception) -> str:
-    """A task's error on a document, as the field it names."""
+    """A task's error on a document, said as the field it names."""
     message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     missing = re.fullmatch(r"'?(\w+)'? is undefined", message)
-    return f"no field {missing.group(1)!r}" if missing else f"no field {message!r}" if isinstance(e, KeyError) \
-        else f"{type(e).__name__}: {message}"
+    if missing or isinstance(e, KeyError):
+        return f"no field {missing.group(1) if missing else message!r}"
+    attribute = re.fullmatch(r"'(\w+) object' has no attribute '(\w+)'", message)
+    if attribute:
+        return (f"it reads field {attribute.group(2)!r} of {JINJA_KINDS.get(attribute.group(1), attribute.group(1))}"
+                ", which has none")
+    return f"{type(e).__name__}: {message}"
 
 
-def check_task_reads(task, files: dict, records: dict, num_fewshot: int | None):
-    """Reads every document of the splits the task uses as the task does, before any weights load: a
-    split not given, or a record the task cannot read, is named by its file and line."""
-    cfg = task.config
-    shots = num_fewshot if num_fewshot is not None else cfg.num_fewshot or 0
-    used = [cfg.test_split or cfg.validation_split] + [cfg.fewshot_split or cfg.training_split] * (shots > 0)
-    for split in dict.fromkeys(x for x in used if x):
+def used_splits(cfg: dict, files: dict) -> list[str]:
+    """The splits a task's config reads, each of which --data-files must give: the one it evaluates,
+    and the one its examples come from (lm-eval reads it when it builds the task, however many
+    examples are shown), unless the config lists its examples."""
+    examples = cfg.get("fewshot_config") or {}
+    used = [cfg.get("test_split") or cfg.get("validation_split"),
+            cfg.get("fewshot_split") or examples.get("split") or (None if examples.get("samples") else
+                                                                  cfg.get("training_split"))]
+    for split in [x for x in used if x]:
         if split not in files:
-            raise ValueError(f"--data-files has no {split}=FILE: task {cfg.task} reads its {split} split")
-        docs = cfg.process_docs(task.dataset[split]) if cfg.process_docs else task.dataset[split]
-        for doc in docs:
-            try:
-                read_as_the_task_does(task, doc)
-            except Exception as e:  # the task's own templates and functions, on a user's data
-                where = next((w for w, r in records[split] if plain(r) == plain(dict(doc))), "a record")
-                raise ValueError(f"{files[split]}, {where}: task {cfg.task} cannot read it: {complaint(e)}") from None
+            raise ValueError(f"--data-files has no {split}=FILE: task {cfg.get('task')} reads its {split} split")
+    return list(dict.fromkeys(x for x in used if x))
 
 
-def data_task(manager, name: str, files: dict, num_fewshot: int | None):
-    """The task with its data from local files, every file and record checked (read_data_file,
-    check_shape, check_task_reads): the lm-eval Task object simple_evaluate takes."""
+def unreadable(cfg: dict, file: str, records: list, doc, e: Exception) -> ValueError:
+    """The message for a document the task cannot read: its file and line, and the task's complaint."""
+    where = next((w for w, r in records if plain(r) == plain(dict(doc))), "a record")
+    return ValueError(f"{file}, {where}: task {cfg.get('task')} cannot read it: {complaint(e)}")
+
+
+def data_task(manager, name: str, files: dict):
+    """The task with its data from local files, every file and record checked before any weights
+    load (read_data_file, check_shape, then every document of the splits it uses read as the task
+    does): the lm-eval Task object simple_evaluate takes."""
+    import datasets
+    import jinja2
     cfg = local_task(manager, name, files)
     records = {split: read_data_file(split, path) for split, path in files.items()}
     for split, path in files.items():
         check_shape(path, records[split])
-    (task,) = manager.load([cfg])["tasks"].values()
-    check_task_reads(task, files, records, num_fewshot)
+    splits = used_splits(cfg, files)
+    try:
+        (task,) = manager.load([cfg])["tasks"].values()
+    except (KeyError, TypeError, IndexError, jinja2.exceptions.UndefinedError) as e:
+        # lm-eval reads the first document it evaluates while it builds the task
+        docs = datasets.Dataset.from_list([r for _, r in records[splits[0]]])
+        first = (cfg["process_docs"](docs) if cfg.get("process_docs") else docs)[0]
+        raise unreadable(cfg, files[splits[0]], records[splits[0]], first, e) from None
+    for split in splits:
+        docs = cfg["process_docs"](task.dataset[split]) if cfg.get("process_docs") else task.dataset[split]
+        for doc in docs:
+            try:
+                read_as_the_task_does(task, doc)
+            except Exception as e:  # the task's own templates and functions, on a user's data
+                raise unreadable(cfg, files[split], records[split], doc, e) from None
     return task
 
 
@@ -667,7 +694,7 @@ def parse_args(argv):
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (eval/tasks/ included)")
     p.add_argument("--output", required=True, help="folder for results.json, samples and the resumable cache")
     p.add_argument("--reward-model", help="reward model for guidance (with --eta)")
-    p.add_argument("--eta", type=number(float, lo=0),
+    p.add_argument("--eta", type=eta_flag,
                    help=f"reward guidance step size (default {GUIDANCE_ETA} with --reward-model)")
     # sampling flags left out take the checkpoint's generation_config.json, as in sample.py
     p.add_argument("--guidance-steps", type=positive, help="gradient steps per diffusion step (default: the "
@@ -745,7 +772,7 @@ def main(argv=None):
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; ours are in {TASKS_DIR} "
                          "(`lm-eval ls tasks` lists lm-eval's)")
-    tasks = [data_task(manager, names[0], files, a.num_fewshot)] if files else names
+    tasks = [data_task(manager, names[0], files)] if files else names
     with output_folder(a.output):
         lm = TESS2(pretrained=model.path, reward_model=reward and reward.path, eta=a.eta, steps=a.steps,
                    batch_size=a.batch_size, top_p=a.top_p, argmax=a.argmax, seed=a.seed, chat=a.chat,

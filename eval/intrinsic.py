@@ -40,8 +40,8 @@ import sample
 from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, check_scorer, output_folder,
                           pick_device, request_key, sample_answers)
 from eval.metrics import distinct_n, perplexity, unigram_entropy
-from support.cli import (ArgumentParser, atomic_write, fingerprint, number, read_marker, replace_files, run_cli,
-                         seed_flag)
+from support.cli import (ArgumentParser, atomic_write, eta_flag, fingerprint, number, read_marker, replace_files,
+                         run_cli, seed_flag)
 from support.prompts import given, plan, processes, settings_for
 
 
@@ -181,7 +181,7 @@ def main(argv=None):
     p = ArgumentParser(prog="eval.intrinsic", description=__doc__.split("\n\n")[0])
     common_flags(p)
     p.add_argument("--steps", type=number(int, lo=1), help="diffusion steps (default: the checkpoint's)")
-    p.add_argument("--eta", type=number(float, lo=0), help="reward guidance (needs --reward-model, or the "
+    p.add_argument("--eta", type=eta_flag, help="reward guidance (needs --reward-model, or the "
                                                            "shipped one)")
     a = p.parse_args(argv)
     run = prepare(a, steps=a.steps, eta=a.eta)

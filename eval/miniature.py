@@ -33,7 +33,7 @@ from data.chat import format_prompt
 from eval.harness import Checkpoint, check_scorer
 from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
 from sample import generate
-from support.cli import ArgumentParser, OutputFolder, atomic_write, number, replace_files
+from support.cli import ArgumentParser, OutputFolder, atomic_write, eta_flag, number, replace_files
 from support.views import write_html
 
 
@@ -142,7 +142,7 @@ def parse_args(argv=None):
                                              "0: none)")
     p.add_argument("--length", type=positive, default=64, help="positions generated per prompt")
     p.add_argument("--steps", type=positive, nargs="+", default=[5, 10, 25, 50, 100], help="steps sweep")
-    p.add_argument("--etas", type=number(float, lo=0), nargs="+", default=[0, 0.1, 0.25, 0.5, 1, 2, 4],
+    p.add_argument("--etas", type=eta_flag, nargs="+", default=[0, 0.1, 0.25, 0.5, 1, 2, 4],
                    help="eta sweep")
     p.add_argument("--eta-steps", type=positive, default=25, help="diffusion steps in the eta sweep")
     p.add_argument("--smoke", action="store_true", help="tiny sweeps (CI)")

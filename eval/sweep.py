@@ -23,7 +23,8 @@ import time
 from eval.harness import output_folder
 from eval.intrinsic import answers, common_flags, generations_file, load, measure, prepare, produced_by
 from eval.metrics import mean_reward
-from support.cli import ArgumentParser, atomic_write, fingerprint, number_list, read_marker, run_cli
+from support.cli import (FLOAT32_MAX, ArgumentParser, atomic_write, fingerprint, number_list, read_marker,
+                         run_cli)
 from support.prompts import processes
 
 
@@ -85,9 +86,12 @@ def parse_args(argv):
     common_flags(p)
     p.add_argument("--steps", type=number_list(int, lo=1),
                    help="diffusion steps: a list to sweep (10,50,100), or one value (default: the checkpoint's)")
-    p.add_argument("--eta", type=number_list(float, lo=0), help="guidance step sizes to sweep (0,0.25,0.5); "
-                                                                "needs a reward model (default: the shipped one)")
+    p.add_argument("--eta", type=number_list(float, lo=0),
+                   help="guidance step sizes to sweep (0,0.25,0.5); needs a reward model (default: the shipped one)")
     a = p.parse_args(argv)
+    if a.eta and max(a.eta) > FLOAT32_MAX:
+        p.error(f"--eta must be finite numbers >= 0, got {max(a.eta):g}, over float32's largest (3.4e+38), "
+                "which the logits are")
     if a.eta and a.steps and len(a.steps) > 1:
         p.error("sweep one thing at a time: a list for --eta or for --steps, not both")
     if not a.eta and (not a.steps or len(a.steps) == 1):

@@ -160,6 +160,17 @@ def number_list(kind, **bounds):
 
 
 seed_flag = number(int, lo=0, hi=INT_LIMIT, hi_open=True)  # the argparse type of --seed: [0, 2**63)
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: logits are float32 (or narrower)
+
+
+def eta_flag(text: str) -> float:
+    """The argparse type of --eta, a guidance step size: a finite number >= 0 that float32 holds (a
+    larger one makes the guided logits infinite)."""
+    value = number(float, lo=0)(text)
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}, over float32's largest "
+                                         "(3.4e+38), which the logits are")
+    return value
 
 
 # -----------------------------------------------------------------------------
