@@ -326,15 +326,33 @@ def shape_difference(first: dict, record: dict, first_where: str, prefix: str = 
     return None
 
 
-def check_shape(path: str, records: list[tuple[str, dict]]):
-    """Every record has the fields of the first, each of the same kind: the data set is read as one
-    table, which fails far from the cause (or reads null) where a record differs."""
-    first_where, first = records[0]
-    for where, record in records[1:]:
-        found = shape_difference(first, record, first_where)
-        if found:
-            raise ValueError(f"{path}, {where}: {found}: every record needs the fields of the first, each of the "
-                             "same kind")
+def field_names(record: dict, prefix: str = "") -> set[str]:
+    """The dotted names of a record's fields, those of nested objects included."""
+    names = set()
+    for name, value in record.items():
+        names.add(prefix + name)
+        if isinstance(value, dict):
+            names |= field_names(value, f"{prefix}{name}.")
+    return names
+
+
+def check_shape(files: dict, records: dict):
+    """The --data-files are read as one table, with the first file's fields: every record must have
+    the fields of the first record, each of the same kind, and the records of the other files no field
+    the first file lacks. Else the table fails to build, far from the cause, or reads null."""
+    splits = list(files)
+    first_where, first = records[splits[0]][0]
+    known = set().union(*(field_names(record) for _, record in records[splits[0]]))
+    for split in splits:
+        reference = first_where if split == splits[0] else f"{first_where} of {files[splits[0]]}"
+        for where, record in records[split]:
+            found = shape_difference(first, record, reference)
+            extra = sorted(field_names(record) - known) if split != splits[0] else []
+            if extra:
+                found = f"field {extra[0]!r}, which {files[splits[0]]} lacks"
+            if found:
+                raise ValueError(f"{files[split]}, {where}: {found}: every record needs the fields of the first, "
+                                 "each of the same kind")
 
 
 def plain(x):
@@ -400,9 +418,10 @@ def data_task(manager, name: str, files: dict):
     import jinja2
     cfg = local_task(manager, name, files)
     records = {split: read_data_file(split, path) for split, path in files.items()}
-    for split, path in files.items():
-        check_shape(path, records[split])
+    check_shape(files, records)
     splits = used_splits(cfg, files)
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" for a few local records: noise before a message
     try:
         (task,) = manager.load([cfg])["tasks"].values()
     except (KeyError, TypeError, IndexError, jinja2.exceptions.UndefinedError) as e:
@@ -410,6 +429,9 @@ def data_task(manager, name: str, files: dict):
         docs = datasets.Dataset.from_list([r for _, r in records[splits[0]]])
         first = (cfg["process_docs"](docs) if cfg.get("process_docs") else docs)[0]
         raise unreadable(cfg, files[splits[0]], records[splits[0]], first, e) from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     for split in splits:
         docs = cfg["process_docs"](task.dataset[split]) if cfg.get("process_docs") else task.dataset[split]
         for doc in docs:
@@ -681,9 +703,12 @@ def parse_data_files(text: str | None) -> dict | None:
 
 def item_limit(text: str):
     """--limit: a fraction of each task's items (in (0, 1)) or a whole number of them (>= 1)."""
-    value = number(float, lo=0, lo_open=True)(text)
-    if value >= 1 and not value.is_integer():
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) or a whole number of items, got {text}")
+    try:
+        value = number(float, lo=0, lo_open=True)(text)
+    except argparse.ArgumentTypeError:
+        value = None
+    if value is None or (value >= 1 and not value.is_integer()) or value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) or a whole number of items >= 1, got {text}")
     return int(value) if value >= 1 else value
 
 

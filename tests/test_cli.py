@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from support.cli import (ArgumentParser, OutputFolder, file_identity, fingerprint, number, number_list, replace_files,
-                         run_cli, seed_flag)
+from support.cli import (ArgumentParser, OutputFolder, eta_flag, file_identity, fingerprint, number, number_list,
+                         replace_files, run_cli, seed_flag)
 
 
 def parse_error(parser, argv, capsys):
@@ -21,6 +21,7 @@ def tool():
     p.add_argument("--keep", type=number(int, lo=0))
     p.add_argument("--top-p", type=number(float, lo=0, hi=1, lo_open=True))
     p.add_argument("--eta", type=number(float, lo=0))
+    p.add_argument("--guide", type=eta_flag)
     p.add_argument("--tau", type=number(float, lo=0, lo_open=True))
     p.add_argument("--layer", type=number(int, lo=-1, hi=7))
     p.add_argument("--seed", type=seed_flag)
@@ -46,6 +47,9 @@ def tool():
     (["--eta", "1e400"], "tool: error: --eta must be a finite number >= 0, got 1e400"),
     (["--eta", "inf"], "tool: error: --eta must be a finite number >= 0, got inf"),
     (["--tau", "0"], "tool: error: --tau must be a finite number > 0, got 0"),
+    (["--guide", "-1"], "tool: error: --guide must be a finite number >= 0, got -1"),
+    (["--guide", "1e39"], "tool: error: --guide must be a finite number >= 0, got 1e39, over float32's largest "
+                          "(3.4e+38), which the logits are"),
     (["--layer", "8"], "tool: error: --layer must be a whole number in [-1, 7], got 8"),
     (["--seed", "-1"], "tool: error: --seed must be a whole number in [0, 2**63), got -1"),
     (["--seed", str(2**63)], f"tool: error: --seed must be a whole number in [0, 2**63), got {2**63}"),
@@ -187,3 +191,18 @@ def test_a_replace_stopped_halfway_leaves_no_marker(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         replace_files(staging, target, "meta.json", old=["a.bin"])
     assert not (target / "meta.json").exists()
+
+
+def test_replace_files_replaces_folders_whole(tmp_path):
+    """A result may hold a folder (a judge's files): the earlier one goes whole, listed in `old` or
+    replaced by the new one of the same name."""
+    target, staging = tmp_path / "out", tmp_path / "out" / ".tmp-new"
+    (target / "judge" / "gpt").mkdir(parents=True)
+    (target / "judge" / "gpt" / "annotations.json").write_text("old")
+    (target / "extra").mkdir()
+    (target / "extra" / "a").write_text("old")
+    (staging / "extra").mkdir(parents=True)
+    (staging / "extra" / "b").write_text("new")
+    (staging / "result.json").write_text("new")
+    replace_files(staging, target, "result.json", old=["judge"])
+    assert sorted(os.listdir(target)) == ["extra", "result.json"] and os.listdir(target / "extra") == ["b"]

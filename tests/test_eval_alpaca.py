@@ -1,6 +1,8 @@
 """eval/alpaca.py: the model-outputs file alpaca-eval reads, and its judge run offline."""
+import hashlib
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -93,3 +95,98 @@ def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
                                                          "details")}
     cfg, n = model.generation_config, model.args.max_length
     assert settings_for(cfg, n, **sampling) == settings_for(cfg, n, chat=True) and kw["seed"] == 0
+
+
+# -----------------------------------------------------------------------------
+# Refused runs: one line, exit status 2, no output changed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
+
+
+def folder_hash(path):
+    """{name: sha256} of what a folder holds (its .lock aside), the file's own hash, or None if absent."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
+            if p.name != ".lock"} if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Instruction files (good, empty, not JSON, without instructions) and the output of a finished run."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "p.json").write_text(json.dumps(PROMPTS))
+    (root / "empty.json").write_text("[]")
+    (root / "bad.jsonl").write_text(json.dumps(PROMPTS[0]) + "\n{\"instruction\": \n")
+    (root / "other.json").write_text(json.dumps([{"question": "Say hello."}]))
+    (root / "file").write_text("not a folder")
+    alpaca.main(["--prompts", str(root / "p.json"), "--steps", "1", "--length", "2", "--output", str(root / "earlier")])
+    return {"root": root, "p": str(root / "p.json"), "rm": os.path.join(ROOT, "models", "tess2-shakespeare-rm")}
+
+
+REFUSED = [  # (flags, a phrase of the message); {name} is a path of the `inputs` fixture
+    (["--total-length", "50"], "--length and --total-length both set the length of a row: give one"),
+    (["--limit", "0"], "--limit must be a positive integer, got 0"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--length", "0"], "--length must be a positive integer, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be a positive integer, got -2"),
+    (["--top-p", "1.5"], "--top-p must be a number in (0, 1], got 1.5"),
+    (["--seed", str(2**63)], f"--seed must be a whole number in [0, 2**63), got {2**63}"),
+    (["--eta", "nan"], "--eta must be a finite number >= 0, got nan"),
+    (["--guidance-steps", "0"], "--guidance-steps must be a positive integer, got 0"),
+    (["--alpaca-eval-version", "3"], "argument --alpaca-eval-version: invalid choice: 3"),
+    (["--prompts", "{root}/empty.json"], "--prompts {root}/empty.json holds no instructions"),
+    (["--prompts", "{root}/bad.jsonl"], "{root}/bad.jsonl, line 2: not JSON"),
+    (["--prompts", "{root}/other.json"], "expected a JSON list (or JSONL) of objects with an \"instruction\" string"),
+    (["--model", "{rm}"], "the model is a MistralForSequenceClassification, not a diffusion model"),
+    (["--reward-model", SHIPPED], "the reward model must have a score head"),
+    (["--eta", "1", "--reward-model", "{root}"], "has no config.json: not a Hugging Face checkpoint directory"),
+    (["--length", "2000"], "prompt 0 has 26 tokens and needs rows of 2026 positions, but the model reads at most 1024"),
+    (["--annotators-config", "alpaca_eval_gpt4"], "the judge alpaca_eval_gpt4 calls OpenAI: set OPENAI_API_KEY"),
+    (["--reference-outputs", "{root}/missing.json"], "--reference-outputs {root}/missing.json: no such file"),
+    (["--device", "cpu:5"], "--device cpu:5: a CPU has no index: use cpu"),
+    (["--output", "{root}/file"], "--output {root}/file is a file: give a folder"),
+]
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(f) for f, _ in REFUSED])
+def test_a_refused_run_is_one_line_and_changes_no_output(flags, message, inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(alpaca.sample, "generate", lambda *a, **k: pytest.fail("a refused run sampled"))
+    flags = [f.format(**inputs) for f in flags]
+    outputs = [inputs["root"] / "file"] if "--output" in flags else \
+        [tmp_path / "new", shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")]
+    for out in outputs:
+        before = folder_hash(out)
+        argv = ["--prompts", inputs["p"], "--steps", "1", "--length", "2", "--output", str(out)]
+        for flag in flags[::2]:
+            argv = argv[:argv.index(flag)] + argv[argv.index(flag) + 2:] if flag in argv else argv
+        with pytest.raises(SystemExit) as stop:
+            run_cli(alpaca.main, "eval.alpaca", argv + flags)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith("eval.alpaca: error: ") and message.format(**inputs) in err, err
+        assert folder_hash(out) == before
+
+
+def test_another_model_samples_anew_into_the_same_output(inputs, tmp_path, monkeypatch):
+    """The generations are keyed by the model's files, not its name: a model saved under the same
+    folder name elsewhere, with other weights, is sampled again."""
+    import torch
+    from model import Transformer
+    out = shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")
+    other = tmp_path / "elsewhere" / "tess2-shakespeare"
+    model = Transformer.from_pretrained(SHIPPED, verbose=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(str(other), tokenizer_from=SHIPPED)
+    seen = []
+    monkeypatch.setattr(alpaca.sample, "generate", lambda m, t, ps, **kw: seen.extend(ps) or
+                        [SimpleNamespace(text="new", tokens=[5]) for _ in ps])
+    argv = ["--prompts", inputs["p"], "--steps", "1", "--length", "2", "--output", str(out)]
+    alpaca.main(argv)
+    assert seen == []  # the same model: every answer is in generations.jsonl
+    alpaca.main(argv + ["--model", str(other)])
+    assert seen == [p["instruction"] for p in PROMPTS]
+    assert [o["output"] for o in json.loads((out / "model_outputs.json").read_text())] == ["new"] * 3

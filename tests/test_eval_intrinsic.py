@@ -1,8 +1,10 @@
 """eval/intrinsic.py and eval/sweep.py: adaptation metrics (Tables 1-2) and the Figure 3 sweeps."""
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,7 @@ import eval.intrinsic as intrinsic  # noqa: E402
 import eval.sweep as sweep  # noqa: E402
 import sample  # noqa: E402
 from model import Transformer, preset  # noqa: E402
+from support.cli import run_cli  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,3 +134,88 @@ def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
     cfg = model.generation_config
     assert settings_for(cfg, model.args.max_length, **sampling) == settings_for(cfg, model.args.max_length)
     assert settings_for(cfg, model.args.max_length).total_length == 160
+
+
+# -----------------------------------------------------------------------------
+# Refused runs: one line, exit status 2, no output changed
+
+
+def folder_hash(path):
+    """{name: sha256} of what a folder holds (its .lock aside), the file's own hash, or None if absent."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
+            if p.name != ".lock"} if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Prompt files (good, empty, with a bad gap) and the output of a finished run."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (root / "empty.jsonl").write_text("\n \n")
+    (root / "gap.jsonl").write_text(json.dumps({"prompt": "To be <mask:³> be"}) + "\n")
+    (root / "file").write_text("not a folder")
+    intrinsic.main(["--prompts", str(root / "p.jsonl"), "--steps", "1", "--length", "2", "--limit", "2",
+                    "--output", str(root / "earlier")])
+    return {"root": root, "p": str(root / "p.jsonl"), "empty": str(root / "empty.jsonl"),
+            "gap": str(root / "gap.jsonl"), "rm": os.path.join(ROOT, "models", "tess2-shakespeare-rm")}
+
+
+REFUSED = [  # (flags, a phrase of the message); {name} is a path of the `inputs` fixture
+    (["--limit", "0"], "--limit must be a positive integer, got 0"),
+    (["--limit", "-1"], "--limit must be a positive integer, got -1"),
+    (["--length", "0"], "--length must be a positive integer, got 0"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--steps", "1e20"], "--steps must be a positive integer below 2**63, got 1e20"),
+    (["--top-p", "0"], "--top-p must be a number in (0, 1], got 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--guidance-steps", "0"], "--guidance-steps must be a positive integer, got 0"),
+    (["--seed", str(2**70)], f"--seed must be a whole number in [0, 2**63), got {2**70}"),
+    (["--eta", "-1"], "--eta must be a finite number >= 0, got -1"),
+    (["--eta", "1e39"], "--eta must be a finite number >= 0, got 1e39, over float32's largest"),
+    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["--scorer", SHIPPED], f"--scorer {SHIPPED} is a MistralForDiffusionLM: perplexity is measured under a causal"),
+    (["--scorer", "{rm}"], "is a MistralForSequenceClassification: perplexity is measured under a causal"),
+    (["--model", "{rm}"], "the model is a MistralForSequenceClassification, not a diffusion model"),
+    (["--reward-model", SHIPPED], "the reward model must have a score head"),
+    (["--model", "{root}/missing"], "no checkpoint directory"),
+    (["--prompts", "{empty}"], "--prompts {empty}: no prompts in it"),
+    (["--prompts", "{root}/missing.jsonl"], "No such file or directory"),
+    (["--prompts", "{gap}"], "<mask:³> in prompt 'To be <mask:³> be': '³' is not a number written in the digits 0-9"),
+    (["--length", "5000"], "prompt 0 has 28 tokens and needs rows of 5028 positions, but the model reads at most 1024"),
+    (["--device", "cpu:5"], "--device cpu:5: a CPU has no index: use cpu"),
+    (["--output", "{root}/file"], "--output {root}/file is a file: give a folder"),
+]
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(f) for f, _ in REFUSED])
+def test_a_refused_run_is_one_line_and_changes_no_output(flags, message, inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("a refused run sampled"))
+    flags = [f.format(**inputs) for f in flags]
+    outputs = [inputs["root"] / "file"] if "--output" in flags else \
+        [tmp_path / "new", shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")]
+    for out in outputs:
+        before = folder_hash(out)
+        argv = ["--prompts", inputs["p"], "--steps", "1", "--length", "2", "--output", str(out)]
+        for flag in flags[::2]:
+            argv = argv[:argv.index(flag)] + argv[argv.index(flag) + 2:] if flag in argv else argv
+        with pytest.raises(SystemExit) as stop:
+            run_cli(intrinsic.main, "eval.intrinsic", argv + flags)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith("eval.intrinsic: error: ") and message.format(**inputs) in err, err
+        assert folder_hash(out) == before
+
+
+def test_the_same_run_again_samples_nothing_and_another_replaces_both_files(inputs, tmp_path, monkeypatch, capsys):
+    out = shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")
+    before = folder_hash(out)
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("a finished run sampled again"))
+    intrinsic.main(["--prompts", inputs["p"], "--steps", "1", "--length", "2", "--limit", "2", "--output", str(out)])
+    assert "holds this run's metrics: nothing to do" in capsys.readouterr().out and folder_hash(out) == before
+    monkeypatch.setattr(sample, "generate", lambda m, t, prompts, **kw: [SimpleNamespace(text=f"new {kw['seed']}",
+                                                                                       tokens=[5]) for _ in prompts])
+    intrinsic.main(["--prompts", inputs["p"], "--steps", "1", "--length", "3", "--output", str(out)])  # 4 prompts
+    texts = [json.loads(line)["text"] for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert texts == ["new 0"] * 4 and json.loads((out / "metrics.json").read_text())["n"] == 4

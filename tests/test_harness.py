@@ -5,8 +5,10 @@ must be known, sample.generate is replaced by a stub that answers each prompt fr
 real model cannot be steered to a chosen text); it records what it was asked. The shipped
 miniature model then runs one task through the whole harness for real.
 """
+import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import eval.harness as harness  # noqa: E402
 import sample  # noqa: E402
 from eval.tasks import paper  # noqa: E402
 from model import Transformer, preset  # noqa: E402
+from support.cli import run_cli  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -439,3 +442,121 @@ def test_sampling_settings_left_out_are_the_checkpoints(monkeypatch, tok):
         kw = stub.calls[0][1]
         assert (kw["steps"], kw["top_p"], kw["chat"], kw["seed"], kw["guidance_steps"]) == expected
         assert kw["length"] == 8 and kw["total_length"] is None
+
+
+# -----------------------------------------------------------------------------
+# Refused runs: one line, exit status 2, no output changed
+
+
+def folder_hash(path):
+    """{name: sha256} of what a folder holds (its .lock aside), the file's own hash, or None if absent."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
+            if p.name != ".lock"} if path.exists() else None
+
+
+QUESTION = {"question": "Who says this in Hamlet? To be, or not to be", "question_id": "a",
+            "answer": {"aliases": ["Hamlet"], "value": "Hamlet"}}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Data files, good and malformed, and the output of a finished run (the shipped model, 1 step)."""
+    root = tmp_path_factory.mktemp("inputs")
+    texts = {"good.jsonl": json.dumps(QUESTION) + "\n" + json.dumps(dict(QUESTION, question_id="b")) + "\n",
+             "notjson.jsonl": json.dumps(QUESTION) + "\n\n{'question': 'single quotes'}\n",
+             "list.jsonl": json.dumps(QUESTION) + "\n" + json.dumps([QUESTION]) + "\n",
+             "kind.jsonl": json.dumps(QUESTION) + "\n" + json.dumps(dict(QUESTION, answer="Hamlet")) + "\n",
+             "nested.jsonl": json.dumps(QUESTION) + "\n" + json.dumps(dict(QUESTION, answer={"aliases": "Hamlet",
+                                                                                           "value": "Hamlet"})) + "\n",
+             "missing.jsonl": json.dumps(QUESTION) + "\n" + json.dumps({"question": "Q", "question_id": "c"}) + "\n",
+             "unread.jsonl": json.dumps({"query": "Q", "question_id": "c", "answer": {"aliases": ["x"]}}) + "\n",
+             "novalue.jsonl": json.dumps({"question": "Q", "question_id": "c", "answer": {"aliases": ["x"]}}) + "\n",
+             "nullalias.jsonl": json.dumps(QUESTION) + "\n" + json.dumps(dict(QUESTION, answer={"aliases": None,
+                                                                                              "value": "x"})) + "\n",
+             "numbers.json": "[1, 2]", "empty.jsonl": "\n\n", "file": "not a folder"}
+    for name, text in texts.items():
+        (root / name).write_text(text)
+    (root / "latin1.jsonl").write_bytes(json.dumps(QUESTION).replace("Hamlet", "Hämlet").encode("latin-1"))
+    good = root / "good.jsonl"
+    harness.main(["--tasks", "tess2_triviaqa", "--data-files", f"train={good},validation={good}", "--steps", "1",
+                  "--num-fewshot", "0", "--bootstrap-iters", "0", "--output", str(root / "earlier")])
+    return {"root": root, "rm": os.path.join(ROOT, "models", "tess2-shakespeare-rm")}
+
+
+def data(name, train="good.jsonl"):
+    return ["--data-files", f"train={{root}}/{train},validation={{root}}/{name}"]
+
+
+REFUSED = [  # (flags, a phrase of the message); {name} is a path of the `inputs` fixture
+    (["--limit", "0"], "--limit must be a fraction in (0, 1) or a whole number of items >= 1, got 0"),
+    (["--limit", "-1"], "--limit must be a fraction in (0, 1) or a whole number of items >= 1, got -1"),
+    (["--limit", "2.5"], "--limit must be a fraction in (0, 1) or a whole number of items >= 1, got 2.5"),
+    (["--mc-samples", "0"], "--mc-samples must be a positive integer, got 0"),
+    (["--num-fewshot", "-1"], "--num-fewshot must be 0 or a positive integer, got -1"),
+    (["--bootstrap-iters", "-1"], "--bootstrap-iters must be 0 or a positive integer, got -1"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--top-p", "0"], "--top-p must be a number in (0, 1], got 0"),
+    (["--seed", "-1"], "--seed must be a whole number in [0, 2**63), got -1"),
+    (["--eta", "nan"], "--eta must be a finite number >= 0, got nan"),
+    (["--guidance-steps", "0"], "--guidance-steps must be a positive integer, got 0"),
+    (["--total-length", "0"], "--total-length must be a positive integer, got 0"),
+    (["--total-length", "5000"], "--total-length 5000 is longer than the 1024 positions the model reads"),
+    (["--model", "{rm}"], "the model is a MistralForSequenceClassification, not a diffusion model"),
+    (["--reward-model", SHIPPED], "the reward model must have a score head"),
+    (["--eta", "1", "--reward-model", "{root}"], "has no config.json: not a Hugging Face checkpoint directory"),
+    (["--device", "cpu:5"], "--device cpu:5: a CPU has no index: use cpu"),
+    (["--tasks", "tess2_nope"], "unknown task(s) tess2_nope"),
+    (["--tasks", "tess2_squad,tess2_triviaqa"], "--data-files applies to one task: pass a single --tasks name"),
+    (["--data-files", "validation"], "--data-files wants SPLIT=PATH[,SPLIT=PATH...], got 'validation'"),
+    (["--data-files", "validation={root}/good.jsonl"], "--data-files has no train=FILE: task tess2_triviaqa reads "
+                                                       "its train split"),
+    (data("absent.jsonl"), "--data-files validation={root}/absent.jsonl: no such file"),
+    (data("notjson.jsonl"), "{root}/notjson.jsonl, line 3: not JSON (Expecting property name enclosed in double "
+                            "quotes); --data-files takes JSONL (one JSON object a line) or a JSON list of objects"),
+    (data("list.jsonl"), "{root}/list.jsonl, line 2: a list, not an object"),
+    (data("numbers.json"), "{root}/numbers.json, item 1: a number, not an object"),
+    (data("empty.jsonl"), "--data-files validation={root}/empty.jsonl holds no records"),
+    (data("latin1.jsonl"), "--data-files validation={root}/latin1.jsonl is not UTF-8 text"),
+    (data("kind.jsonl"), "{root}/kind.jsonl, line 2: field 'answer' is a string, where line 1 of {root}/good.jsonl "
+                         "has an object: every record needs the fields of the first, each of the same kind"),
+    (data("nested.jsonl"), "{root}/nested.jsonl, line 2: field 'answer.aliases' is a string, where line 1 of "
+                           "{root}/good.jsonl has a list"),
+    (data("missing.jsonl"), "{root}/missing.jsonl, line 2: no field 'answer', which line 1 of {root}/good.jsonl has"),
+    (data("missing.jsonl", train="missing.jsonl"), "{root}/missing.jsonl, line 2: no field 'answer', which line 1 "
+                                                   "has"),
+    (data("good.jsonl", train="unread.jsonl"), "{root}/good.jsonl, line 1: field 'answer.value', which "
+                                               "{root}/unread.jsonl lacks"),
+    (data("unread.jsonl", train="unread.jsonl"), "{root}/unread.jsonl, line 1: task tess2_triviaqa cannot read it: "
+                                                 "no field 'question'"),
+    (data("novalue.jsonl", train="novalue.jsonl"), "{root}/novalue.jsonl, line 1: task tess2_triviaqa cannot read "
+                                                   "it: it reads field 'value' of an object, which has none"),
+    (data("nullalias.jsonl"), "{root}/nullalias.jsonl, line 2: task tess2_triviaqa cannot read it: TypeError: "
+                              "'NoneType' object is not iterable"),
+    (["--output", "{root}/file"], "--output {root}/file is a file: give a folder"),
+]
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(f) for f, _ in REFUSED])
+def test_a_refused_run_is_one_line_and_changes_no_output(flags, message, inputs, tmp_path, capsys, monkeypatch):
+    ours_only = harness.task_manager
+    monkeypatch.setattr(harness, "task_manager", lambda builtin=True: ours_only(builtin=False))  # skip lm-eval's index
+    monkeypatch.setattr(harness.sample, "generate", lambda *a, **k: pytest.fail("a refused run sampled"))
+    flags = [f.format(**inputs) for f in flags]
+    outputs = [inputs["root"] / "file"] if "--output" in flags else \
+        [tmp_path / "new", shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")]
+    good = inputs["root"] / "good.jsonl"
+    for out in outputs:
+        before = folder_hash(out)
+        argv = ["--tasks", "tess2_triviaqa", "--data-files", f"train={good},validation={good}", "--steps", "1",
+                "--num-fewshot", "0", "--bootstrap-iters", "0", "--output", str(out)]
+        for flag in flags[::2]:
+            argv = argv[:argv.index(flag)] + argv[argv.index(flag) + 2:] if flag in argv else argv
+        with pytest.raises(SystemExit) as stop:
+            run_cli(harness.main, "eval.harness", argv + flags)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith("eval.harness: error: ") and message.format(**inputs) in err, err
+        assert folder_hash(out) == before

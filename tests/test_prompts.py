@@ -2,6 +2,8 @@
 prompts -> rows (the chat template, gaps), on a small word-level tokenizer."""
 import argparse
 import json
+import os
+import re
 
 import pytest
 
@@ -84,3 +86,104 @@ def test_a_prompts_file_is_lines_or_json_lines(tmp_path):
 
 def test_the_guidance_step_size_without_eta_is_the_papers():
     assert prompts.GUIDANCE_ETA == 0.25 and Settings().eta is None
+
+
+# -----------------------------------------------------------------------------
+# Infilling on the shipped model's byte-level BPE: the prompt is kept exactly as written around each gap
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tess2-shakespeare")
+GAPPED = ["To be, or <mask:3> be", "O Romeo, Romeo!\n<mask:4>\nwherefore art thou", "Now is the <mask:2>",
+          "<mask:2> the king.", "a  <mask:1>  b", "(<mask:2>), she said;", "line one\n\n<mask:2>\n\nline three",
+          "café <mask:1> au lait", "th<mask:1>e end", "<mask:1><mask:2>!"]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return Tokenizer(SHIPPED)
+
+
+@pytest.mark.parametrize("prompt", GAPPED)
+def test_the_text_around_each_gap_decodes_as_written(bpe, prompt):
+    """Each gap filled with a known token (X, N times): the row, decoded as sample.py decodes it, is the
+    prompt with each <mask:N> replaced by N X's, every space, newline and punctuation mark in place."""
+    ids, span = encode_prompt(bpe, prompt, chat=False, placeholder=bpe.pad_id)
+    x = bpe.encode("X")
+    assert len(x) == 1 and ids[0] == bpe.bos_id and span.count(True) == sum(map(int, re.findall(r"<mask:(\d+)>",
+                                                                                                   prompt)))
+    row = [x[0] if is_gap else i for i, is_gap in zip(ids, span)]
+    g = prompts.decode_row(bpe, prompt, row, span, len(row))
+    assert g.text == re.sub(r"<mask:(\d+)>", lambda m: "X" * int(m.group(1)), prompt)
+    assert g.tokens == x * span.count(True)
+
+
+def test_a_space_before_and_after_a_gap_stays_in_the_context(bpe):
+    """'To be, or <mask:3> be': the context keeps the space after "or" (its own token) and the one
+    before "be" (in " be", as the BPE writes a word after a space), not the prompt without them."""
+    ids, span = encode_prompt(bpe, "To be, or <mask:3> be", chat=False)
+    assert ids == [bpe.bos_id] + bpe.encode("To be, or ") + [0, 0, 0] + bpe.encode(" be")
+    assert bpe.encode(" be") == [bpe.tokenizer.token_to_id("Ġbe")]  # a leading space is part of the word's token
+    assert span == [False] * (len(ids) - 4) + [True] * 3 + [False]
+
+
+def test_pieces_that_would_merge_across_a_gap_are_encoded_apart(bpe):
+    """"the" is one token: th<mask:1>e cannot cut it, so "th" and "e end" are encoded on their own."""
+    assert len(bpe.encode("the")) == 1
+    assert prompts.encode_pieces(bpe, ["th", "e end"]) == [bpe.encode("th"), bpe.encode("e end")]
+    assert prompts.encode_pieces(bpe, ["To be, or ", " be"]) == [bpe.encode("To be, or "), bpe.encode(" be")]
+    assert prompts.encode_pieces(bpe, ["", "x", ""]) == [[], bpe.encode("x"), []]
+
+
+def test_infilling_on_the_shipped_model_fills_only_the_gaps(bpe):
+    import sample
+    from model import Transformer
+    model = Transformer.from_pretrained(SHIPPED, verbose=False).eval()
+    g = sample.generate(model, bpe, ["To be, or <mask:3> be"], steps=4, seed=1, details=True)[0]
+    assert len(g.tokens) == 3 and g.text == "To be, or " + bpe.decode(g.tokens) + " be"
+
+
+def test_prompts_without_gaps_are_encoded_as_before(bpe):
+    for prompt in ("  To be, or not to be \n", "O Romeo,\nRomeo!"):
+        assert encode_prompt(bpe, prompt)[0] == data.chat.encode_prompt(bpe, prompt)
+        assert encode_prompt(bpe, prompt, chat=False)[0] == [bpe.bos_id] + bpe.encode(prompt)
+
+
+@pytest.mark.parametrize("prompt, cause", [
+    ("the <mask:³> cat", "'³' is not a number written in the digits 0-9"),
+    ("the <mask:٣> cat", "'٣' is not a number written in the digits 0-9"),
+    ("the <mask:> cat", "'' is not a number written in the digits 0-9"),
+    ("the <mask:2.5> cat", "'2.5' is not a number written in the digits 0-9"),
+    ("the <mask:three> cat", "'three' is not a number written in the digits 0-9"),
+    ("the <mask:-1> cat", "a gap cannot have a negative size"),
+    ("the <mask: 3> cat", "no spaces inside the brackets"),
+    ("the <mask:0> cat", "a gap of 0 tokens leaves nothing to fill"),
+    ("the <mask:99999999999999999999> cat", "a gap of 99999999999999999999 tokens is longer than the 1024 positions"),
+])
+def test_a_bad_gap_is_refused_by_its_cause(bpe, prompt, cause):
+    spec = re.search(r"<mask:([^>]*)>", prompt).group(1)
+    with pytest.raises(ValueError) as e:
+        make_batch(bpe, [prompt], Settings(chat=False), 1024, bpe.pad_id)
+    assert str(e.value).startswith(f"<mask:{spec}> in prompt {prompt!r}: {cause}")
+
+
+def test_an_empty_prompts_file_is_named(tmp_path):
+    for text in ("", "\n  \n"):
+        (tmp_path / "p.txt").write_text(text)
+        with pytest.raises(ValueError, match=f"--prompts-file {tmp_path / 'p.txt'} holds no prompt"):
+            read_prompts(str(tmp_path / "p.txt"))
+
+
+@pytest.mark.parametrize("text, tokens, note", [
+    ("a line", [5], None),
+    ("", [], "the model ended it at once (its first token is the end of text)"),
+    ("\n\n\n", [9, 9, 9], "the model produced only newlines: 3 tokens, '\\n\\n\\n'"),
+    (" \n \t", [8, 9], "the model produced only whitespace: 2 tokens, ' \\n \\t'"),
+    ("", [1, 1], "the model produced 2 special tokens, which decode to no text"),
+])
+def test_an_empty_answer_says_what_the_model_produced(text, tokens, note):
+    assert prompts.empty_answer(prompts.Generation("p", text, tokens)) == note
+
+
+def test_one_process_runs_every_job_in_order(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert prompts.processes() == (0, 1) and prompts.process_device("cuda") == "cuda"
+    assert list(prompts.spread([3, 1, 2], lambda j: j * 10)) == [(3, 30), (1, 10), (2, 20)]
