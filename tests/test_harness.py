@@ -560,3 +560,136 @@ def test_a_refused_run_is_one_line_and_changes_no_output(flags, message, inputs,
         assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
         assert err.startswith("eval.harness: error: ") and message.format(**inputs) in err, err
         assert folder_hash(out) == before
+
+
+# -----------------------------------------------------------------------------
+# Across processes: torchrun --nproc_per_node 2 gives the one-process run's results, each batch
+# sampled once, by one process, with its own seeds
+
+SPY = """
+import json, os, runpy, sys
+import sample
+real = sample.generate
+def spy(model, tok, prompts, **kw):  # records which process sampled which prompts with which seed
+    with open(os.path.join(os.environ["SPY_DIR"], "rank" + os.environ.get("RANK", "0") + ".jsonl"), "a") as f:
+        f.write(json.dumps({"prompts": list(prompts), "seed": kw.get("seed")}) + "\\n")
+    return real(model, tok, prompts, **kw)
+sample.generate = spy
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def run_spied(tmp_path, name, argv, processes):
+    """`python spy.py -m MODULE ARGV` alone or under torch.distributed.run; {rank: [calls]}."""
+    import subprocess
+    import sys
+    spy, calls = tmp_path / "spy.py", tmp_path / f"calls-{name}"
+    spy.write_text(SPY)
+    calls.mkdir()
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+                                 if processes > 1 else [])
+    env = dict(os.environ, SPY_DIR=str(calls), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    run = subprocess.run(launch + [str(spy), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(calls.iterdir())}
+
+
+def assert_spread(alone, together):
+    """One process made every call; two made the same calls between them, each some, none twice."""
+    calls = lambda ranks: sorted(json.dumps(c, sort_keys=True) for r in ranks.values() for c in r)  # noqa: E731
+    assert list(alone) == ["rank0"] and sorted(together) == ["rank0", "rank1"]
+    assert calls(together) == calls(alone) and all(together.values())
+
+
+@pytest.mark.slow
+def test_torchrun_intrinsic_gives_the_one_process_results(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "reference": "x"}) + "\n" for p in (
+        "Romans, countrymen, and lovers!", "To be, or not to be:", "Now is the winter", "Friends, Romans,",
+        "O Romeo, Romeo!")))
+    flags = ["--prompts", str(prompts), "--steps", "2", "--length", "4", "--batch-size", "2"]
+    alone = run_spied(tmp_path, "alone", ["eval.intrinsic", *flags, "--output", str(tmp_path / "one")], 1)
+    together = run_spied(tmp_path, "two", ["eval.intrinsic", *flags, "--output", str(tmp_path / "two")], 2)
+    assert_spread(alone, together)
+    assert [c["seed"] for c in alone["rank0"]] == [0, 2, 4]  # the batch at prompt j: seed + j
+    for name in ("generations.jsonl", "metrics.json"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_alpaca_gives_the_one_process_results(tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"instruction": i} for i in ("Write a line about the sea.", "Say hello.",
+                                                                "Name a play by Shakespeare.")]))
+    flags = ["--prompts", str(prompts), "--steps", "2", "--length", "4", "--batch-size", "1"]
+    alone = run_spied(tmp_path, "alone", ["eval.alpaca", *flags, "--output", str(tmp_path / "one")], 1)
+    together = run_spied(tmp_path, "two", ["eval.alpaca", *flags, "--output", str(tmp_path / "two")], 2)
+    assert_spread(alone, together)
+    one, two = (json.loads((tmp_path / d / "model_outputs.json").read_text()) for d in ("one", "two"))
+    assert one == two and [o["instruction"] for o in one] == [i["instruction"] for i in json.loads(prompts.read_text())]
+
+
+@pytest.mark.slow
+def test_torchrun_harness_gives_the_one_process_results(tmp_path):
+    docs = [{"question": f"Who says this in {play}? {line}", "question_id": str(j),
+             "answer": {"aliases": [who], "value": who}}
+            for j, (play, line, who) in enumerate([("Hamlet", "To be, or not to be", "Hamlet"),
+                                                   ("Julius Caesar", "Friends, Romans, countrymen", "Antony"),
+                                                   ("Macbeth", "Is this a dagger", "Macbeth")])]
+    data = write_jsonl(tmp_path / "docs.jsonl", docs)
+    flags = ["--tasks", "tess2_triviaqa", "--data-files", f"train={data},validation={data}", "--steps", "2",
+             "--num-fewshot", "0", "--batch-size", "1", "--bootstrap-iters", "0"]
+    alone = run_spied(tmp_path, "alone", ["eval.harness", *flags, "--output", str(tmp_path / "one")], 1)
+    together = run_spied(tmp_path, "two", ["eval.harness", *flags, "--output", str(tmp_path / "two")], 2)
+    assert_spread(alone, together)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["results"] == two["results"]
+    name = "samples_tess2_triviaqa.jsonl"
+    assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+
+
+LIKELIHOODS = """
+import json, os, sys
+import eval.harness as harness
+from support.prompts import processes
+real = harness.estimate_loglikelihood
+def spy(model, context, continuation, *args):  # records which process estimated which pair
+    with open(os.path.join(os.environ["SPY_DIR"], "rank" + os.environ.get("RANK", "0") + ".jsonl"), "a") as f:
+        f.write(json.dumps({"context": context, "continuation": continuation}) + "\\n")
+    return real(model, context, continuation, *args)
+harness.estimate_loglikelihood = spy
+class Request:
+    def __init__(self, *args):
+        self.args = args
+lm = harness.TESS2(chat=False, mc_samples=2, progress_every=0)
+pairs = [("To be, or not", " to be"), ("Friends,", " Romans"), ("Now is the", " winter"), ("O", " Romeo"),
+         ("To be, or not", " to be")]
+estimates = lm.loglikelihood([Request(*pair) for pair in pairs])
+if processes()[0] == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(estimates, f)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_likelihoods_are_the_one_process_estimates(tmp_path):
+    """The loglikelihood requests (multiple choice) spread over two processes: each pair estimated
+    once (the repeated one too), by one process, and every estimate the one-process run's."""
+    import subprocess
+    import sys
+    (tmp_path / "likelihoods.py").write_text(LIKELIHOODS)
+    found = {}
+    for name, launch in (("one", [sys.executable]),
+                         ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        (tmp_path / name).mkdir()
+        env = dict(os.environ, SPY_DIR=str(tmp_path / name), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        run = subprocess.run(launch + [str(tmp_path / "likelihoods.py"), str(tmp_path / f"{name}.json")], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        found[name] = {p.stem: [json.loads(line) for line in p.read_text().splitlines()]
+                       for p in sorted((tmp_path / name).iterdir())}
+    assert_spread(found["one"], found["two"])
+    assert len(found["one"]["rank0"]) == 4  # 5 requests, one of them twice
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
