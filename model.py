@@ -369,6 +369,9 @@ class Transformer(nn.Module):
         starts a reward model from an LM (score.weight ~ N(0, 0.02), lm_head dropped). Both reported.
         """
         path = resolve(name_or_path)
+        if os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter: its base, then it
+            from support.lora import load_adapter
+            return load_adapter(cls, path, dtype, device, verbose, **overrides)
         args = ModelArgs.from_hf(read_config(path), **overrides)
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         with torch.device("meta"):
@@ -391,7 +394,11 @@ class Transformer(nn.Module):
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30,
                         tokenizer_from: str | None = None, extra_files: dict | None = None):
         """Write config.json + safetensors in the Hugging Face layout, atomically (support.checkpoint.
-        save_checkpoint: sharding, tokenizer_from, extra_files). Tied weights are stored once."""
+        save_checkpoint: sharding, tokenizer_from, extra_files). Tied weights are stored once.
+        A model with LoRA adapters (support/lora.py) saves only those, in PEFT's layout."""
+        if hasattr(self, "adapter"):
+            from support.lora import save_adapter
+            return save_adapter(self, out_dir, tokenizer_from, extra_files)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.args.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # as transformers saves tied weights

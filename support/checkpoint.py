@@ -187,9 +187,9 @@ def _shards(state: dict, max_shard_bytes: int) -> dict:
     return {f"model-{i:05d}-of-{n:05d}.safetensors": s for i, s in enumerate(shards, 1)}
 
 
-def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_files):
+def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_files, adapter_config):
     from safetensors.torch import save_file
-    shards = _shards(state, max_shard_bytes)
+    shards = {"adapter_model.safetensors": state} if adapter_config else _shards(state, max_shard_bytes)
     for fname, shard in shards.items():
         save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
     if len(shards) > 1:
@@ -197,6 +197,8 @@ def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_f
             "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
             "weight_map": {k: fname for fname, shard in shards.items() for k in shard}})
     write_json(os.path.join(folder, "config.json"), config)
+    if adapter_config:
+        write_json(os.path.join(folder, "adapter_config.json"), adapter_config)
     if tokenizer_from is not None:
         src = resolve(tokenizer_from)
         for fname in TOKENIZER_FILES:
@@ -210,19 +212,22 @@ def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_f
 
 
 def save_checkpoint(out_dir: str, state: dict, config: dict, max_shard_bytes: int = 5 * 2**30,
-                    tokenizer_from: str | None = None, extra_files: dict | None = None):
+                    tokenizer_from: str | None = None, extra_files: dict | None = None,
+                    adapter_config: dict | None = None):
     """
     Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically:
     everything goes to a temporary directory that then replaces out_dir, so an interrupted save
     leaves the old checkpoint whole. tokenizer_from copies the tokenizer files of another
     checkpoint; extra_files maps file name -> object: JSON, or torch.save for a name ending in .pt.
+    adapter_config (a LoRA adapter, support/lora.py): state goes to adapter_model.safetensors, unsharded,
+    and adapter_config.json is written beside config.json.
     """
     out_dir = os.path.abspath(out_dir)
     parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{base}-", dir=parent)
     try:
-        _write_files(tmp, state, config, max_shard_bytes, tokenizer_from, extra_files)
+        _write_files(tmp, state, config, max_shard_bytes, tokenizer_from, extra_files, adapter_config)
         for fname in os.listdir(tmp):  # like any file: safetensors writes 0600, mkdtemp makes 0700
             os.chmod(os.path.join(tmp, fname), 0o644)
         os.chmod(tmp, 0o755)
