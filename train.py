@@ -13,40 +13,31 @@ A step's loss is a sum over its whole global batch divided by one count (target_
 for the diffusion stages' per-sequence weighting, targets for token weighting, pairs for rm), and
 every random draw is a pure function of (--seed, global sample index): one process with gradient
 accumulation, N processes under DDP or FSDP give the same step, and --resume continues exactly
-with no RNG state to restore. Checkpoints are <out>/step-XXXXXXX/ in Hugging Face layout (fp32
-weights, tokenizer with [PAD], generation_config.json for diffusion models) plus train_state.pt
-(AdamW state; tensors and primitives only, read with weights_only=True) and train_state.json
-(step, data position, the dataset's identity and the run's flags). The run folder (one trainer
-at a time, recovery from interruptions) is support/run_folder.py's.
+with no RNG state to restore. The run folder (checkpoints in Hugging Face layout plus the AdamW
+state, log.jsonl, one trainer at a time, recovery from interruptions) is support/run_folder.py's.
 """
 import argparse
 import hashlib
-import json
 import math
 import os
 import resource
-import signal
-import threading
 import time
-from dataclasses import replace
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tess2
-from data.shards import check_tokenizer, global_indices, open_dataset
+from data.shards import PairDataset, SpanDataset, TokenDataset, global_indices, open_dataset
 from data.sources import positive
-from model import ModelArgs, Transformer, load_sharded, preset
+from model import Transformer, load_sharded, preset
 from support import fused_loss, run_folder
 from support.cli import run_cli
 from support.flops import flops_per_token
-from support.hub import read_config, resolve
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -132,17 +123,7 @@ def check_args(args):
         raise ValueError("--device cuda, but no CUDA device is visible here: pass --device cpu (or auto)")
     if args.fsdp and "RANK" not in os.environ:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
-    if args.resume not in (None, "latest") and run_folder.step_of(args.resume) is None:
-        raise ValueError(f"--resume {args.resume}: expected no value (--out's latest checkpoint) or a "
-                         "step-XXXXXXX checkpoint folder")
-    init = args.resume if args.resume not in (None, "latest") else args.init
-    if init and init != "scratch" and os.path.isdir(init) and not os.path.exists(os.path.join(init, "config.json")):
-        steps = run_folder.checkpoints(init)
-        hint = f"it is a run folder: pass one of its checkpoints, e.g. {steps[-1]}" if steps else "it is no checkpoint"
-        raise ValueError(f"{init} has no config.json: {hint}")
-    if init and init != "scratch" and not os.path.exists(init) and (
-            init.startswith((".", "/", "~")) or os.path.isdir(os.path.dirname(init))):
-        raise ValueError(f"no checkpoint folder {init}: pass an existing folder, a Hub id, or 'scratch' with --preset")
+    run_folder.check_checkpoint_flags(args.resume, args.init)
     if args.init == "scratch" and args.preset is None:
         raise ValueError("--init scratch needs --preset (e.g. tiny, small)")
 
@@ -162,9 +143,9 @@ def compute_init(device="auto"):
     return ddp, rank, local_rank, world, dev
 
 
-def print0(*a, **kw):
+def print0(*values):
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **kw, flush=True)
+        print(*values, flush=True)
 
 
 def all_sum(x, ddp):
@@ -194,14 +175,10 @@ def sample_seed(seed, n, stream):
     return int.from_bytes(digest, "little") >> 1
 
 
-def generator(seed, n, stream):
-    return torch.Generator().manual_seed(sample_seed(seed, n, stream))
-
-
 def self_condition_coin(seed, n):
     """Sec. 3.1: sequence n is self-conditioned with probability 0.5 (the released run drew one coin per
     one-sequence micro-batch), whatever else shares its micro-batch."""
-    return bool(torch.rand((), generator=generator(seed, n, 2)) < 0.5)
+    return bool(torch.rand((), generator=torch.Generator().manual_seed(sample_seed(seed, n, 2))) < 0.5)
 
 
 def make_batch(args, ds, keys):
@@ -211,7 +188,7 @@ def make_batch(args, ds, keys):
     changes nothing."""
     b = ds.batch([n % args.batch_size for n in keys] if args.overfit else keys, args.seq_len, args.seed)
     if args.stage in ("adapt", "sft"):
-        gens = [generator(args.seed, n, 0) for n in keys]
+        gens = [torch.Generator().manual_seed(sample_seed(args.seed, n, 0)) for n in keys]
         b["t"] = torch.stack([torch.randint(tess2.NUM_TRAIN_STEPS, (), generator=g) for g in gens])  # (B,)
         if args.stage == "adapt":  # each sequence's mask from its generator, after its t
             b["span_mask"] = torch.stack([tess2.ul2_mask(args.seq_len, g, prefix=args.ul2_prefix) for g in gens])
@@ -228,13 +205,13 @@ def row_targets(b):
     return torch.full((b["ids"].size(0),), b["ids"].size(1) - 1)
 
 
-def target_count(stage, b, weighting=None):
+def target_count(stage, b, weighting):
     """What a global batch's loss is divided by, summed over its micro-batches: pairs (rm), sequences
     with targets (sequence weighting: the loss sums per-sequence means) or targets (token weighting)."""
     if stage == "rm":
         return b["chosen"].size(0)
     n = row_targets(b)
-    return int((n > 0).sum()) if (weighting or STAGES[stage]["loss_weighting"]) == "sequence" else int(n.sum())
+    return int((n > 0).sum()) if weighting == "sequence" else int(n.sum())
 
 
 class Objective(nn.Module):
@@ -243,19 +220,18 @@ class Objective(nn.Module):
     wrap this module rather than the network, because the diffusion loss uses the embedding matrix
     and the LM head outside the network's forward (support/fused_loss.py); in here all weights are in place."""
 
-    def __init__(self, net, stage, weighting=None):
+    def __init__(self, net, stage, weighting):
         super().__init__()
-        self.net, self.stage, self.weighting = net, stage, weighting or STAGES[stage]["loss_weighting"]
+        self.net, self.stage, self.weighting = net, stage, weighting  # weighting: "sequence" or "token"
 
-    def forward(self, b, self_condition=None):
+    def forward(self, b):
         net, ids = self.net, b.get("ids")
         if self.stage in ("adapt", "sft"):
             # tess2.diffusion_loss's per-sequence sums weighted here, computed at span positions only
-            coin = b.get("self_condition") if self_condition is None else self_condition
             counts = row_targets(b)  # (B,) span targets per row
             weights = 1 / counts.clamp(min=1) if self.weighting == "sequence" else torch.ones_like(counts)
-            return fused_loss.diffusion_loss(net, ids, b["span_mask"], b["t"], b["noise_seeds"], coin, weights,
-                                            extra_pass=b.get("extra_pass"))
+            return fused_loss.diffusion_loss(net, ids, b["span_mask"], b["t"], b["noise_seeds"], b["self_condition"],
+                                             weights, extra_pass=b.get("extra_pass", False))
         elif self.stage == "ar":
             logits = net(ids=ids, causal=True)[:, :-1]  # (B, L-1, V): position i predicts token i+1
             targets = ids[:, 1:].masked_fill(~b["span_mask"][:, 1:], -100) if "span_mask" in b else ids[:, 1:]
@@ -264,14 +240,14 @@ class Objective(nn.Module):
             counts = (targets != -100).sum(1)
         else:
             ids = torch.cat([b["chosen"], b["rejected"]])  # (2B, L): one pass for both sides
-            r = net(ids=ids, causal=True, last_index=torch.cat([b["chosen_last"], b["rejected_last"]]))  # (2B,)
-            r_chosen, r_rejected = r.float().chunk(2)
+            rewards = net(ids=ids, causal=True, last_index=torch.cat([b["chosen_last"], b["rejected_last"]]))  # (2B,)
+            r_chosen, r_rejected = rewards.float().chunk(2)
             return -F.logsigmoid(r_chosen - r_rejected).sum()  # Bradley-Terry
         return (sums / counts.clamp(min=1)).sum() if self.weighting == "sequence" else sums.sum()
 
 
 # -----------------------------------------------------------------------------
-# Data and model, checked against each other; checkpoints
+# Training: data and model checked against each other, one step, the loop
 
 
 def open_checked(path, stage, meta=None):
@@ -286,54 +262,35 @@ def open_checked(path, stage, meta=None):
     return ds
 
 
-def grow_vocab(net, vocab_size):
-    """Mistral has 32000 ids and TESS 2 adds [PAD] (id 32000), which the model learns to emit after
-    EOS (METHOD.md §8). The new rows of the embedding and the LM head start as the mean of the old
-    rows, so the new token starts as an average token rather than a random one."""
-    old = net.args.vocab_size
-    with torch.no_grad():
-        for mod in [net.model.embed_tokens] + ([net.lm_head] if net.args.head == "lm" else []):
-            w = mod.weight  # (V_old, D)
-            mod.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
-    net.args.vocab_size = net.model.embed_tokens.num_embeddings = vocab_size
-    if net.args.head == "lm":
-        net.lm_head.out_features = vocab_size
-        if net.args.tie_word_embeddings:
-            net.lm_head.weight = net.model.embed_tokens.weight
-    print0(f"grew the vocabulary {old} -> {vocab_size}: new rows are the mean of the old ones")
-
-
 def build_model(args, meta, init, device, sharded=False):
-    """Returns (net, tokenizer source). init: 'scratch' or a checkpoint (Hub id or folder). sharded (FSDP2):
-    a checkpoint's model is returned on the meta device, with net.checkpoint set for wrap() to read."""
+    """Returns (net, tokenizer source). init: 'scratch' (--preset, seeded by --seed) or a checkpoint
+    (Hub id or folder), read with the stage's architecture (run_folder.load_model; sharded: FSDP2)."""
     overrides = STAGES[args.stage]["model"]
     if init == "scratch":
         torch.manual_seed(args.seed)  # the same weights on every rank
         net = Transformer(preset(args.preset, vocab_size=meta["vocab_size"], **overrides)).init_weights()
         return net.to(device), None
-    path = resolve(init)
-    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
-    if has_tokenizer:
-        check_tokenizer(meta, path)  # same id -> token table as the data ([PAD] added if missing)
-    a = ModelArgs.from_hf(read_config(path), **overrides)
-    grow = meta["vocab_size"] == a.vocab_size + 1 and meta["pad_id"] == a.vocab_size  # Mistral 32000 + [PAD]
-    if sharded:  # built on the meta device; wrap() shards it, then each rank reads its own rows
-        with torch.device("meta"):
-            net = Transformer(replace(a, vocab_size=a.vocab_size + grow))
-        net.checkpoint = path
-        if grow:
-            print0(f"grew the vocabulary {a.vocab_size} -> {a.vocab_size + 1}: new rows are the mean of the old ones")
-    else:
-        net = Transformer.from_pretrained(path, dtype=torch.float32, device=device,
-                                          verbose=int(os.environ.get("RANK", 0)) == 0, **overrides)
-        if grow:
-            grow_vocab(net, a.vocab_size + 1)
-    check_tokenizer(meta, net.args.vocab_size)
-    return net, path if has_tokenizer else None
+    return run_folder.load_model(init, meta, overrides, device, sharded)
 
 
-# -----------------------------------------------------------------------------
-# Training
+@dataclass
+class TrainingRun:
+    """What a run trains with, made and checked by prepare() before its first step."""
+    ddp: bool                    # launched by torchrun: losses and gradients are summed over processes
+    rank: int                    # this process among `world`
+    world: int
+    device: torch.device
+    accum: int                   # micro-batches per process and step
+    data: TokenDataset | SpanDataset | PairDataset  # --data
+    val_data: TokenDataset | SpanDataset | PairDataset | None  # --val-data
+    num_examples: int            # sequences (pairs) in --data at --seq-len: one epoch
+    data_identity: dict          # --data's identity, saved in checkpoints and checked on --resume
+    start_step: int              # optimizer steps done before this process started
+    net: Transformer
+    objective: nn.Module         # Objective(net), wrapped by DDP or sharded by FSDP2
+    optimizer: torch.optim.AdamW
+    autocast: torch.autocast     # bf16 autocast (CUDA, no FSDP), else a disabled one
+    checkpoint_files: dict       # saved in every checkpoint: tokenizer, generation_config.json
 
 
 def wrap(args, net, ddp, device, bf16):
@@ -356,18 +313,6 @@ def wrap(args, net, ddp, device, bf16):
     return objective, opt
 
 
-def choose_resume(args, ddp, rank, identity):
-    """Rank 0 picks the checkpoint to continue from (checked against this run's flags and data first,
-    then later or unreadable ones are moved aside); every rank gets its path."""
-    choice = [None]
-    if rank == 0:
-        check = lambda path: run_folder.check_resume(path, args, identity)  # noqa: E731
-        choice = [run_folder.resume_point(args.out, args.resume, args.fallback, args.discard_later, check)]
-    if ddp:
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
-
-
 def prepare(args, ddp, rank, world, device):
     """Everything a run needs, checked before its first step: data, model, objective, AdamW (restored on
     --resume), the step to start from."""
@@ -377,168 +322,126 @@ def prepare(args, ddp, rank, world, device):
                          f"--micro-batch-size ({args.micro_batch_size})")
     ds = open_checked(args.data, args.stage)
     val = open_checked(args.val_data, args.stage, ds.meta) if args.val_data else None
-    n_examples = ds.num_examples(args.seq_len)
-    if n_examples == 0:
+    num_examples = ds.num_examples(args.seq_len)
+    if num_examples == 0:
         raise ValueError(f"{args.data} has no example at --seq-len {args.seq_len}")
     stage = STAGES[args.stage]
     if args.max_steps is None:
         epochs = args.epochs or stage.get("epochs")
-        args.max_steps = max(1, math.ceil(epochs * n_examples / args.batch_size)) if epochs else stage["max_steps"]
+        args.max_steps = max(1, math.ceil(epochs * num_examples / args.batch_size)) if epochs else stage["max_steps"]
     if args.warmup_steps is None:
         args.warmup_steps = round(stage["warmup"] * args.max_steps)
     identity = run_folder.dataset_identity(args.data, ds)
-    resume = choose_resume(args, ddp, rank, identity)
-    start = run_folder.check_resume(resume, args, identity) if resume else 0
+    resume, start = run_folder.resume_from(args, identity, rank, ddp)
     if resume is None and args.init is None:
         raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
-    net, init_tok = build_model(args, ds.meta, resume or args.init, device, sharded=args.fsdp)
-    limit = net.args.max_length
-    if args.seq_len > limit:
-        raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({limit}, "
+    net, init_tokenizer = build_model(args, ds.meta, resume or args.init, device, sharded=args.fsdp)
+    if args.seq_len > net.args.max_length:
+        raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({net.args.max_length}, "
                          "max_position_embeddings / sliding_window): lower --seq-len")
-    extra = run_folder.saved_tokenizer(args, ds.meta, init_tok)
-    if args.stage in ("adapt", "sft"):
-        extra["generation_config.json"] = run_folder.generation_config(args)
+    files = run_folder.checkpoint_files(args, ds.meta, init_tokenizer)
     net.gradient_checkpointing = args.grad_ckpt
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     objective, opt = wrap(args, net, ddp, device, bf16)
-    if resume:  # rank 0 reads the full AdamW state and sends each rank its part
-        state = torch.load(os.path.join(resume, "train_state.pt"), weights_only=True) if rank == 0 else {}
-        set_optimizer_state_dict(objective, opt, state.get("optimizer", {}),
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=ddp))
-        del state
-    if rank == 0:
-        run_folder.prune(args.out, args.keep_last)
-        run_folder.cut_log(os.path.join(args.out, "log.jsonl"), start)
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=device, accum=accum, ds=ds, val=val,
-                           n_examples=n_examples, identity=identity, start=start, net=net, extra=extra,
-                           objective=objective, opt=opt,
-                           autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.fsdp))
+    run_folder.load_optimizer(resume, objective, opt, rank, ddp)
+    if rank == 0:  # now that all is checked: --out becomes one history up to `start`
+        run_folder.begin(args.out, start, args.keep_last)
+    return TrainingRun(ddp=ddp, rank=rank, world=world, device=device, accum=accum, data=ds, val_data=val,
+                       num_examples=num_examples, data_identity=identity, start_step=start, net=net,
+                       objective=objective, optimizer=opt, checkpoint_files=files,
+                       autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.fsdp))
 
 
-def step_loss(args, r, dataset, step, backward):
+def step_loss(args, run, dataset, step, backward):
     """The global batch's loss, a device tensor: the sum over all micro-batches and ranks divided by the
     global target_count (sequences or targets), computed in one place. Nothing here waits for the device."""
-    batches = [make_batch(args, dataset, global_indices(step, m, r.rank, r.world, args.batch_size,
-                                                        args.micro_batch_size)) for m in range(r.accum)]
+    batches = [make_batch(args, dataset, global_indices(step, m, run.rank, run.world, args.batch_size,
+                                                        args.micro_batch_size)) for m in range(run.accum)]
     count = torch.tensor(sum(target_count(args.stage, b, args.loss_weighting) for b in batches))
-    count = all_sum(count.to(r.device, non_blocking=True), r.ddp).clamp(min=1)
+    count = all_sum(count.to(run.device, non_blocking=True), run.ddp).clamp(min=1)
     if args.fsdp and args.stage in ("adapt", "sft"):  # every rank gathers weights for the same passes
         for m, b in enumerate(batches):
-            b["extra_pass"] = any(self_condition_coin(args.seed, n) for rank in range(r.world) for n in
-                                  global_indices(step, m, rank, r.world, args.batch_size, args.micro_batch_size))
-    total = torch.zeros((), device=r.device)
+            b["extra_pass"] = any(self_condition_coin(args.seed, n) for rank in range(run.world) for n in
+                                  global_indices(step, m, rank, run.world, args.batch_size, args.micro_batch_size))
+    total = torch.zeros((), device=run.device)
     for m, b in enumerate(batches):  # the coins stay on the host: no sync to ask if any row needs them
-        b = {k: v.to(r.device, non_blocking=True) if torch.is_tensor(v) and k != "self_condition" else v
+        b = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) and k != "self_condition" else v
              for k, v in b.items()}
-        if isinstance(r.objective, DDP):
-            r.objective.require_backward_grad_sync = m == r.accum - 1  # all-reduce once per step
-        with r.autocast:
-            loss = r.objective(b)
+        if isinstance(run.objective, DDP):
+            run.objective.require_backward_grad_sync = m == run.accum - 1  # all-reduce once per step
+        with run.autocast:
+            loss = run.objective(b)
         if backward:
-            (loss * r.world / count).backward()  # DDP and FSDP average over ranks
+            (loss * run.world / count).backward()  # DDP and FSDP average over ranks
         total += loss.detach().float()
-    return all_sum(total, r.ddp) / count
+    return all_sum(total, run.ddp) / count
 
 
-def train_step(args, r, step):
+def train_step(args, run, step):
     """One optimizer step; returns its log record."""
     t0 = time.time()
     lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.schedule)
-    for group in r.opt.param_groups:
+    for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss = step_loss(args, r, r.ds, step, backward=True)
-    norm = torch.nn.utils.clip_grad_norm_(r.objective.parameters(), args.grad_clip or math.inf)
+    loss = step_loss(args, run, run.data, step, backward=True)
+    norm = torch.nn.utils.clip_grad_norm_(run.objective.parameters(), args.grad_clip or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
     loss, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the device
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise FloatingPointError(f"step {step + 1}: loss {loss}, grad norm {norm}; stopped before the optimizer "
                                  "step and saved nothing. Lower --lr, check the data, or --resume from the last "
                                  "checkpoint")
-    r.opt.step()
-    r.opt.zero_grad(set_to_none=True)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     dt = time.time() - t0
     tokens = args.batch_size * args.seq_len * (2 if args.stage == "rm" else 1)
     record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / dt)
-    if r.device.type == "cuda":
-        flops = flops_per_token(r.net.args, r.net.num_params(), args.seq_len, args.stage)
+    if run.device.type == "cuda":
+        flops = flops_per_token(run.net.args, run.net.num_params(), args.seq_len, args.stage)
         record.update(mem_gb=torch.cuda.max_memory_allocated() / 2**30,
-                      mfu=flops * tokens / dt / (args.peak_tflops * 1e12 * r.world))
+                      mfu=flops * tokens / dt / (args.peak_tflops * 1e12 * run.world))
     else:
         record.update(mem_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return record
 
 
-def val_loss(args, r):
-    """Held-out loss: the mean over --eval-batches global batches of --val-data (the first ones, the
-    same every time) of each batch's loss, normalised as in training."""
-    r.objective.eval()
+def val_loss(args, run):
+    """Held-out loss: the mean loss of --val-data's first --eval-batches global batches (the same each time)."""
+    run.objective.eval()
     with torch.no_grad():
-        total = sum(step_loss(args, r, r.val, i, backward=False) for i in range(args.eval_batches)).item()
-    r.objective.train()
+        total = sum(step_loss(args, run, run.val_data, i, backward=False) for i in range(args.eval_batches)).item()
+    run.objective.train()
     return total / args.eval_batches
 
 
-def log(args, r, record):
-    if r.rank == 0:
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def watch_launcher(launcher, rank):
-    """torchrun died (SIGKILL leaves its workers running): stop this worker at once, even inside a
-    collective that the others will never join. The OS releases the lock; the next start cleans up."""
-    while os.getppid() == launcher:
-        time.sleep(0.5)
-    print(f"train.py: the launcher (pid {launcher}) is gone: worker {rank} stops", flush=True)
-    os._exit(1)
-
-
-def train(args, r):
+def train(args, run):
     last = min(args.max_steps, args.stop_at or args.max_steps)
-    print0(f"{args.stage}: {r.net.num_params() / 1e6:.1f}M parameters, "
-           f"{'FSDP2' if args.fsdp else 'DDP' if r.ddp else 'single'}, {r.world} process(es) x {r.accum} "
-           f"micro-batches of {args.micro_batch_size}, steps {r.start} -> {last} of {args.max_steps}")
-    if r.ddp:
-        threading.Thread(target=watch_launcher, args=(os.getppid(), r.rank), daemon=True).start()
-    for step in range(r.start, last):
-        record = train_step(args, r, step)
+    print0(f"{args.stage}: {run.net.num_params() / 1e6:.1f}M parameters, "
+           f"{'FSDP2' if args.fsdp else 'DDP' if run.ddp else 'single'}, {run.world} process(es) x {run.accum} "
+           f"micro-batches of {args.micro_batch_size}, steps {run.start_step} -> {last} of {args.max_steps}")
+    for step in range(run.start_step, last):
+        record = train_step(args, run, step)
         done = record["step"]
-        log(args, r, record)
+        run_folder.append_log(args.out, record, run.rank)
         if done % args.log_every == 0 or done == last:
             print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        if r.val and ((args.eval_every and done % args.eval_every == 0) or done == args.max_steps):
-            loss = val_loss(args, r)
-            log(args, r, dict(step=done, val_loss=loss))
+        if run.val_data and ((args.eval_every and done % args.eval_every == 0) or done == args.max_steps):
+            loss = val_loss(args, run)
+            run_folder.append_log(args.out, dict(step=done, val_loss=loss), run.rank)
             print0(f"step {done}: val loss {loss:.4f}")
         if done % args.save_every == 0 or done == last:
-            position = dict(samples_seen=done * args.batch_size, epoch=done * args.batch_size / r.n_examples)
-            info = dict(step=done, stage=args.stage, data=position, dataset=r.identity,
-                        run={k: getattr(args, k) for k in run_folder.RUN_FLAGS}, args=vars(args))
-            run_folder.save_checkpoint(args, done, r.objective, r.net, r.opt, {**r.extra, "train_state.json": info}, r.rank)
-
-
-def stop(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like an error: partial saves are removed on the way out
+            state = run_folder.train_state(args, done, run.num_examples, run.data_identity)
+            run_folder.save_checkpoint(args, done, run.objective, run.net, run.optimizer,
+                                       {**run.checkpoint_files, "train_state.json": state}, run.rank)
 
 
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world, device = compute_init(args.device)
-    handlers = ({signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
-                if threading.current_thread() is threading.main_thread() else {})
-    held = None
     try:
-        held = run_folder.lock(args.out) if rank == 0 else None  # only rank 0 writes to --out
-        if rank == 0:
-            run_folder.clean(args.out)
-        train(args, prepare(args, ddp, rank, world, device))
+        with run_folder.sole_trainer(args.out, rank, ddp):  # rank 0 holds --out; an interruption leaves nothing
+            train(args, prepare(args, ddp, rank, world, device))
     finally:
-        if held is not None:
-            run_folder.clean(args.out)
-            held.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -8,15 +8,17 @@ train.Objective on a synthetic micro-batch, one process. Not a test: a measureme
 On CUDA it uses bf16 autocast and fused AdamW like train.py, and reports model FLOPs
 utilisation (support/flops.py / --peak-tflops). "mistral-layers" is Mistral-7B's layer
 size (D 4096, 14336 MLP, 32/8 heads, V 32001) with --layers layers, so that one GPU can hold
-weights, gradients and AdamW state; tokens/s per layer scales to the full 32-layer model.
-Diffusion stages self-condition every other step (the expected rate is one in two).
+weights, gradients and AdamW state. Tokens/s per layer does not carry over to the 32-layer model
+as it is: the head, the cross-entropy, p @ E and the noise are a fixed cost per token, whatever
+the number of layers. Diffusion stages self-condition every other step (the expected rate is one
+in two).
 
 For adapt and sft it times, interleaved step by step in one process, the loss as train.py computes
-it (span_loss: head, cross-entropy and p @ E at span positions, chunks of 1024 rows) against the
-plain tess2.diffusion_loss over every position ("plain", what train.py ran before), the span loss
-in one chunk ("span, 1 chunk": does chunking cost time?) and, on CPU, the span loss under bf16
-autocast. On CPU it reports thread CPU time (time.thread_time; run with --threads 1), steadier
-than wall time on a shared machine.
+it (support/fused_loss.py: head, cross-entropy and p @ E at span positions, in chunks sized for
+the device by fused_loss.chunk_rows) against the plain tess2.diffusion_loss over every position
+("plain", what train.py ran before), the span loss in one chunk ("span, 1 chunk": does chunking
+cost time?) and, on CPU, the span loss under bf16 autocast. On CPU it reports thread CPU time
+(time.thread_time; run with --threads 1), steadier than wall time on a shared machine.
 
     python bench/bench_train.py --threads 1 --preset tiny small --vocab 32001
 """
@@ -25,7 +27,7 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -92,25 +94,27 @@ def synthetic_batch(stage, V, g):
 
 
 class PlainObjective(train.Objective):
-    """train.Objective as it was before span_loss: tess2.diffusion_loss at every position."""
+    """train.Objective as it was before the span-only loss: tess2.diffusion_loss at every position (its
+    mean over the span targets: the same work as a per-sequence weighting of its sums)."""
 
-    def forward(self, b, self_condition=None):
+    def forward(self, b):
         if self.stage not in ("adapt", "sft"):
-            return super().forward(b, self_condition)
+            return super().forward(b)
         net, ids = self.net, b["ids"]
         eps = tess2.row_noise(b["noise_seeds"], ids.size(1), net.args.vocab_size, ids.device)  # (B, L, V)
-        sums, counts = tess2.diffusion_loss(net, ids, b["span_mask"], t=b["t"], eps=eps,
-                                            self_condition=self_condition, reduction="none")
-        return (sums / counts.clamp(min=1)).sum() if self.weighting == "sequence" else sums.sum()
+        return tess2.diffusion_loss(net, ids, b["span_mask"], t=b["t"], eps=eps, self_condition=b["self_condition"])
 
 
 class OneChunkObjective(train.Objective):
-    """train.Objective with span_loss in one chunk: all (N, V) span logits alive at once."""
+    """train.Objective with the span-only loss in one chunk: all (N, V) span logits alive at once."""
 
-    def forward(self, b, self_condition=None):
-        counts = b["span_mask"][:, 1:].sum(1)
-        return fused_loss.diffusion_loss(self.net, b["ids"], b["span_mask"], b["t"], b["noise_seeds"],
-                                        self_condition, 1 / counts.clamp(min=1), chunk=1 << 30)
+    def forward(self, b):
+        chunk_rows = fused_loss.chunk_rows
+        fused_loss.chunk_rows = lambda vocab_size, device: 1 << 30
+        try:
+            return super().forward(b)
+        finally:
+            fused_loss.chunk_rows = chunk_rows
 
 
 def variants(stage):
@@ -123,14 +127,29 @@ def variants(stage):
     return out + ([("span + bf16", train.Objective, True)] if not bf16 else [])
 
 
+@dataclass
+class Variant:
+    """One way of computing a stage's step, with its own copy of the model, and its timings."""
+    label: str
+    net: Transformer
+    objective: train.Objective
+    bf16: bool            # under bf16 autocast
+    batch: dict           # the synthetic micro-batch
+    count: int            # its target_count: what the loss is divided by
+    opt: torch.optim.AdamW
+    times: list = field(default_factory=list)
+
+
 def timed_step(v, i):
-    """One step (forward, backward, clipping, AdamW) of variant v; its seconds (CPU: this thread's time)."""
+    """One step (forward, backward, clipping, AdamW) of variant v; its seconds (CPU: this thread's time).
+    Diffusion rows self-condition on odd steps (the coins stay on the host, as in train.py)."""
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    v.batch["self_condition"] = torch.full((args.batch,), i % 2 == 1)  # (B,) bool
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = clock()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.bf16):
-        loss = v.objective(v.batch, self_condition=i % 2 == 1)
+        loss = v.objective(v.batch)
     (loss / v.count).backward()
     torch.nn.utils.clip_grad_norm_(v.objective.parameters(), 1.0)
     v.opt.step()
@@ -143,13 +162,14 @@ def timed_step(v, i):
 def bench(name, stage):
     """Rows of one (preset, stage): each variant's median over --iters steps, taken in turn."""
     vs = []
+    weighting = train.STAGES[stage]["loss_weighting"]
     for label, cls, bf16 in variants(stage):
         net = make_model(name, stage)  # the same weights for every variant
-        objective = cls(net, stage)
+        objective = cls(net, stage, weighting)
         b = synthetic_batch(stage, net.args.vocab_size, torch.Generator().manual_seed(0))
-        vs.append(SimpleNamespace(label=label, net=net, objective=objective, bf16=bf16, batch=b, times=[],
-                                  count=train.target_count(stage, b),
-                                  opt=torch.optim.AdamW(objective.parameters(), lr=1e-5, fused=device.type == "cuda")))
+        vs.append(Variant(label=label, net=net, objective=objective, bf16=bf16, batch=b,
+                          count=train.target_count(stage, b, weighting),
+                          opt=torch.optim.AdamW(objective.parameters(), lr=1e-5, fused=device.type == "cuda")))
     for i in range(args.warmup + args.iters):
         for v in vs:  # interleaved: the machine's load falls on every variant alike
             dt = timed_step(v, i)

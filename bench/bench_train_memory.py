@@ -54,11 +54,10 @@ def saved_bytes(net, batch, self_condition):
         if args.loss == "span":
             ids, span, t = batch
             loss = fused_loss.diffusion_loss(net, ids, span, t, list(range(len(ids))), self_condition,
-                                            torch.ones(len(ids)))
+                                             torch.ones(len(ids)))
             count = span[:, 1:].sum()
         else:
-            loss, count = tess2.diffusion_loss(net, *batch, eps=torch.randn(B, L, V), self_condition=self_condition,
-                                               reduction="sum")
+            loss, count = tess2.diffusion_loss(net, *batch, eps=torch.randn(B, L, V), self_condition=self_condition), 1
     (loss / count).backward()
     net.zero_grad(set_to_none=True)
     return sum(storages.values())

@@ -8,28 +8,37 @@ and the checkpoint a --resume continues from, with one coherent log.
   RUN/log.jsonl         one JSON record per line; cut back to the step a run resumes from
   RUN/discarded-*/      checkpoints moved aside by --discard-later or --fallback (never deleted)
 
-A checkpoint is the Hugging Face layout (config.json, safetensors, tokenizer with [PAD];
-generation_config.json for a diffusion model) plus train_state.pt (AdamW state) and
-train_state.json (step, data position, the dataset's identity, the run's flags).
+A checkpoint is the Hugging Face layout (config.json, fp32 safetensors, tokenizer with [PAD];
+generation_config.json for a diffusion model) plus train_state.pt (AdamW state; tensors and
+primitives only, read with weights_only=True) and train_state.json (step, data position, the
+dataset's identity, the run's flags). Reading the model a run starts from (--init, or the
+checkpoint --resume continues) is here too: load_model.
 """
 import fcntl
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from safetensors import safe_open
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
-from support.cli import atomic_write
 from data.shards import check_tokenizer
-from model import Transformer
+from model import ModelArgs, Transformer
+from support.cli import atomic_write
+from support.hub import read_config, resolve
 from support.tokenizer import Tokenizer, tokenizer_paths
 
 STEP = re.compile(r"step-(\d{7})")
@@ -58,6 +67,42 @@ def lock(out):
     return f
 
 
+def stop(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like an error: partial saves are removed on the way out
+
+
+def watch_launcher(launcher, rank):
+    """torchrun died (SIGKILL leaves its workers running): stop this worker at once, even inside a
+    collective that the others will never join. The OS releases the lock; the next start cleans up."""
+    while os.getppid() == launcher:
+        time.sleep(0.5)
+    print(f"train.py: the launcher (pid {launcher}) is gone: worker {rank} stops", flush=True)
+    os._exit(1)
+
+
+@contextmanager
+def sole_trainer(out, rank, torchrun):
+    """The block runs as --out's one trainer: rank 0 holds RUN/.lock and removes what interrupted saves
+    left, before and after; SIGTERM unwinds like an error; under torchrun a worker whose launcher
+    died stops at once. Other ranks write nothing to --out."""
+    handlers = ({signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
+                if threading.current_thread() is threading.main_thread() else {})
+    held = None
+    try:
+        held = lock(out) if rank == 0 else None
+        if rank == 0:
+            clean(out)
+        if torchrun:
+            threading.Thread(target=watch_launcher, args=(os.getppid(), rank), daemon=True).start()
+        yield
+    finally:
+        if held is not None:
+            clean(out)
+            held.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def checkpoints(out):
     """The step-XXXXXXX folders of a run, oldest first."""
     names = os.listdir(out) if os.path.isdir(out) else []
@@ -67,6 +112,23 @@ def checkpoints(out):
 def step_of(path):
     m = STEP.fullmatch(os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
+
+
+def check_checkpoint_flags(resume, init):
+    """--resume: nothing (--out's latest) or a step-XXXXXXX folder; the checkpoint to start from
+    (--resume's, else --init's unless 'scratch'): a checkpoint folder, or a Hub id."""
+    if resume not in (None, "latest") and step_of(resume) is None:
+        raise ValueError(f"--resume {resume}: expected no value (--out's latest checkpoint) or a "
+                         "step-XXXXXXX checkpoint folder")
+    path = resume if resume not in (None, "latest") else init
+    if not path or path == "scratch":
+        return
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        steps = checkpoints(path)
+        hint = f"it is a run folder: pass one of its checkpoints, e.g. {steps[-1]}" if steps else "it is no checkpoint"
+        raise ValueError(f"{path} has no config.json: {hint}")
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.isdir(os.path.dirname(path))):
+        raise ValueError(f"no checkpoint folder {path}: pass an existing folder, a Hub id, or 'scratch' with --preset")
 
 
 def _remove(path):
@@ -138,7 +200,7 @@ def problem(path):
     return None
 
 
-def resume_point(out, resume, fallback=False, discard_later=False, check=None):
+def resume_point(out, resume, fallback, discard_later, check):
     """The checkpoint folder to continue from (None: start from --init), after making --out one history:
     later checkpoints than it are moved aside (--discard-later), unreadable latest ones too (--fallback).
     check(path) may refuse the chosen checkpoint (raise) before anything is moved."""
@@ -161,8 +223,7 @@ def resume_point(out, resume, fallback=False, discard_later=False, check=None):
     if bad and not fallback:
         raise ValueError(f"{bad[0][1]}: pass --fallback to resume from {path}, the latest readable checkpoint "
                          f"(the unreadable ones are moved aside, not deleted), or repair the file")
-    if check is not None:
-        check(path)
+    check(path)
     later = [p for p in found if step_of(p) > step_of(path)]
     unreadable = [p for p, _ in bad]
     if later and not discard_later and sorted(later) != sorted(unreadable):
@@ -174,6 +235,32 @@ def resume_point(out, resume, fallback=False, discard_later=False, check=None):
             print(f"warning: {why}; resuming from {path} instead (--fallback)", flush=True)
         print(f"moved {', '.join(map(os.path.basename, later))} aside into {move_aside(later, out)}", flush=True)
     return path
+
+
+def resume_from(args, identity, rank, ddp):
+    """(checkpoint, its step) to continue from, or (None, 0): rank 0 picks it (checked against this run's
+    flags and data first, then later or unreadable ones are moved aside); every rank gets its path."""
+    choice = [None]
+    if rank == 0:
+        check = lambda path: check_resume(path, args, identity)  # noqa: E731
+        choice = [resume_point(args.out, args.resume, args.fallback, args.discard_later, check)]
+    if ddp:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0], check_resume(choice[0], args, identity) if choice[0] else 0
+
+
+def begin(out, step, keep_last):
+    """--out as one history up to `step`, once a run has checked everything: log.jsonl cut back to it,
+    checkpoints beyond the last --keep-last removed."""
+    prune(out, keep_last)
+    cut_log(os.path.join(out, "log.jsonl"), step)
+
+
+def append_log(out, record, rank):
+    """One JSON record as a line of RUN/log.jsonl (rank 0's)."""
+    if rank == 0:
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def cut_log(path, step):
@@ -226,6 +313,14 @@ def generation_config(args):
             "chat": args.stage == "sft"}
 
 
+def checkpoint_files(args, meta, init_tokenizer):
+    """The files every checkpoint of the run holds besides weights and training state."""
+    files = saved_tokenizer(args, meta, init_tokenizer)
+    if args.stage in ("adapt", "sft"):
+        files["generation_config.json"] = generation_config(args)
+    return files
+
+
 # flags that change what a run computes: a --resume must repeat them (--micro-batch-size, --fsdp and
 # the logging flags do not change a step)
 RUN_FLAGS = ("stage", "seq_len", "batch_size", "max_steps", "lr", "schedule", "warmup_steps", "weight_decay",
@@ -256,7 +351,14 @@ def check_resume(path, args, identity):
     return info["step"]
 
 
-def save_checkpoint(args, step, objective, net, opt, extra, rank):
+def train_state(args, step, num_examples, identity):
+    """train_state.json: the step, how far into --data it is, the dataset's identity and the run's flags."""
+    position = dict(samples_seen=step * args.batch_size, epoch=step * args.batch_size / num_examples)
+    return dict(step=step, stage=args.stage, data=position, dataset=identity,
+                run={k: getattr(args, k) for k in RUN_FLAGS}, args=vars(args))
+
+
+def save_checkpoint(args, step, objective, net, opt, files, rank):
     """All ranks gather the full state; rank 0 writes it (atomically: model.save_pretrained)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
     state = get_model_state_dict(objective, options=opts)
@@ -267,8 +369,65 @@ def save_checkpoint(args, step, objective, net, opt, extra, rank):
         full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
         final = os.path.join(args.out, f"step-{step:07d}")  # replaced whole if a --resume saves it again
         state = {"step": step, "optimizer": optim, "args": vars(args)}
-        full.save_pretrained(final, extra_files={**extra, "train_state.pt": state})
+        full.save_pretrained(final, extra_files={**files, "train_state.pt": state})
         prune(args.out, args.keep_last)
         print(f"saved {final}", flush=True)
     if dist.is_initialized():
         dist.barrier()
+
+
+def load_optimizer(path, objective, opt, rank, ddp):
+    """AdamW's state from the checkpoint at `path` (nothing if None): rank 0 reads it whole and sends
+    each rank its part."""
+    if path is None:
+        return
+    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True) if rank == 0 else {}
+    set_optimizer_state_dict(objective, opt, state.get("optimizer", {}),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=ddp))
+
+
+# -----------------------------------------------------------------------------
+# The model a run starts from
+
+
+def grow_vocab(net, vocab_size):
+    """Mistral has 32000 ids and TESS 2 adds [PAD] (id 32000), which the model learns to emit after
+    EOS (METHOD.md §8). The new rows of the embedding and the LM head start as the mean of the old
+    rows, so the new token starts as an average token rather than a random one."""
+    old = net.args.vocab_size
+    with torch.no_grad():
+        for mod in [net.model.embed_tokens] + ([net.lm_head] if net.args.head == "lm" else []):
+            w = mod.weight  # (V_old, D)
+            mod.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
+    net.args.vocab_size = net.model.embed_tokens.num_embeddings = vocab_size
+    if net.args.head == "lm":
+        net.lm_head.out_features = vocab_size
+        if net.args.tie_word_embeddings:
+            net.lm_head.weight = net.model.embed_tokens.weight
+
+
+def load_model(init, meta, overrides, device, sharded):
+    """(net, tokenizer source) from a checkpoint (Hub id or folder) with the architecture `overrides`
+    (model.ModelArgs fields), checked against the data's tokenizer; a checkpoint one [PAD] short gets
+    its row (grow_vocab). sharded (FSDP2): the model is returned on the meta device, with
+    net.checkpoint set for train.wrap to read each rank's shards from."""
+    path = resolve(init)
+    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
+    if has_tokenizer:
+        check_tokenizer(meta, path)  # same id -> token table as the data ([PAD] added if missing)
+    cfg = ModelArgs.from_hf(read_config(path), **overrides)
+    grow = meta["vocab_size"] == cfg.vocab_size + 1 and meta["pad_id"] == cfg.vocab_size  # Mistral 32000 + [PAD]
+    verbose = int(os.environ.get("RANK", 0)) == 0
+    if sharded:  # built on the meta device; train.wrap shards it, then each rank reads its own rows
+        with torch.device("meta"):
+            net = Transformer(replace(cfg, vocab_size=cfg.vocab_size + grow))
+        net.checkpoint = path
+    else:
+        net = Transformer.from_pretrained(path, dtype=torch.float32, device=device, verbose=verbose, **overrides)
+        if grow:
+            grow_vocab(net, cfg.vocab_size + 1)
+    if grow and verbose:
+        print(f"grew the vocabulary {cfg.vocab_size} -> {cfg.vocab_size + 1}: new rows are the mean of the old ones",
+              flush=True)
+    check_tokenizer(meta, net.args.vocab_size)
+    return net, path if has_tokenizer else None

@@ -4,142 +4,31 @@ train.py: every stage trains, and a step is the same step however it is computed
 A step's loss is normalised over the whole global batch and every random draw is keyed by the
 global sample index (or the step), so gradient accumulation, 2 DDP processes, 2 FSDP2 processes
 and a stopped-then-resumed run all reproduce one plain run. Models are model.preset("tiny"),
-datasets a few hundred random tokens written with data.shards, everything on CPU in fp32.
+datasets a few hundred random tokens written with data.shards (tests/train_runs.py), everything
+on CPU in fp32.
 """
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from support import fused_loss
 import tess2
 import train
-from conftest import word_tokenizer
-from support.cli import run_cli
-from data.shards import open_dataset, write_pairs, write_spans, write_tokens
+from data.shards import open_dataset
 from model import Transformer, preset
-from support.tokenizer import Tokenizer as ModelTokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIGHT = dict(atol=1e-5, rtol=1e-5)
-# weights after 4 AdamW steps: Adam divides by sqrt(v), so an element whose gradient is ~0 turns fp32
-# summation-order noise (micro-batches, ranks) into an update of up to 1e-5 here; lr is 3e-3
-WEIGHTS = dict(atol=1e-4, rtol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# tiny tokenizer and datasets
-
-
-def make_tokenizer(folder, words=57):
-    """A word-level tokenizer: <unk> <s> </s> w0..w56; tokenizer.Tokenizer adds [PAD] (id 60, V = 61)."""
-    return word_tokenizer(folder, ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(words))])
-
-
-def make_data(root, kind, n=24, seed=0, tok_dir=None):
-    tok_dir = tok_dir or make_tokenizer(os.path.join(root, "tok"))
-    info = ModelTokenizer(tok_dir)
-    meta = dict(info.meta(), source="test")
-    rng = np.random.default_rng(seed)
-    words = lambda k: list(rng.integers(3, 60, k))
-    path = os.path.join(root, f"{kind}-{seed}")
-    if kind == "tokens":
-        write_tokens(path, [words(rng.integers(5, 40)) + [info.eos_id] for _ in range(n * 4)], meta)
-    elif kind == "spans":
-        rows = []
-        for _ in range(n):
-            prompt = [info.bos_id] + words(rng.integers(2, 10))
-            rows.append((prompt + words(rng.integers(2, 12)) + [info.eos_id], len(prompt)))
-        write_spans(path, rows, meta)
-    else:
-        rows = []
-        for _ in range(n):
-            prompt = [info.bos_id] + words(rng.integers(2, 8))
-            rows.append((prompt + words(rng.integers(2, 8)) + [info.eos_id],
-                         prompt + words(rng.integers(2, 8)) + [info.eos_id], len(prompt)))
-        write_pairs(path, rows, meta)
-    return path
+from support.cli import run_cli
+from train_runs import (ROOT, TIGHT, WEIGHTS, assert_same_weights, flags, losses, make_data, make_datasets,
+                        no_checkpoint, run, torchrun, weights)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data"))
-    tok = make_tokenizer(os.path.join(root, "tok"))
-    out = {kind: make_data(root, kind, tok_dir=tok) for kind in ("tokens", "spans", "pairs")}
-    out["val"] = make_data(root, "tokens", seed=1, tok_dir=tok)
-    out["tok"] = tok
-    return out
-
-
-STAGE_DATA = dict(adapt="tokens", sft="spans", rm="pairs", ar="tokens")
-
-
-def flags(stage, datasets, out, **kw):
-    """Command-line flags of a tiny run; keyword arguments add or replace flags."""
-    base = dict(stage=stage, init="scratch", preset="tiny", data=datasets[STAGE_DATA[stage]], out=str(out),
-                seq_len=24, batch_size=4, micro_batch_size=1, max_steps=4, lr=3e-3, schedule="linear",
-                warmup_steps=1, device="cpu", save_every=1000)
-    argv = []
-    for k, v in {**base, **kw}.items():
-        if v is True:
-            argv.append("--" + k.replace("_", "-"))
-        elif v is not None and v is not False:
-            argv += ["--" + k.replace("_", "-"), str(v)]
-    return argv
-
-
-def run(stage, datasets, out, **kw):
-    train.main(flags(stage, datasets, out, **kw))
-    return read_log(out)
-
-
-def torchrun(stage, datasets, out, nproc=2, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--standalone", os.path.join(ROOT, "train.py"), *flags(stage, datasets, out, **kw)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    try:
-        output = p.communicate(timeout=300)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)  # torchrun and its workers
-        raise
-    assert p.returncode == 0, output[-5000:]
-    return read_log(out)
-
-
-def read_text(path):
-    return path.read_text() if path.exists() else ""
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return dict(train=[r for r in records if "loss" in r], val=[r for r in records if "val_loss" in r])
-
-
-def losses(log):
-    return [r["loss"] for r in log["train"]]
-
-
-def weights(out, step):
-    return load_file(os.path.join(out, f"step-{step:07d}", "model.safetensors"))
-
-
-def assert_same_weights(a, b, **tol):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert_close(a[k], b[k], **(tol or TIGHT), msg=k)
+    return make_datasets(str(tmp_path_factory.mktemp("data")))
 
 
 # -----------------------------------------------------------------------------
@@ -192,54 +81,6 @@ def test_the_seed_reaches_every_draw(data):
             assert not torch.equal(other[key], base[key]), (seed, key)
 
 
-def test_self_conditioning_per_row_is_each_row_alone():
-    """A (B,) coin: self-conditioned rows get the t+1 prediction, the others prev_logits = 0 (uniform),
-    exactly as if each row were its own batch with a bool coin."""
-    torch.manual_seed(0)
-    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False)).init_weights()
-    ids = torch.randint(3, 60, (3, 10))
-    span = torch.rand(3, 10) < 0.6
-    span[:, 0], span[:, 5] = False, True
-    t, eps = torch.tensor([10, 2500, 4999]), torch.randn(3, 10, 61)
-    coin = torch.tensor([True, False, True])
-    with torch.no_grad():
-        sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=eps, self_condition=coin, reduction="none")
-        for i in range(3):
-            alone = tess2.diffusion_loss(net, ids[i:i + 1], span[i:i + 1], t=t[i:i + 1], eps=eps[i:i + 1],
-                                         self_condition=bool(coin[i]))
-            assert_close(sums[i] / counts[i], alone, **TIGHT)
-            assert counts[i] == span[i, 1:].sum()
-
-
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("coin", [False, True, "per row", "extra pass"])
-@pytest.mark.parametrize("weighting", ["sequence", "token"])
-def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, tied):
-    """fused_loss.diffusion_loss, which makes the head's logits, the cross-entropy and p @ E at span
-    positions only and in chunks (here 4 rows, so several), has tess2.diffusion_loss's value and
-    every parameter's gradient, with or without self-conditioning, per-row coins, both weightings."""
-    torch.manual_seed(0)
-    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False,
-                             tie_word_embeddings=tied)).init_weights()
-    nn.init.normal_(net.timestep_embed.weight)  # a trained model's: its gradient then reaches everything
-    B, L = 3, 12
-    ids = torch.randint(3, 60, (B, L))
-    span = torch.rand(B, L) < 0.6
-    span[:, 0], span[2, 1:] = False, False
-    span[2, 7] = True  # row 2 has one target: its weight differs most between the weightings
-    t, seeds = torch.tensor([10, 2500, 4999]), [5, 6, 7]
-    sc = {"per row": torch.tensor([True, False, True]), "extra pass": False}.get(coin, coin)
-    sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, L, 61), self_condition=sc,
-                                        reduction="none")
-    plain = (sums / counts.clamp(min=1)).sum() if weighting == "sequence" else sums.sum()
-    grads = torch.autograd.grad(plain, list(net.parameters()))
-    weights = 1 / counts.clamp(min=1) if weighting == "sequence" else torch.ones(B)
-    loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, sc, weights, extra_pass=coin == "extra pass", chunk=4)
-    assert_close(loss, plain, atol=1e-6, rtol=1e-6)
-    for (name, p), g in zip(net.named_parameters(), grads):
-        assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
-
-
 # -----------------------------------------------------------------------------
 # one step, computed four ways
 
@@ -281,67 +122,6 @@ def test_two_fsdp2_processes_equal_one_process_across_a_resume(data, reference, 
     assert_close(losses(log), losses(ref), **TIGHT)
     assert_close([r["val_loss"] for r in log["val"]], [r["val_loss"] for r in ref["val"]], **TIGHT)
     assert_same_weights(weights(tmp_path, 4), weights(ref_out, 4), **WEIGHTS)
-
-
-SHARDED_LOAD = """
-import json, os, resource, sys
-import torch, torch.distributed as dist, torch.distributed.fsdp
-import train
-from data.shards import open_dataset
-ckpt, data, out = sys.argv[1:]
-dist.init_process_group("gloo")
-args = train.parse_args(["--stage", "adapt", "--init", ckpt, "--data", data, "--out", out, "--fsdp", "--device", "cpu"])
-meta, cpu = open_dataset(data).meta, torch.device("cpu")
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-torch.distributed.fsdp.fully_shard(torch.nn.Linear(2, 2))  # FSDP's own first-use cost (~35 MB), not the model's
-before = peak()
-net, _ = train.build_model(args, meta, ckpt, cpu, sharded=True)
-train.wrap(args, net, True, cpu, bf16=False)
-report = dict(load=peak() - before, local=sum(p.to_local().numel() * 4 for p in net.parameters()))
-full = {k: p.full_tensor() for k, p in net.named_parameters()}
-if dist.get_rank() == 0:
-    before = peak()
-    ref, _ = train.build_model(args, meta, ckpt, cpu)  # one process: from_pretrained, then grow_vocab
-    report["single_load"] = peak() - before
-    torch.save(dict(sharded=full, single=dict(ref.named_parameters())), os.path.join(out, "weights.pt"))
-with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
-    json.dump(report, f)
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.slow
-def test_fsdp2_ranks_read_only_their_shards_of_the_checkpoint(data, tmp_path):
-    """--fsdp from a checkpoint: the model is built on the meta device, sharded, and each of 2 gloo ranks
-    reads only its rows of each tensor (uneven splits: 61 vocabulary rows are 31 + 30). The sharded
-    model equals the one-process load, [PAD]'s grown row and the new timestep embedding included, and
-    each rank's memory grows by about its half of a 135 MB model, where the one-process load takes all."""
-    torch.manual_seed(0)
-    ar = Transformer(preset("tiny", vocab_size=60, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-                            num_attention_heads=8, num_key_value_heads=8)).init_weights()
-    ar.save_pretrained(str(tmp_path / "ar"), tokenizer_from=data["tok"])  # no [PAD] row, no timestep embedding
-    size = sum(p.numel() * 4 for p in ar.parameters())
-    del ar
-    (tmp_path / "worker.py").write_text(SHARDED_LOAD)
-    out = tmp_path / "out"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(tmp_path / "worker.py"), str(tmp_path / "ar"), data["tokens"], str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    w = torch.load(out / "weights.pt", weights_only=True)
-    assert w["sharded"].keys() == w["single"].keys()
-    for k in w["single"]:
-        assert_close(w["sharded"][k], w["single"][k], atol=1e-7, rtol=1e-6, msg=k)
-    assert w["sharded"]["model.embed_tokens.weight"].shape == (61, 512)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    print(f"model {size / 2**20:.1f} MiB; per rank (MiB):",
-          [{k: round(v / 2**20, 1) for k, v in r.items()} for r in ranks])
-    for r in ranks:
-        assert abs(r["local"] - size / 2) < 0.01 * size  # its half of the weights (V = 61 rows split 31 + 30)
-        assert r["load"] < 0.75 * size, (r, size)  # the shard plus one tensor's rows in flight, never the model
-    assert ranks[0]["single_load"] > 0.9 * size, (ranks[0], size)  # the contrast: the whole model at once
 
 
 def test_a_stopped_run_resumes_exactly(data, tmp_path):
@@ -438,228 +218,7 @@ def test_each_stage_fits_a_fixed_batch(stage, data, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-
-def test_checkpoint_layout_and_keep_last(data, tmp_path):
-    run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2)
-    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step-")) == ["step-0000002", "step-0000003"]
-    # resuming from step 2 while step 3 exists is refused, unless step 3 is moved aside; then step 3 is
-    # saved again and nothing else is left behind
-    with pytest.raises(ValueError, match="has later checkpoints .step-0000003.*--discard-later"):
-        run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"))
-    with pytest.raises(ValueError, match="trained with --batch-size 4"):  # refused before anything moves
-        run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"),
-            discard_later=True, batch_size=8)
-    assert (tmp_path / "step-0000003").is_dir()
-    run("rm", data, tmp_path, max_steps=3, save_every=1, keep_last=2, resume=str(tmp_path / "step-0000002"),
-        discard_later=True)
-    names = sorted(os.listdir(tmp_path))
-    assert names[:1] == [".lock"] and names[2:] == ["log.jsonl", "step-0000002", "step-0000003"]
-    assert names[1].startswith("discarded-") and os.listdir(tmp_path / names[1]) == ["step-0000003"]
-    assert [r["step"] for r in read_log(tmp_path)["train"]] == [1, 2, 3]  # one history
-    step = tmp_path / "step-0000003"
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "train_state.pt", "train_state.json"):
-        assert (step / f).exists(), f
-    assert not (step / "generation_config.json").exists()  # a reward model is not sampled from
-    state = torch.load(step / "train_state.pt", weights_only=True)
-    assert state["step"] == 3 and state["args"]["stage"] == "rm"
-    info = json.loads((step / "train_state.json").read_text())
-    assert info["step"] == 3 and info["data"]["samples_seen"] == 12
-    rm = Transformer.from_pretrained(str(step))
-    assert rm.args.head == "score" and rm.args.causal
-    saved = ModelTokenizer(str(step)).fingerprint()  # what sample.py reads: the data's tokenizer, [PAD] included
-    assert saved == ModelTokenizer(data["tok"]).fingerprint()
-    assert (saved["vocab_size"], saved["bos_id"], saved["eos_id"], saved["pad_id"]) == (61, 1, 2, 60)
-
-
-def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):
-    """Mistral has 32000 ids, the data 32001 ([PAD]): the new row starts as the mean of the others."""
-    torch.manual_seed(0)
-    ar = Transformer(preset("tiny", vocab_size=60)).init_weights()
-    ar.save_pretrained(str(tmp_path / "ar"), tokenizer_from=data["tok"])  # no [PAD] in it
-    run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar"), preset=None, max_steps=1, lr=0.0)
-    w = weights(tmp_path / "run", 1)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        old = getattr(ar.model.embed_tokens if "embed" in name else ar.lm_head, "weight").detach()
-        assert w[name].shape == (61, 64)
-        assert_close(w[name][:60], old)
-        assert_close(w[name][60], old.mean(0))
-    assert torch.equal(w["timestep_embed.weight"], torch.zeros(64, 1))
-    cfg = json.loads((tmp_path / "run" / "step-0000001" / "config.json").read_text())
-    assert cfg["vocab_size"] == 61 and cfg["timestep_embed"] and not cfg["causal"]
-    generation = json.loads((tmp_path / "run" / "step-0000001" / "generation_config.json").read_text())
-    assert generation == {"steps": 100, "top_p": 0.99, "total_length": 24, "guidance_steps": 1, "tau": 1.0,
-                          "chat": False}  # adapt: plain text, rows of the trained length
-
-
-# -----------------------------------------------------------------------------
-# the run folder: one trainer at a time, nothing left behind, recovery
-
-
-def test_a_second_trainer_on_the_same_out_stops_at_once_and_a_dead_ones_lock_is_free(data, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from support import run_folder; held = run_folder.lock(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ValueError, match=rf"in use by another trainer \(pid {holder.pid} on .+\)"):
-            run("ar", data, tmp_path, max_steps=1)
-    finally:
-        holder.kill()  # SIGKILL: no cleanup code runs, the OS releases the lock
-        holder.wait()
-    assert len(run("ar", data, tmp_path, max_steps=1)["train"]) == 1
-
-
-def test_leftovers_of_interrupted_saves_are_removed_and_a_torn_log_line_dropped(data, tmp_path, capsys):
-    run("ar", data, tmp_path, max_steps=3, save_every=1, stop_at=2)
-    # what kills leave: a save's unfinished folder, a pruned checkpoint half deleted, atomic_write's
-    # temporary file, a torn last log line, and (killed between save_pretrained's two renames) step 2
-    # absent with its finished new copy and its previous copy beside it
-    (tmp_path / ".tmp-step-0000003-a1b2").mkdir()
-    (tmp_path / ".tmp-step-0000003-a1b2" / "model.safetensors").write_bytes(b"half")
-    (tmp_path / ".old-x9" / "x").mkdir(parents=True)
-    (tmp_path / ".tmp-log.jsonl-7").write_text("{")
-    with open(tmp_path / "log.jsonl", "a") as f:
-        f.write('{"step": 3, "lo')
-    os.rename(tmp_path / "step-0000002", tmp_path / ".tmp-step-0000002-q")
-    os.mkdir(tmp_path / ".tmp-step-0000002-q-old")
-    log = run("ar", data, tmp_path, max_steps=3, save_every=1, resume=True)
-    assert "dropped a torn last line" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl", "step-0000001", "step-0000002", "step-0000003"]
-    assert [r["step"] for r in log["train"]] == [1, 2, 3]
-    whole = run("ar", data, tmp_path / "whole", max_steps=3)
-    assert losses(log) == losses(whole)  # it resumed from the restored step 2
-
-
-def children(pid):
-    """The pids whose parent is pid (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-def running(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.slow
-def test_workers_stop_when_their_torchrun_launcher_dies(data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           os.path.join(ROOT, "train.py"), *flags("ar", data, tmp_path, max_steps=100000, save_every=100000)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = []
-    try:
-        deadline = time.time() + 180
-        while not read_text(tmp_path / "log.jsonl") and time.time() < deadline:
-            time.sleep(0.2)  # training has started
-        workers = children(launcher.pid)
-        assert len(workers) == 2, workers
-        launcher.kill()  # SIGKILL: torchrun cannot stop its workers itself
-        launcher.wait()
-        deadline = time.time() + 60
-        while any(map(running, workers)) and time.time() < deadline:
-            time.sleep(0.2)
-        alive = [w for w in workers if running(w)]
-    finally:
-        for w in [w for w in workers if running(w)]:
-            os.kill(w, signal.SIGKILL)
-    assert not alive, "orphaned workers kept training"
-    assert len(run("ar", data, tmp_path, max_steps=1)["train"]) == 1  # and rank 0's lock went with it
-
-
-@pytest.mark.parametrize("damage", ["train_state.pt", "model.safetensors", "train_state.json"])
-def test_an_unreadable_latest_checkpoint_is_named_and_skipped_only_with_fallback(data, tmp_path, damage):
-    run("ar", data, tmp_path, max_steps=4, save_every=1, stop_at=3)
-    bad = tmp_path / "step-0000003" / damage
-    if damage == "train_state.json":
-        bad.unlink()
-    else:
-        bad.write_bytes(bad.read_bytes()[:-100])  # truncated
-    with pytest.raises(ValueError, match=rf"step-0000003/{damage} is unreadable .*pass --fallback to resume "
-                                         r"from .*step-0000002"):
-        run("ar", data, tmp_path, max_steps=4, save_every=1, resume=True)
-    log = run("ar", data, tmp_path, max_steps=4, save_every=1, resume=True, fallback=True)
-    assert [r["step"] for r in log["train"]] == [1, 2, 3, 4]
-    aside = [d for d in os.listdir(tmp_path) if d.startswith("discarded-")]
-    assert len(aside) == 1 and os.listdir(tmp_path / aside[0]) == ["step-0000003"]  # kept, not deleted
-
-
-FAULTY_TRAINER = """
-import os, shutil, signal, sys
-import train
-from support.cli import run_cli
-n, calls = int(os.environ["FAULT_AT"]), [0]
-
-def deadly(f):  # SIGKILL this process just before its n-th rename, replace or rmtree
-    def wrapper(*a, **kw):
-        calls[0] += 1
-        if calls[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return f(*a, **kw)
-    return wrapper
-os.rename, os.replace, shutil.rmtree = deadly(os.rename), deadly(os.replace), deadly(shutil.rmtree)
-run_cli(train.main, "train.py", sys.argv[1:])
-"""
-
-
-@pytest.mark.slow
-def test_killed_at_random_moments_and_resumed_it_is_the_unbroken_run(data, tmp_path):
-    """SIGKILL inside saves (before each rename of save_pretrained), inside pruning (before the rmtree
-    of --keep-last), inside log rewrites, at random times, and SIGTERM: each time resumed with --resume.
-    The final weights and log equal an unbroken run's, and nothing is left behind."""
-    kw = dict(max_steps=5, save_every=1, keep_last=2, val_data=data["val"], eval_every=2, eval_batches=1,
-              micro_batch_size=2)
-    whole = run("adapt", data, tmp_path / "whole", **kw)
-    out, rng = tmp_path / "killed", random.Random(0)
-    cmd = [sys.executable, "-c", FAULTY_TRAINER, *flags("adapt", data, out, resume=True, **kw)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    codes = []
-    for attempt in range(10):
-        # a whole run makes ~15 renames, replaces and rmtrees: die before one of the first 8 of this attempt's;
-        # attempts 2 and 4 are killed from outside at a random time instead (4 by SIGTERM), the last ones not
-        fault = rng.randint(1, 8) if attempt < 6 and attempt not in (2, 4) else 0
-        p = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, FAULT_AT=str(fault)), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-        if attempt in (2, 4):
-            while attempt == 4 and f"pid {p.pid} " not in read_text(out / ".lock") and p.poll() is None:
-                time.sleep(0.05)  # SIGTERM once train.main runs (before, Python's default handler just dies)
-            time.sleep(rng.uniform(0.5, 3.0))
-            p.send_signal(signal.SIGTERM if attempt == 4 else signal.SIGKILL)
-        err = p.communicate(timeout=120)[1]
-        codes.append(p.returncode)
-        # -15: the SIGTERM came after main had returned and put Python's default handler back
-        assert p.returncode in (0, -9, -15, 143), err[-3000:]
-        if p.returncode in (0, 143):  # it cleaned up before exiting
-            assert not [d for d in os.listdir(out) if d.startswith((".tmp-", ".old-"))]
-        if p.returncode == 0 and [r["step"] for r in read_log(out)["train"]][-1:] == [5]:
-            break
-    assert codes.count(-9) >= 3 and codes[-1] == 0, codes
-    assert sorted(os.listdir(out)) == [".lock", "log.jsonl", "step-0000004", "step-0000005"]
-    assert_same_weights(weights(out, 5), weights(tmp_path / "whole", 5), atol=0, rtol=0)
-    keys = ("step", "loss", "lr", "grad_norm")
-    log = read_log(out)
-    assert [[r[k] for k in keys] for r in log["train"]] == [[r[k] for k in keys] for r in whole["train"]]
-    assert log["val"] == whole["val"]
-
-
-# -----------------------------------------------------------------------------
 # bad input: a clear error and no checkpoint
-
-
-def no_checkpoint(out):
-    return not os.path.exists(out) or not [d for d in os.listdir(out) if "step-" in d]
 
 
 def test_missing_or_malformed_data(data, tmp_path):
@@ -673,18 +232,6 @@ def test_missing_or_malformed_data(data, tmp_path):
     with pytest.raises(ValueError, match="--stage sft trains on spans data"):
         run("sft", data, tmp_path / "c", data=data["tokens"])
     assert no_checkpoint(tmp_path / "a") and no_checkpoint(tmp_path / "b") and no_checkpoint(tmp_path / "c")
-
-
-def test_an_init_with_another_vocabulary_is_refused(data, tmp_path):
-    ar = Transformer(preset("tiny", vocab_size=100)).init_weights()
-    ar.save_pretrained(str(tmp_path / "ar"))  # no tokenizer: only the sizes can be compared
-    with pytest.raises(ValueError, match="61 ids .* vocabulary of 100"):
-        run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar"))
-    other = make_tokenizer(str(tmp_path / "other_tok"), words=40)  # 44 ids with [PAD]
-    Transformer(preset("tiny", vocab_size=61)).save_pretrained(str(tmp_path / "ar2"), tokenizer_from=other)
-    with pytest.raises(ValueError, match="tokenizer at .* differs"):
-        run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar2"))
-    assert no_checkpoint(tmp_path / "run")
 
 
 def test_a_sequence_longer_than_the_model_is_refused(data, tmp_path):

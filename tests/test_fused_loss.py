@@ -1,0 +1,171 @@
+"""
+support/fused_loss.py: the span-only training loss is tess2.diffusion_loss, value and gradients,
+whatever its chunk of rows; the chunk is sized for the device, and under autocast each (V, D)
+weight is cast once per call.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tess2
+from model import Transformer, preset
+from support import fused_loss
+
+TIGHT = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny_batch(tied=False):
+    """A tiny diffusion model (V 61, D 64) and 3 rows of 12 with span positions, timesteps and noise seeds;
+    row 2 has one target."""
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False,
+                             tie_word_embeddings=tied)).init_weights()
+    nn.init.normal_(net.timestep_embed.weight)  # a trained model's: its gradient then reaches everything
+    B, L = 3, 12
+    ids = torch.randint(3, 60, (B, L))
+    span = torch.rand(B, L) < 0.6
+    span[:, 0], span[2, 1:] = False, False
+    span[2, 7] = True  # row 2 has one target: its weight differs most between the weightings
+    return net, ids, span, torch.tensor([10, 2500, 4999]), [5, 6, 7]
+
+
+def chunks_of(monkeypatch, rows):
+    """fused_loss.diffusion_loss cuts its span positions into chunks of `rows` (on this CPU)."""
+    monkeypatch.setattr(fused_loss, "chunk_rows", lambda vocab_size, device: rows)
+
+
+# -----------------------------------------------------------------------------
+# the twin of tess2.diffusion_loss
+
+
+def test_self_conditioning_per_row_is_each_row_alone():
+    """A (B,) coin: self-conditioned rows get the t+1 prediction, the others prev_logits = 0 (uniform),
+    exactly as if each row were its own batch with a bool coin."""
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False)).init_weights()
+    ids = torch.randint(3, 60, (3, 10))
+    span = torch.rand(3, 10) < 0.6
+    span[:, 0], span[:, 5] = False, True
+    t, eps = torch.tensor([10, 2500, 4999]), torch.randn(3, 10, 61)
+    coin = torch.tensor([True, False, True])
+    with torch.no_grad():
+        sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=eps, self_condition=coin, reduction="none")
+        for i in range(3):
+            alone = tess2.diffusion_loss(net, ids[i:i + 1], span[i:i + 1], t=t[i:i + 1], eps=eps[i:i + 1],
+                                         self_condition=bool(coin[i]))
+            assert_close(sums[i] / counts[i], alone, **TIGHT)
+            assert counts[i] == span[i, 1:].sum()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("coin", [False, True, "per row", "extra pass"])
+@pytest.mark.parametrize("weighting", ["sequence", "token"])
+def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, tied, monkeypatch):
+    """fused_loss.diffusion_loss, which makes the head's logits, the cross-entropy and p @ E at span
+    positions only and in chunks (here 4 rows, so several), has tess2.diffusion_loss's value and
+    every parameter's gradient, with or without self-conditioning, per-row coins, both weightings."""
+    net, ids, span, t, seeds = tiny_batch(tied)
+    B, L = ids.shape
+    sc = {"per row": torch.tensor([True, False, True]), "extra pass": False}.get(coin, coin)
+    sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, L, 61), self_condition=sc,
+                                        reduction="none")
+    plain = (sums / counts.clamp(min=1)).sum() if weighting == "sequence" else sums.sum()
+    grads = torch.autograd.grad(plain, list(net.parameters()))
+    weights = 1 / counts.clamp(min=1) if weighting == "sequence" else torch.ones(B)
+    chunks_of(monkeypatch, 4)
+    loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, sc, weights, extra_pass=coin == "extra pass")
+    assert_close(loss, plain, atol=1e-6, rtol=1e-6)
+    for (name, p), g in zip(net.named_parameters(), grads):
+        assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# the chunk of rows
+
+
+def test_a_chunk_of_logits_is_a_fixed_budget_of_bytes_per_device():
+    """One (chunk, V) fp32 block: 16 MiB on a CPU (131 rows at Mistral's V 32001), 512 MiB on CUDA
+    (4194 rows), the CPU's budget on any other device, and never under 64 rows."""
+    assert fused_loss.chunk_rows(32001, torch.device("cpu")) == 131
+    assert fused_loss.chunk_rows(32001, torch.device("cuda", 3)) == 4194  # a device object: no GPU needed
+    assert fused_loss.chunk_rows(32001, "cuda") == 4194
+    assert fused_loss.chunk_rows(32001, torch.device("mps")) == 131
+    assert fused_loss.chunk_rows(61, torch.device("cuda")) == 2200290
+    assert fused_loss.chunk_rows(256_000, torch.device("cpu")) == 64  # 16 rows would fit: the floor
+    assert fused_loss.chunk_rows(256_000, torch.device("cuda")) == 524
+
+
+def test_the_loss_asks_for_the_chunk_of_its_rows_device(monkeypatch):
+    """diffusion_loss sizes its chunk with chunk_rows for the device its rows are on (so on CUDA it
+    gets the CUDA budget above), once per call."""
+    asked = []
+    chunk_rows = fused_loss.chunk_rows
+    monkeypatch.setattr(fused_loss, "chunk_rows", lambda V, device: asked.append((V, device)) or chunk_rows(V, device))
+    net, ids, span, t, seeds = tiny_batch()
+    fused_loss.diffusion_loss(net, ids, span, t, seeds, True, torch.ones(3))
+    assert asked == [(61, torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("coin", [False, True])
+def test_the_loss_and_its_gradients_do_not_depend_on_the_chunk_size(coin, monkeypatch):
+    """1 row, 3, 4, 7 or all N span positions per chunk: each pass is cut into ceil(N / chunk) chunks
+    and gives tess2.diffusion_loss's value and gradients."""
+    net, ids, span, t, seeds = tiny_batch()
+    sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, 12, 61), self_condition=coin,
+                                        reduction="none")
+    plain = (sums / counts.clamp(min=1)).sum()
+    grads = torch.autograd.grad(plain, list(net.parameters()))
+    N = int(span.sum())
+    calls = []
+    add_noise = tess2.add_noise
+    monkeypatch.setattr(tess2, "add_noise", lambda *a, **kw: calls.append(1) or add_noise(*a, **kw))
+    for rows in (1, 3, 4, 7, N):
+        chunks_of(monkeypatch, rows)
+        calls.clear()
+        loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, coin, 1 / counts.clamp(min=1))
+        assert len(calls) == (2 if coin else 1) * math.ceil(N / rows), rows  # one add_noise per chunk and pass
+        assert_close(loss, plain, atol=1e-6, rtol=1e-6)
+        for (name, p), g in zip(net.named_parameters(), grads):
+            assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# under autocast
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts the copies of a (V, D) tensor into another dtype: autocast makes one of an fp32 weight
+    each time it enters a matrix product, unless it was cast already."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape and \
+                kwargs.get("dtype", args[0].dtype) != args[0].dtype:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_under_autocast_each_weight_is_cast_once_per_call(tied, monkeypatch):
+    """bf16 autocast, self-conditioning on, chunks of 4 rows (so ~8 chunks per pass): the LM head's W
+    and E, fp32 (V, D), are cast to bf16 once per call (one tensor when tied), not once per chunk.
+    The loss and W's gradient stay the fp32 ones within bf16's precision; W's gradient stays fp32."""
+    net, ids, span, t, seeds = tiny_batch(tied)
+    with torch.no_grad():
+        reference = fused_loss.diffusion_loss(net, ids, span, t, seeds, True, torch.ones(3))
+    chunks_of(monkeypatch, 4)
+    casts = WeightCasts(net.lm_head.weight.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+        loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, True, torch.ones(3))
+    assert casts.count == (1 if tied else 2)
+    assert_close(loss, reference, atol=0, rtol=0.02)
+    loss.backward()
+    assert net.lm_head.weight.grad.dtype == torch.float32 and net.lm_head.weight.grad.abs().sum() > 0
