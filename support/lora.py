@@ -23,6 +23,7 @@ and the other tools read as for any checkpoint. Transformer.from_pretrained(adap
 the base and applies the adapter; `python -m support.lora merge ADAPTER OUT` writes a plain checkpoint.
 """
 import argparse
+import hashlib
 import math
 import os
 from dataclasses import asdict
@@ -54,9 +55,7 @@ class LoRALinear(nn.Module):
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, **kw)
         self.lora_B = nn.Linear(r, base.out_features, **kw)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's (and nn.Linear's) draw
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # (init_adapters draws A, B)
 
     def forward(self, x):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -106,19 +105,21 @@ def pad_rows(net, pad_id: int) -> dict:
     return {"embed_tokens": [pad_id], **({"lm_head": [pad_id]} if untied_head else {})}
 
 
-def apply_lora(net, base: str, r: int, alpha: float, dropout: float = 0.0, targets=TARGETS, token_rows=None):
+def apply_lora(net, base: str, r: int, alpha: float, dropout: float = 0.0, targets=TARGETS, token_rows=None,
+               seed: int = 0):
     """
     Freeze net and add adapters in place; returns net. base: the checkpoint the adapter applies to
     (adapter_config.json's base_model_name_or_path). targets: the block Linears that get LoRA.
     token_rows {"embed_tokens": ids, "lm_head": ids} (pad_rows): rows that train whole; with tied
-    embeddings, the LM head's rows are the embedding's. The timestep embedding and a score head train whole.
+    embeddings, the LM head's rows are the embedding's. The timestep embedding and a score head train
+    whole. Adapters are drawn by init_adapters(net, seed) (on the meta device: later, by the caller).
     """
     if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
         raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got {r}, {alpha}, {dropout}")
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise ValueError(f"LoRA target modules {unknown or 'none'}: choose among {', '.join(TARGETS)}")
-    token_rows = {k: sorted(set(v)) for k, v in (token_rows or {}).items() if v}
+    token_rows = {k: list(dict.fromkeys(v)) for k, v in (token_rows or {}).items() if v}  # PEFT's order: the rows
     V = net.args.vocab_size
     if set(token_rows) - {"embed_tokens", "lm_head"} or any(not 0 <= i < V for v in token_rows.values() for i in v):
         raise ValueError(f"trainable token rows {token_rows}: embed_tokens or lm_head rows in [0, {V})")
@@ -144,7 +145,33 @@ def apply_lora(net, base: str, r: int, alpha: float, dropout: float = 0.0, targe
                        target_modules=list(targets), trainable_token_indices=token_rows or None,
                        modules_to_save=whole or None, task_type="SEQ_CLS" if net.args.head == "score" else "CAUSAL_LM",
                        inference_mode=True, init_lora_weights=True, **UNSUPPORTED)
+    if net.model.embed_tokens.weight.device.type != "meta":
+        init_adapters(net, seed)
     return net
+
+
+def init_adapters(net, seed: int):
+    """A Kaiming-uniform as PEFT draws it (from a generator of (seed, layer name): the same on every
+    process and however the model is sharded), B zero, trainable rows = the base's rows. Works on
+    FSDP2's sharded parameters too (each process keeps its part of the whole tensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    whole = lambda p: p.full_tensor() if isinstance(p, DTensor) else p  # noqa: E731
+
+    def assign(p, value):  # value: the whole tensor, the same on every process
+        with torch.no_grad():
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(value.to(p.device), p.device_mesh, p.placements).to_local())
+            else:
+                p.copy_(value)
+    for name, module in net.named_modules():
+        if isinstance(module, LoRALinear):
+            g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(f"{seed},{name}".encode(),
+                                                                             digest_size=8).digest(), "little") >> 1)
+            A = nn.init.kaiming_uniform_(torch.empty(module.lora_A.weight.shape), a=math.sqrt(5), generator=g)
+            assign(module.lora_A.weight, A.to(module.lora_A.weight.dtype))  # (r, in): PEFT's and nn.Linear's draw
+            assign(module.lora_B.weight, torch.zeros(module.lora_B.weight.shape, dtype=module.lora_B.weight.dtype))
+        elif isinstance(module, TokenRows):
+            assign(module.rows, whole(module.base_layer.weight).detach()[module.index.cpu()])
 
 
 def merge(net):

@@ -1,0 +1,279 @@
+"""
+support/lora.py: LoRA on the Transformer, the [PAD] row and what adaptation adds trained whole, the
+adapter saved in PEFT's layout, loaded by Transformer.from_pretrained, merged into a plain checkpoint.
+
+PEFT is the oracle, as transformers is for the model: it loads our adapter onto the transformers model
+and computes our logits, and an adapter PEFT saves loads into ours and computes its logits.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from torch.testing import assert_close
+
+from model import Transformer, preset
+from support import fused_loss, lora
+from support.run_folder import grow_vocab
+
+peft = pytest.importorskip("peft")
+
+TOL = dict(atol=1e-5, rtol=1e-5)  # fp32
+SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+PAD = 100  # the last id of SMALL's vocabulary plays [PAD]
+
+
+def base_checkpoint(path, arch="LlamaForCausalLM", **cfg) -> str:
+    """A tiny random transformers checkpoint (every weight random, norms too) saved at path."""
+    config = transformers.AutoConfig.for_model(getattr(transformers, arch).config_class.model_type, **{**SMALL, **cfg})
+    torch.manual_seed(0)
+    m = getattr(transformers, arch)(config)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    m.save_pretrained(path)
+    return str(path)
+
+
+def perturb(net, seed=1):
+    """Trained-looking adapters: B, the rows and what trains whole random (B starts at zero)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def adapted(path, r=4, alpha=8.0, targets=lora.TARGETS, **overrides):
+    """Our model of the checkpoint at path with LoRA, the [PAD] row trained, adapters perturbed."""
+    net = Transformer.from_pretrained(path, verbose=False, **overrides)
+    return perturb(lora.apply_lora(net, path, r, alpha, targets=targets, token_rows=lora.pad_rows(net, PAD))).eval()
+
+
+def ids_for(B=2, T=10, seed=2):
+    ids = torch.randint(0, PAD, (B, T), generator=torch.Generator().manual_seed(seed))
+    ids[0, -3:] = PAD  # the trained row is read
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# the layer and what trains
+
+
+def test_lora_layer_is_w_x_plus_alpha_over_r_b_a_x_and_starts_as_the_base():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    layer = lora.LoRALinear(base, r=3, alpha=6.0, dropout=0.0)
+    lora.init_adapters(layer, seed=0)
+    x = torch.randn(2, 4, 6)
+    assert torch.equal(layer(x), base(x))  # B = 0: at first the base
+    bound = 1 / math.sqrt(6)  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in)), as PEFT draws A
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.abs().max() > bound / 2
+    torch.nn.init.normal_(layer.lora_B.weight)
+    W, b, A, B = base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight
+    assert_close(layer(x), x @ W.T + b + (6.0 / 3) * (x @ A.T) @ B.T)
+    # dropout acts on the adapter's input only, in training
+    drop = lora.LoRALinear(base, r=3, alpha=6.0, dropout=0.5)
+    drop.lora_A.weight.data, drop.lora_B.weight.data = A.data, B.data
+    torch.manual_seed(5)
+    y = drop(x)
+    torch.manual_seed(5)
+    assert_close(y, x @ W.T + b + 2.0 * (torch.nn.functional.dropout(x, 0.5) @ A.T) @ B.T)
+    assert_close(drop.eval()(x), layer(x))
+
+
+def test_gradients_reach_only_the_adapters_the_pad_rows_and_the_timestep_embedding():
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", **SMALL, timestep_embed=True, causal=False)).init_weights()
+    lora.apply_lora(net, "base", r=2, alpha=4.0, targets=("q_proj", "down_proj"), token_rows=lora.pad_rows(net, PAD))
+    perturb(net)  # B != 0, so that A gets a gradient too
+    ids, span = ids_for(), torch.zeros(2, 10, dtype=torch.bool)
+    span[:, 4:7] = True  # the [PAD] rows (7..9 of row 0) are context: their embedding is read
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    loss = fused_loss.diffusion_loss(net, ids, span, torch.tensor([10, 900]), [1, 2], False, torch.ones(2))
+    loss.backward()
+    trained = {n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {f"model.layers.{i}.{m}.lora_{ab}.weight" for i in (0, 1) for ab in "AB"
+                       for m in ("self_attn.q_proj", "mlp.down_proj")} | \
+        {"model.embed_tokens.rows", "lm_head.rows", "timestep_embed.weight"}
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == trained  # all else frozen
+    torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.1).step()
+    for name in ("model.embed_tokens", "lm_head"):  # the whole matrix: only its [PAD] row moved
+        weight = net.get_submodule(name).weight
+        assert torch.equal(weight[:PAD], before[f"{name}.base_layer.weight"][:PAD])
+        assert not torch.equal(weight[PAD], before[f"{name}.base_layer.weight"][PAD])
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters() if not p.requires_grad)
+
+
+def test_tied_embeddings_train_one_pad_row_read_by_both_ends():
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", **SMALL, tie_word_embeddings=True)).init_weights()
+    lora.apply_lora(net, "base", r=2, alpha=2.0, targets=("v_proj",), token_rows=lora.pad_rows(net, PAD))
+    assert lora.pad_rows(net, PAD) == {"embed_tokens": [PAD]}
+    assert net.lm_head.rows is net.model.embed_tokens.rows
+    net(ids_for()).logsumexp(-1).sum().backward()
+    assert net.model.embed_tokens.rows.grad.abs().sum() > 0
+    assert [n for n, p in net.named_parameters() if "rows" in n] == ["model.embed_tokens.rows"]  # one parameter
+
+
+# -----------------------------------------------------------------------------
+# merged, saved, loaded
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "tied", "score"])
+def test_merged_and_unmerged_models_compute_the_same(tmp_path, kind):
+    overrides = dict(diffusion=dict(timestep_embed=True, causal=False), tied={}, score=dict(head="score"))[kind]
+    path = base_checkpoint(tmp_path / "base", tie_word_embeddings=kind == "tied")
+    net = adapted(path, **overrides)
+    ids, t = ids_for(), torch.tensor([0.3, 0.8]) if kind == "diffusion" else None
+    with torch.no_grad():
+        out = net(ids, t=t)
+        merged = lora.merge(net)
+        assert not any(isinstance(m, (lora.LoRALinear, lora.TokenRows)) for m in merged.modules())
+        assert all(p.requires_grad for p in merged.parameters())
+        assert_close(merged(ids, t=t), out, **TOL)
+    if kind == "tied":
+        assert merged.lm_head.weight is merged.model.embed_tokens.weight
+
+
+def test_adapter_is_saved_in_peft_layout_and_from_pretrained_loads_it(tmp_path):
+    path = base_checkpoint(tmp_path / "base", num_hidden_layers=1)
+    net = adapted(path, r=2, alpha=3.0, targets=("q_proj", "down_proj"), timestep_embed=True, causal=False)
+    net.save_pretrained(tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors", "config.json"]
+    cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert {k: cfg[k] for k in ("base_model_name_or_path", "peft_type", "task_type", "r", "lora_alpha", "lora_dropout",
+                                "target_modules", "trainable_token_indices", "modules_to_save")} == dict(
+        base_model_name_or_path=path, peft_type="LORA", task_type="CAUSAL_LM", r=2, lora_alpha=3.0, lora_dropout=0.0,
+        target_modules=["q_proj", "down_proj"], trainable_token_indices={"embed_tokens": [PAD], "lm_head": [PAD]},
+        modules_to_save=["timestep_embed"])
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (64, 2),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": (2, 96),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": (64, 2),
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (1, 64),
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta": (1, 64),
+        "base_model.model.timestep_embed.weight": (64, 1)}
+    back = Transformer.from_pretrained(str(tmp_path / "adapter"), verbose=False).eval()
+    assert back.args == net.args and back.adapter == net.adapter
+    ids, t = ids_for(), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        assert torch.equal(back(ids, t=t), net(ids, t=t))
+
+
+def test_a_pad_row_the_base_lacks_comes_from_the_adapter(tmp_path):
+    """Mistral has 32000 ids and TESS 2 adds [PAD]: the adapter of a grown model names the base without
+    the row, and loading grows it and fills it from the adapter."""
+    path = base_checkpoint(tmp_path / "base", vocab_size=PAD)  # ids 0..99: no [PAD]
+    net = Transformer.from_pretrained(path, verbose=False, timestep_embed=True, causal=False)
+    grow_vocab(net, PAD + 1)
+    perturb(lora.apply_lora(net, path, 2, 2.0, token_rows=lora.pad_rows(net, PAD))).eval()
+    net.save_pretrained(tmp_path / "adapter")
+    back = Transformer.from_pretrained(str(tmp_path / "adapter"), verbose=False).eval()
+    ids, t = ids_for(), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        assert torch.equal(back(ids, t=t), net(ids, t=t))
+    cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    cfg["trainable_token_indices"] = {"embed_tokens": [3], "lm_head": [PAD]}
+    json.dump(cfg, open(tmp_path / "adapter" / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match=r"does not train embed_tokens rows \[100\]"):
+        Transformer.from_pretrained(str(tmp_path / "adapter"))
+
+
+# -----------------------------------------------------------------------------
+# PEFT, the oracle
+
+
+@pytest.mark.parametrize("arch, cfg, head", [
+    ("LlamaForCausalLM", {}, "lm"),  # untied: the [PAD] row of the embedding and of the LM head
+    ("Qwen2ForCausalLM", dict(tie_word_embeddings=True), "lm"),  # q/k/v biases, one tied row
+    ("MistralForCausalLM", dict(sliding_window=None), "score"),  # a reward model's score head trains whole
+])
+def test_peft_loads_our_adapter_onto_the_transformers_model_and_computes_our_logits(tmp_path, arch, cfg, head):
+    path = base_checkpoint(tmp_path / "base", arch, **cfg)
+    net = adapted(path, head=head)
+    net.save_pretrained(tmp_path / "adapter")
+    auto = transformers.AutoModelForSequenceClassification if head == "score" else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(path, **(dict(num_labels=1, pad_token_id=PAD) if head == "score" else {}))
+    theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    ids = ids_for()
+    ids[0, -3:] = 7  # the score head reads the last token; transformers would look for the last non-[PAD]
+    with torch.no_grad():
+        ref = theirs(input_ids=ids).logits
+        assert_close(net(ids), ref[:, 0] if head == "score" else ref, **TOL)
+
+
+def test_an_adapter_peft_saves_loads_into_ours_and_merges_into_a_checkpoint_transformers_reads(tmp_path):
+    path = base_checkpoint(tmp_path / "base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    config = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"],
+                             trainable_token_indices={"embed_tokens": [PAD, 5], "lm_head": [PAD]})
+    theirs = peft.get_peft_model(hf, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "adapter")  # no config.json: the base's architecture
+    theirs.eval()
+    ours = Transformer.from_pretrained(str(tmp_path / "adapter"), verbose=False).eval()
+    assert ours.adapter["lora_dropout"] == 0.1 and ours.model.embed_tokens.index.tolist() == [PAD, 5]
+    ids = ids_for()
+    with torch.no_grad():
+        assert_close(ours(ids), theirs(input_ids=ids).logits, **TOL)
+    lora.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert_close(plain(ids).logits, theirs(input_ids=ids).logits, **TOL)
+
+
+# -----------------------------------------------------------------------------
+# the merge command and its errors
+
+
+def test_merge_keeps_the_tokenizer_and_sampling_defaults_and_refuses_a_plain_checkpoint(tmp_path, capsys):
+    from conftest import word_tokenizer
+    from support.cli import run_cli
+    path = base_checkpoint(tmp_path / "base")
+    word_tokenizer(path, ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(97)] + ["[PAD]"])
+    net = adapted(path, timestep_embed=True, causal=False)
+    net.save_pretrained(tmp_path / "adapter", tokenizer_from=path, extra_files={"generation_config.json": {"steps": 7}})
+    lora.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    files = set(os.listdir(tmp_path / "merged"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
+    assert "adapter_config.json" not in files
+    merged = Transformer.from_pretrained(str(tmp_path / "merged"), verbose=False).eval()
+    assert merged.generation_config == {"steps": 7} and merged.args == net.args
+    ids, t = ids_for(), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        assert_close(merged(ids, t=t), net(ids, t=t), **TOL)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(lora.main, "python -m support.lora", ["merge", str(tmp_path / "merged"), str(tmp_path / "again")])
+    assert e.value.code == 2 and not os.path.exists(tmp_path / "again")
+    assert capsys.readouterr().err.strip() == (f"python -m support.lora: error: {tmp_path / 'merged'} has no "
+                                               "adapter_config.json: not a LoRA adapter folder")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda cfg: cfg.update(use_dora=True), r"sets \{'use_dora': True\}, which this LoRA does not implement"),
+    (lambda cfg: cfg.update(peft_type="IA3"), "peft_type 'IA3' is not supported"),
+    (lambda cfg: cfg.update(target_modules=["q_proj"]), r"does not match adapter_config.json: missing \[\], unexpected"),
+])
+def test_an_adapter_that_does_not_fit_is_refused_naming_why(tmp_path, edit, message):
+    path = base_checkpoint(tmp_path / "base")
+    adapted(path).save_pretrained(tmp_path / "adapter")
+    file = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.load(open(file))
+    edit(cfg)
+    json.dump(cfg, open(file, "w"))
+    with pytest.raises(ValueError, match=message):
+        Transformer.from_pretrained(str(tmp_path / "adapter"))
