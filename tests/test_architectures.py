@@ -18,8 +18,8 @@ import transformers
 from torch.testing import assert_close
 
 import tess2
-import train
 from model import PRESETS, ModelArgs, Transformer, attention_mask, preset
+from support import run_folder
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -193,7 +193,7 @@ def test_qwen_layers_with_and_without_a_window_are_refused():
 
 @pytest.mark.parametrize("family", ["qwen3", "llama3.2-tied", "qwen2"])
 def test_adapted_base_runs_predict_as_the_same_adaptation_of_transformers_model(tmp_path, family):
-    """from_pretrained(timestep_embed=True, causal=False) + train.grow_vocab ([PAD] = the mean row), then
+    """from_pretrained(timestep_embed=True, causal=False) + run_folder.grow_vocab ([PAD] = the mean row), then
     tess2.predict equals transformers' model fed by hand what predict feeds: p = (softmax(S_t) + 1/V) / 2
     (Eq. 8 with no previous prediction), h = p @ E at span positions and E[w] at context, t * w_time
     added at span positions, no causal mask, the LM head with the [PAD] row, shifted by one position."""
@@ -202,7 +202,7 @@ def test_adapted_base_runs_predict_as_the_same_adaptation_of_transformers_model(
     hf.save_pretrained(tmp_path / "ar")
     ours = Transformer.from_pretrained(str(tmp_path / "ar"), timestep_embed=True, causal=False, verbose=False).eval()
     V = ours.args.vocab_size
-    train.grow_vocab(ours, V + 1)
+    run_folder.grow_vocab(ours, V + 1)
     E_hf, W_hf = hf.model.embed_tokens.weight, hf.lm_head.weight  # (V, D)
     E = torch.cat([E_hf, E_hf.mean(0, keepdim=True)])  # (V + 1, D)
     W = torch.cat([W_hf, W_hf.mean(0, keepdim=True)])
