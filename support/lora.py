@@ -46,6 +46,11 @@ UNSUPPORTED = dict(use_dora=False, use_rslora=False, bias="none", fan_in_fan_out
                    use_bdlora=None, kasa_config=None, monteclora_config=None, arrow_config=None)
 
 
+def whole(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor: gathered, so every process must call), else p."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 class LoRALinear(nn.Module):
     """base(x) + (alpha / r) B A dropout(x) for x (..., in): base (out, in) frozen, A (r, in), B (out, r)."""
 
@@ -155,7 +160,6 @@ def init_adapters(net, seed: int):
     process and however the model is sharded), B zero, trainable rows = the base's rows. Works on
     FSDP2's sharded parameters too (each process keeps its part of the whole tensor)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
-    whole = lambda p: p.full_tensor() if isinstance(p, DTensor) else p  # noqa: E731
 
     def assign(p, value):  # value: the whole tensor, the same on every process
         with torch.no_grad():
@@ -171,7 +175,7 @@ def init_adapters(net, seed: int):
             assign(module.lora_A.weight, A.to(module.lora_A.weight.dtype))  # (r, in): PEFT's and nn.Linear's draw
             assign(module.lora_B.weight, torch.zeros(module.lora_B.weight.shape, dtype=module.lora_B.weight.dtype))
         elif isinstance(module, TokenRows):
-            assign(module.rows, whole(module.base_layer.weight).detach()[module.index.cpu()])
+            assign(module.rows, whole(module.base_layer.weight.detach())[module.index.cpu()])
 
 
 def merge(net):
@@ -205,13 +209,25 @@ def adapter_params(net) -> dict:
     return params
 
 
-def save_adapter(net, out_dir: str, tokenizer_from: str | None = None, extra_files: dict | None = None):
-    """adapter_config.json + adapter_model.safetensors + config.json (the adapted architecture), atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in adapter_params(net).items()}
+def adapter_state(net) -> dict:
+    """{PEFT key: whole CPU tensor} of the adapter; under FSDP2 every process must call it (it gathers)."""
+    return {k: whole(p.detach()).contiguous().cpu() for k, p in adapter_params(net).items()}
+
+
+def save_adapter(net, out_dir: str, tokenizer_from: str | None = None, extra_files: dict | None = None,
+                 state: dict | None = None):
+    """adapter_config.json + adapter_model.safetensors + config.json (the adapted architecture), atomically.
+    state: adapter_state(net), if already gathered."""
+    state = adapter_state(net) if state is None else state
     cfg = net.args.to_hf()
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     save_checkpoint(out_dir, state, cfg, tokenizer_from=tokenizer_from, extra_files=extra_files,
                     adapter_config=net.adapter)
+
+
+def is_adapter(path: str) -> bool:
+    """Whether the checkpoint folder `path` holds a LoRA adapter rather than whole weights."""
+    return os.path.exists(os.path.join(path, "adapter_config.json"))
 
 
 def read_adapter_config(path: str) -> dict:
@@ -232,7 +248,8 @@ def read_adapter_config(path: str) -> dict:
         rows = {"embed_tokens": rows}
     rows = {k.rpartition(".")[2]: v for k, v in rows.items()}  # "model.embed_tokens" -> "embed_tokens"
     saved = [m for m in ad.get("modules_to_save") or [] if m != "classifier"]  # PEFT adds "classifier" for SEQ_CLS
-    return dict(ad, target_modules=targets, trainable_token_indices=rows, modules_to_save=saved)
+    return dict(ad, target_modules=targets, trainable_token_indices=rows, modules_to_save=saved,
+                lora_dropout=ad.get("lora_dropout", 0.0))
 
 
 def load_adapter(cls, path: str, dtype=None, device=None, verbose: bool = True, **overrides):
@@ -251,7 +268,7 @@ def load_adapter(cls, path: str, dtype=None, device=None, verbose: bool = True, 
     net = cls.from_pretrained(base, dtype=dtype, device=device, verbose=False, **shape)
     if args.vocab_size != base_vocab:
         grow(net, args.vocab_size, ad["trainable_token_indices"], path)
-    apply_lora(net, base, ad["r"], ad["lora_alpha"], ad.get("lora_dropout", 0.0), ad["target_modules"],
+    apply_lora(net, base, ad["r"], ad["lora_alpha"], ad["lora_dropout"], ad["target_modules"],
                ad["trainable_token_indices"])
     net.adapter["modules_to_save"] = [m for m in ad["modules_to_save"] if hasattr(net, m)] or None
     load_adapter_tensors(net, path)

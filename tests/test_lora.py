@@ -277,3 +277,112 @@ def test_an_adapter_that_does_not_fit_is_refused_naming_why(tmp_path, edit, mess
     json.dump(cfg, open(file, "w"))
     with pytest.raises(ValueError, match=message):
         Transformer.from_pretrained(str(tmp_path / "adapter"))
+
+
+# -----------------------------------------------------------------------------
+# train.py --lora
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The tiny training datasets and an AR base without [PAD] (as Mistral: the run grows the row)."""
+    from train_runs import make_datasets
+    root = tmp_path_factory.mktemp("lora_runs")
+    data = make_datasets(str(root))
+    torch.manual_seed(0)
+    Transformer(preset("tiny", vocab_size=60)).init_weights().save_pretrained(str(root / "base"),
+                                                                              tokenizer_from=data["tok"])
+    return data, str(root / "base")
+
+
+def lora_run(runs, stage, out, **kw):
+    from train_runs import run
+    data, base = runs
+    return run(stage, data, out, **{"init": base, "preset": None, "lora": 4, **kw})
+
+
+@pytest.mark.parametrize("stage, trained_whole, task", [
+    ("adapt", {"lm_head.rows", "model.embed_tokens.rows", "timestep_embed.weight"}, "CAUSAL_LM"),
+    ("sft", {"lm_head.rows", "model.embed_tokens.rows", "timestep_embed.weight"}, "CAUSAL_LM"),
+    ("rm", {"model.embed_tokens.rows", "score.weight"}, "SEQ_CLS"),
+])
+def test_each_stage_trains_adapters_on_a_frozen_base_and_saves_them_in_peft_layout(runs, tmp_path, stage,
+                                                                                   trained_whole, task):
+    from train_runs import losses
+    log = lora_run(runs, stage, tmp_path, max_steps=6, overfit=True, lr=1e-2)
+    assert losses(log)[-1] < losses(log)[0]
+    ckpt = str(tmp_path / "step-0000006")
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "tokenizer.json", "train_state.pt",
+            "train_state.json"} <= set(os.listdir(ckpt)) and "model.safetensors" not in os.listdir(ckpt)
+    cfg = json.load(open(os.path.join(ckpt, "adapter_config.json")))
+    assert (cfg["base_model_name_or_path"], cfg["r"], cfg["lora_alpha"], cfg["task_type"]) == (runs[1], 4, 8.0, task)
+    net = Transformer.from_pretrained(ckpt, verbose=False)
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trained - trained_whole == {n for n in trained if ".lora_" in n} and trained_whole <= trained
+    base = Transformer.from_pretrained(runs[1], verbose=False)
+    frozen = {n.replace(".base_layer", ""): p for n, p in net.named_parameters() if not p.requires_grad}
+    for name, p in base.named_parameters():  # the base is untouched ([PAD]'s row aside, 60 of 61 rows)
+        if stage == "rm" and name == "lm_head.weight":  # a reward model has no LM head
+            continue
+        assert torch.equal(frozen[name][:len(p)], p), name
+
+
+def test_a_stopped_lora_run_resumes_exactly_dropout_included(runs, tmp_path):
+    from train_runs import losses
+    whole = lora_run(runs, "sft", tmp_path / "whole", max_steps=6, lora_dropout=0.1)
+    first = lora_run(runs, "sft", tmp_path / "cut", max_steps=6, stop_at=3, lora_dropout=0.1)
+    assert len(first["train"]) == 3
+    with pytest.raises(ValueError, match="trained with --lora 4, this run asks for 8: pass --lora 4"):
+        lora_run(runs, "sft", tmp_path / "cut", max_steps=6, lora_dropout=0.1, resume=True, lora=8)
+    resumed = lora_run(runs, "sft", tmp_path / "cut", max_steps=6, lora_dropout=0.1, resume=True)
+    assert [r["step"] for r in resumed["train"]] == [1, 2, 3, 4, 5, 6]
+    assert_close(losses(resumed), losses(whole), atol=0, rtol=0)
+    from safetensors.torch import load_file
+    cut, ref = (load_file(str(tmp_path / run / "step-0000006" / "adapter_model.safetensors")) for run in ("cut", "whole"))
+    assert cut.keys() == ref.keys() and all(torch.equal(cut[k], ref[k]) for k in ref)
+
+
+def test_sample_reads_a_lora_checkpoint_as_its_merged_model(runs, tmp_path, capsys):
+    import sample
+    lora_run(runs, "sft", tmp_path / "run", max_steps=2)
+    ckpt = str(tmp_path / "run" / "step-0000002")
+    lora.main(["merge", ckpt, str(tmp_path / "merged")])
+    texts = []
+    for model in (ckpt, str(tmp_path / "merged")):
+        capsys.readouterr()
+        sample.main(["--model", model, "--prompt", "w1 w2 w3", "--steps", "4", "--length", "6", "--json"])
+        texts.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "seconds"})
+    assert texts[0] == texts[1] and texts[0]["text"]
+
+
+def test_lora_flags_that_cannot_work_are_refused_before_anything_is_written(runs, tmp_path):
+    from train_runs import run
+    data, base = runs
+    with pytest.raises(ValueError, match="--lora adapts a pretrained model"):
+        run("sft", data, tmp_path / "a", lora=4)
+    with pytest.raises(ValueError, match="pass --lora R as well"):
+        run("sft", data, tmp_path / "b", init=base, preset=None, lora_alpha=16)
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_same_adapters_as_one(runs, tmp_path, parallel):
+    """2 gloo ranks, DDP or FSDP2 (stopped after step 2 and resumed from the adapter checkpoint: the
+    frozen base read shard by shard from the base, the adapters and their AdamW state from the run),
+    give the one-process run's losses and adapters."""
+    from safetensors.torch import load_file
+    from train_runs import WEIGHTS, losses, torchrun
+    data, base = runs
+    ref = lora_run(runs, "adapt", tmp_path / "one", micro_batch_size=4)
+    kw = dict(init=base, preset=None, lora=4, micro_batch_size=2 if parallel == "fsdp" else 1)
+    if parallel == "fsdp":
+        torchrun("adapt", data, tmp_path / "two", fsdp=True, grad_ckpt=True, stop_at=2, **kw)
+        log = torchrun("adapt", data, tmp_path / "two", fsdp=True, grad_ckpt=True, resume=True, **kw)
+    else:
+        log = torchrun("adapt", data, tmp_path / "two", **kw)
+    assert_close(losses(log), losses(ref), atol=1e-5, rtol=1e-5)
+    two, one = (load_file(str(tmp_path / run / "step-0000004" / "adapter_model.safetensors")) for run in ("two", "one"))
+    assert two.keys() == one.keys()
+    for k in one:
+        assert_close(two[k], one[k], **WEIGHTS, msg=k)
