@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from support.checkpoint import (FAMILIES, LLAMA3_ROPE, args_from_config, config_from_args,  # noqa: F401 (re-exports)
                                 checkpoint_files, load_sharded, new_weight, read_tensors, save_checkpoint)
+from support import lora
 from support.hub import read_config, read_json, resolve
 
 
@@ -297,7 +298,7 @@ class Transformer(nn.Module):
         self.generation_config = None  # from_pretrained: the checkpoint's generation_config.json, if any
 
     @property
-    def embed_tokens(self) -> nn.Embedding:
+    def embed_tokens(self) -> nn.Module:  # nn.Embedding (lora.TokenRows under LoRA)
         return self.model.embed_tokens
 
     def init_weights(self, std: float = 0.02):
@@ -369,9 +370,8 @@ class Transformer(nn.Module):
         starts a reward model from an LM (score.weight ~ N(0, 0.02), lm_head dropped). Both reported.
         """
         path = resolve(name_or_path)
-        if os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter: its base, then it
-            from support.lora import load_adapter
-            return load_adapter(cls, path, dtype, device, verbose, **overrides)
+        if lora.is_adapter(path):  # a LoRA adapter folder: its base, then the adapter (support/lora.py)
+            return lora.load_adapter(cls, path, dtype, device, verbose, **overrides)
         args = ModelArgs.from_hf(read_config(path), **overrides)
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         with torch.device("meta"):
@@ -394,11 +394,9 @@ class Transformer(nn.Module):
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = 5 * 2**30,
                         tokenizer_from: str | None = None, extra_files: dict | None = None):
         """Write config.json + safetensors in the Hugging Face layout, atomically (support.checkpoint.
-        save_checkpoint: sharding, tokenizer_from, extra_files). Tied weights are stored once.
-        A model with LoRA adapters (support/lora.py) saves only those, in PEFT's layout."""
-        if hasattr(self, "adapter"):
-            from support.lora import save_adapter
-            return save_adapter(self, out_dir, tokenizer_from, extra_files)
+        save_checkpoint: sharding, tokenizer_from, extra_files). Tied weights are stored once."""
+        if hasattr(self, "adapter"):  # LoRA: the adapters only, in PEFT's layout (support/lora.py)
+            return lora.save_adapter(self, out_dir, tokenizer_from, extra_files)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.args.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # as transformers saves tied weights

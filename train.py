@@ -98,11 +98,11 @@ def parse_args(argv=None):
     arg("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on CUDA); weights stay fp32")
     arg("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
     arg("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
-    arg("--lora", type=positive, help="LoRA rank r: train low-rank adapters on the frozen --init (support/lora.py); "
-        "the [PAD] row, the timestep embedding and a score head train whole; checkpoints in PEFT's layout")
+    arg("--lora", type=positive, help="LoRA rank r: adapters on the frozen --init (support/lora.py); the [PAD] "
+        "row, the timestep embedding and a score head train whole; checkpoints in PEFT's layout")
     arg("--lora-alpha", type=float, help="LoRA alpha: the adapters' update is scaled by alpha / r (default: 2 r)")
-    arg("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (its masks depend on "
-        "how a batch is split over processes and micro-batches; --resume stays exact)")
+    arg("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (masks depend on how a "
+        "batch is split over processes and micro-batches; --resume stays exact)")
     arg("--lora-targets", nargs="+", choices=lora.TARGETS, default=list(lora.TARGETS), metavar="NAME",
         help=f"the block layers that get adapters (default: all, {' '.join(lora.TARGETS)})")
     arg("--eval-every", type=non_negative, default=0, help="eval on --val-data every N steps (0: at the end)")
@@ -140,8 +140,6 @@ def check_args(args):
         raise ValueError("--lora-alpha and --lora-dropout set LoRA's adapters: pass --lora R as well")
     if args.lora and args.init == "scratch":
         raise ValueError("--lora adapts a pretrained model: pass --init a checkpoint folder or Hub id, not scratch")
-    if args.lora and not (args.lora_alpha > 0 and 0 <= args.lora_dropout < 1):
-        raise ValueError(f"--lora-alpha {args.lora_alpha} must be > 0 and --lora-dropout {args.lora_dropout} in [0, 1)")
 
 
 def compute_init(device="auto"):
@@ -292,6 +290,12 @@ def build_model(args, meta, init, device, sharded=False):
         base = init if is_hub_id(init) else os.path.abspath(init)  # found from any folder
         lora.apply_lora(net, base, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets,
                         lora.pad_rows(net, meta["pad_id"]), seed=args.seed)
+    elif args.lora:  # a LoRA checkpoint: its adapters train on, if they are the ones asked for
+        ad, asked = net.adapter, dict(r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                      target_modules=list(args.lora_targets))
+        if any(ad[k] != v for k, v in asked.items()):
+            raise ValueError(f"{init} holds LoRA adapters {({k: ad[k] for k in asked})}, not {asked}: pass its flags, or "
+                             f"merge it (python -m support.lora merge {init} MERGED) and pass --init MERGED")
     if args.lora:
         trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
         print0(f"LoRA r={args.lora} alpha={args.lora_alpha} on {' '.join(args.lora_targets)}: {trained:,} trained "

@@ -80,13 +80,13 @@ class TokenRows(nn.Module):
 
     def __init__(self, base: nn.Embedding | nn.Linear, index: list[int], rows: nn.Parameter | None = None):
         super().__init__()
-        self.base_layer = base
-        self.register_buffer("index", torch.tensor(index, device=base.weight.device), persistent=False)
+        self.base_layer, self.index = base, list(index)  # a list: no buffer for the meta device to lose
         self.rows = rows if rows is not None else nn.Parameter(base.weight.detach()[self.index].clone())
 
     @property
     def weight(self) -> torch.Tensor:  # (V, D)
-        return self.base_layer.weight.index_copy(0, self.index, self.rows)
+        w = self.base_layer.weight
+        return w.index_copy(0, torch.tensor(self.index, device=w.device), self.rows)
 
     def forward(self, x):
         if isinstance(self.base_layer, nn.Embedding):
@@ -96,7 +96,7 @@ class TokenRows(nn.Module):
     def merged(self):
         """The plain layer with the trained rows written in."""
         with torch.no_grad():
-            self.base_layer.weight[self.index] = self.rows
+            self.base_layer.weight[self.index] = self.rows  # (n, D) into rows `index`
         return self.base_layer
 
 
@@ -175,7 +175,7 @@ def init_adapters(net, seed: int):
             assign(module.lora_A.weight, A.to(module.lora_A.weight.dtype))  # (r, in): PEFT's and nn.Linear's draw
             assign(module.lora_B.weight, torch.zeros(module.lora_B.weight.shape, dtype=module.lora_B.weight.dtype))
         elif isinstance(module, TokenRows):
-            assign(module.rows, whole(module.base_layer.weight.detach())[module.index.cpu()])
+            assign(module.rows, whole(module.base_layer.weight.detach())[module.index])
 
 
 def merge(net):

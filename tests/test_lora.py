@@ -225,7 +225,7 @@ def test_an_adapter_peft_saves_loads_into_ours_and_merges_into_a_checkpoint_tran
     theirs.save_pretrained(tmp_path / "adapter")  # no config.json: the base's architecture
     theirs.eval()
     ours = Transformer.from_pretrained(str(tmp_path / "adapter"), verbose=False).eval()
-    assert ours.adapter["lora_dropout"] == 0.1 and ours.model.embed_tokens.index.tolist() == [PAD, 5]
+    assert ours.adapter["lora_dropout"] == 0.1 and ours.model.embed_tokens.index == [PAD, 5]
     ids = ids_for()
     with torch.no_grad():
         assert_close(ours(ids), theirs(input_ids=ids).logits, **TOL)
