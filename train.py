@@ -432,7 +432,9 @@ def train_step(args, run, step):
     tokens = args.batch_size * args.seq_len * (2 if args.stage == "rm" else 1)
     record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / dt)
     if run.device.type == "cuda":
-        flops = flops_per_token(run.net.args, run.net.num_params(), args.seq_len, args.stage)
+        # a micro-batch runs the self-conditioning pass if any of its rows (under FSDP: any rank's) draws it
+        share = 1 - 0.5 ** (args.micro_batch_size * (run.world if args.fsdp else 1))
+        flops = flops_per_token(run.net.args, run.net.num_params(), args.seq_len, args.stage, self_condition=share)
         record.update(mem_gb=torch.cuda.max_memory_allocated() / 2**30,
                       mfu=flops * tokens / dt / (args.peak_tflops * 1e12 * run.world))
     else:

