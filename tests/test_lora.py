@@ -334,6 +334,13 @@ def test_a_stopped_lora_run_resumes_exactly_dropout_included(runs, tmp_path):
     assert len(first["train"]) == 3
     with pytest.raises(ValueError, match="trained with --lora 4, this run asks for 8: pass --lora 4"):
         lora_run(runs, "sft", tmp_path / "cut", max_steps=6, lora_dropout=0.1, resume=True, lora=8)
+    cut = str(tmp_path / "cut" / "step-0000003")
+    with pytest.raises(ValueError, match=r"holds LoRA adapters .*'r': 4.* not .*'r': 8.*merge it"):
+        lora_run(runs, "sft", tmp_path / "next", init=cut, lora=8)
+    lora_run(runs, "sft", tmp_path / "next", init=cut, lora_dropout=0.1, max_steps=1)  # its adapters train on
+    assert lora.is_adapter(str(tmp_path / "next" / "step-0000001"))
+    lora_run(runs, "sft", tmp_path / "full", init=cut, lora=None, max_steps=1)  # merged: all weights train
+    assert os.path.exists(tmp_path / "full" / "step-0000001" / "model.safetensors")
     resumed = lora_run(runs, "sft", tmp_path / "cut", max_steps=6, lora_dropout=0.1, resume=True)
     assert [r["step"] for r in resumed["train"]] == [1, 2, 3, 4, 5, 6]
     assert_close(losses(resumed), losses(whole), atol=0, rtol=0)
