@@ -294,8 +294,8 @@ def build_model(args, meta, init, device, sharded=False):
         ad, asked = net.adapter, dict(r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                       target_modules=list(args.lora_targets))
         if any(ad[k] != v for k, v in asked.items()):
-            raise ValueError(f"{init} holds LoRA adapters {({k: ad[k] for k in asked})}, not {asked}: pass its flags, or "
-                             f"merge it (python -m support.lora merge {init} MERGED) and pass --init MERGED")
+            raise ValueError(f"{init} holds LoRA adapters {({k: ad[k] for k in asked})}, not {asked}: pass its "
+                             f"flags, or merge it (python -m support.lora merge {init} MERGED) and pass --init MERGED")
     if args.lora:
         trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
         print0(f"LoRA r={args.lora} alpha={args.lora_alpha} on {' '.join(args.lora_targets)}: {trained:,} trained "

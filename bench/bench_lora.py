@@ -84,7 +84,8 @@ def measured(a):
         for rank in (0, a.rank):
             cmd = [sys.executable, __file__, "--child", "--model", model, "--rank", str(rank), "--steps", str(a.steps),
                    "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+            env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
             if out.returncode:
                 sys.exit(out.stderr[-3000:])
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -94,7 +95,8 @@ def measured(a):
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         kind = f"LoRA r {r['rank']}" if r["rank"] else "full"
-        print(f"| {r['model']} | {kind} | {r['trained'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} "
+        print(f"| {r['model']} | {kind} | {r['trained'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M "
+              f"| {r['tokens_per_s']:.0f} "
               f"| {r['peak_gb']:.2f} | {r['model_gb']:.2f} | {r['training_gb']:.2f} |")
     print("\nsources: " + "; ".join(sorted({f"{r['model']}: {r['source']}" for r in rows})))
 
@@ -130,7 +132,8 @@ def computed(rank, gpus=8):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"], help="presets or checkpoint folders")
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"],
+                   help="presets or checkpoint folders")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha 2 r)")
     p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     p.add_argument("--batch", type=int, default=2, help="B")

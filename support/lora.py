@@ -262,7 +262,8 @@ def load_adapter(cls, path: str, dtype=None, device=None, verbose: bool = True, 
     base_cfg = read_config(resolve(base))
     own = os.path.exists(os.path.join(path, "config.json"))
     score = ad.get("task_type") == "SEQ_CLS"
-    args = ModelArgs.from_hf(read_config(path) if own else base_cfg, **({"head": "score"} if score else {}), **overrides)
+    head = {"head": "score"} if score else {}
+    args = ModelArgs.from_hf(read_config(path) if own else base_cfg, **head, **overrides)
     base_vocab = ModelArgs.from_hf(base_cfg).vocab_size
     shape = {k: v for k, v in asdict(args).items() if k != "vocab_size"}
     net = cls.from_pretrained(base, dtype=dtype, device=device, verbose=False, **shape)
@@ -308,8 +309,9 @@ def load_adapter_tensors(net, path: str):
     with open_safetensors(file) as f:
         stored = {k.replace(".default.", "."): k for k in f.keys()}  # some PEFT versions keep the adapter name
         if stored.keys() != params.keys():
-            raise ValueError(f"{file} does not match adapter_config.json: missing {sorted(params.keys() - stored.keys())[:4]}, "
-                             f"unexpected {sorted(stored.keys() - params.keys())[:4]}")
+            missing, unexpected = sorted(params.keys() - stored.keys()), sorted(stored.keys() - params.keys())
+            raise ValueError(f"{file} does not match adapter_config.json: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
         with torch.no_grad():
             for key, p in params.items():
                 tensor = f.get_tensor(stored[key])
