@@ -6,14 +6,15 @@ continuous batching against one request at a time. Not a test: a measurement.
     python bench/bench_serve.py --clients 1 4 16 --requests 32 --steps 50 --max-tokens 64
     python bench/bench_serve.py --url http://127.0.0.1:8000       # a server already running (its own flags)
 
-It starts `python serve.py` on a free loopback port twice, one way after the other (unless --url):
+It starts `python serve.py` twice, each on a free loopback port (unless --url), one for each way:
   - continuous: --max-batch 16; requests join the running batch between diffusion steps and leave it
     when done, each at its own step;
   - one at a time: --max-batch 1; a request waits in the server's queue until the one before it is
     done, as a server without batching serves them.
-For each number of clients c, c threads send --requests chat requests in all, each as soon as its
-previous one ended (request j: its own prompt and seed j, the diffusion-native stream with an event
-every step), and time each from the moment it is sent:
+For each number of clients c, a round on each server in turn (an idle server takes no CPU, and both
+ways meet the same load from the rest of the machine): c threads send --requests chat requests in
+all, each as soon as its previous one ended (request j: its own prompt and seed j, the
+diffusion-native stream with an event every step), and time each from the moment it is sent:
   - first event: until the first step of its answer arrives (the page's first drawing);
   - answer: until its final answer arrives.
 Requests/s is requests over the wall time of the whole round. Warm-up: one request first.
@@ -108,14 +109,17 @@ def summary(wall, results):
                 first_event_p90_s=round(p90(firsts), 3), answer_median_s=round(statistics.median(answers), 3))
 
 
-def measure(url, a, way):
-    """Every number of clients on one server -> a row each, printed as it is measured."""
-    one_request(url, 0, a, a.api_key)  # warm-up
+def measure(servers, a):
+    """servers: [(way, url)]. For each number of clients, a round on each server in turn -> a row each,
+    printed as it is measured."""
+    for _, url in servers:
+        one_request(url, 0, a, a.api_key)  # warm-up
     for clients in a.clients:
-        row = dict(clients=clients, way=way, **summary(*round_of(url, a, clients)))
-        first = f"{row['first_event_median_s']:.3f} / {row['first_event_p90_s']:.3f}"
-        print(json.dumps(row) if a.json else f"{clients:>7}  {way:<13} {row['requests_per_s']:>6.2f}   "
-              f"{first:>28}   {row['answer_median_s']:>17.3f}", flush=True)
+        for way, url in servers:
+            row = dict(clients=clients, way=way, **summary(*round_of(url, a, clients)))
+            first = f"{row['first_event_median_s']:.3f} / {row['first_event_p90_s']:.3f}"
+            print(json.dumps(row) if a.json else f"{clients:>7}  {way:<13} {row['requests_per_s']:>6.2f}   "
+                  f"{first:>28}   {row['answer_median_s']:>17.3f}", flush=True)
 
 
 def main():
@@ -135,13 +139,17 @@ def main():
         print(f"{server}: {a.steps} steps, {a.max_tokens} tokens, {a.requests} requests per round\n"
               "clients  way            req/s   first event median / p90 (s)   answer median (s)")
     if a.url:
-        return measure(a.url, a, "given server")
-    for way, max_batch in (("continuous", 16), ("one at a time", 1)):
-        flags = ["--max-batch", str(max_batch), "--max-queue", "64", "--threads", str(a.threads)]
-        proc, url = start_server(flags + (["--model", a.model] if a.model else []))
-        try:
-            measure(url, a, way)
-        finally:
+        return measure([("given server", a.url)], a)
+    procs, servers = [], []
+    try:
+        for way, max_batch in (("continuous", 16), ("one at a time", 1)):
+            flags = ["--max-batch", str(max_batch), "--max-queue", "64", "--threads", str(a.threads)]
+            proc, url = start_server(flags + (["--model", a.model] if a.model else []))
+            procs.append(proc)
+            servers.append((way, url))
+        measure(servers, a)
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait()
 
