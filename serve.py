@@ -12,7 +12,6 @@ request's answer equals `python sample.py` with the same model, prompt, seed and
 else runs. The Engine owns the model and knows nothing of HTTP; support/serving.py's Api is the HTTP
 side (OpenAI's endpoints and formats, the page, /health).
 """
-import argparse
 import asyncio
 import collections
 import dataclasses
@@ -35,7 +34,7 @@ except ImportError as e:  # the serving stack is optional
 import sample
 from model import ModelArgs, Transformer
 from support import views
-from support.cli import run_cli
+from support.cli import ArgumentParser, number, run_cli
 from support.hub import read_config
 from support.prompts import GUIDANCE_ETA, Settings, decode_row, plan, settings_for
 from support.tokenizer import Tokenizer
@@ -290,35 +289,27 @@ def answer_positions(row, span, end, eos, pad):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0].strip())
     arg = p.add_argument
     arg("--model", default=sample.DEFAULT_MODEL, help="diffusion model: checkpoint directory or Hub id "
         f"(default: {sample.DEFAULT_MODEL} of this repository)")
     arg("--reward-model", help="reward model for guidance (requests then may set eta; default eta 0.25)")
     arg("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    arg("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
+    arg("--port", type=number(int, lo=0, hi=65535), default=8000, help="port (default 8000; 0: any free one, printed at start)")
     arg("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: no key)")
-    arg("--max-batch", type=int, default=8, help="rows in the running batch (a request's prompts x n fit in it); a "
+    arg("--max-batch", type=number(int, lo=1), default=8, help="rows in the running batch (a request's prompts x n fit in it); a "
         "request waits in the queue until its rows fit")
-    arg("--max-queue", type=int, default=64, help="requests waiting for room in the batch; beyond it, a 429")
-    arg("--drain", type=float, default=30.0, help="on SIGTERM, seconds given to accepted requests, then a 503")
+    arg("--max-queue", type=number(int, lo=0), default=64, help="requests waiting for room in the batch; beyond it, a 429")
+    arg("--drain", type=number(float, lo=0), default=30.0, help="on SIGTERM, seconds given to accepted requests, then a 503")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     arg("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, float32 on cpu")
-    arg("--threads", type=int, help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
+    arg("--threads", type=number(int, lo=1), help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
     return p.parse_args(argv)
 
 
 def check_args(a):
-    for flag, value, low in (("--port", a.port, 0), ("--max-batch", a.max_batch, 1), ("--max-queue", a.max_queue, 0),
-                             ("--threads", a.threads, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{flag} must be at least {low}, got {value}")
-    if a.port > 65535:
-        raise ValueError(f"--port must be at most 65535, got {a.port}")
     if a.api_key is not None and not a.api_key.strip():
         raise ValueError("--api-key is empty: pass a key, or leave the flag out to serve without one")
-    if not a.drain >= 0:
-        raise ValueError(f"--drain must be a number of seconds >= 0, got {a.drain}")
 
 
 def load(a):

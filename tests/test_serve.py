@@ -481,12 +481,19 @@ def test_sigterm_drains_the_running_request_cancels_the_rest_and_exits_0(tmp_pat
 
 
 def test_bad_flags_end_in_one_line_and_status_2(capsys):
-    for argv, words in ((["--max-batch", "0"], "--max-batch must be at least 1"),
+    for argv, words in ((["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+                        (["--max-queue", "-1"], "--max-queue must be 0 or a positive integer, got -1"),
+                        (["--threads", "1e20"], "--threads must be a positive integer below 2**63, got 1e20"),
+                        (["--drain", "nan"], "--drain must be a finite number >= 0, got nan"),
                         (["--api-key", " "], "--api-key is empty"),
                         (["--model", "/nonexistent/checkpoint"], "no checkpoint directory")):
         with pytest.raises(SystemExit) as e:
             serve.run_cli(serve.main, "serve.py", argv + ["--port", str(free_port())])
-        assert e.value.code == 2 and f"serve.py: error: {words}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"serve.py: error: {words}") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:
+        serve.run_cli(serve.main, "serve.py", ["--port", "70000"])
+    assert e.value.code == 2 and "--port must be a whole number in [0, 65535], got 70000" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
