@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 def tiny(seed, **overrides):
     torch.manual_seed(seed)
-    return Transformer(preset("tiny", vocab_size=61, **overrides)).init_weights()
+    return Transformer(preset("tiny", **{"vocab_size": 61, **overrides})).init_weights()
 
 
 def folder_state(path):
@@ -248,3 +248,106 @@ def test_pruning_interrupted_anywhere_leaves_no_partial_step_folder(data, tmp_pa
             assert folder_state(out / name) == before[name], (what, name)
     assert {what.split()[0] for what in seen} == ({"rename", "rmtree", "unlink"} if fault == "kill" else {"rename"})
     assert sorted(os.listdir(out)) == [".lock", "log.jsonl", "step-0000003"]
+
+
+# -----------------------------------------------------------------------------
+# what a run adds to the checkpoint it starts from (METHOD.md §7, §10), and a scratch model
+
+
+def ar_checkpoint(data, tmp_path, **overrides):
+    """A tiny AR model of the data's 60 words (no [PAD] row) saved with the data's tokenizer."""
+    ar = tiny(0, vocab_size=60, **overrides)
+    ar.save_pretrained(str(tmp_path / "ar"), tokenizer_from=data["tok"])
+    return ar, str(tmp_path / "ar")
+
+
+@pytest.mark.parametrize("stage", ["adapt", "sft"])
+def test_an_ar_checkpoint_adapted_to_diffusion_starts_as_the_ar_model_with_a_mean_pad_row(data, tmp_path, stage):
+    """The diffusion stages read an AR checkpoint as run_folder.load_model does for train.py: the timestep
+    embedding W_t (D, 1) is exactly 0, so at first any t changes nothing; attention is bidirectional;
+    [PAD] (id 60) gets one new row in E and in the LM head, each the mean of the 60 old rows (restated
+    in float64); every other tensor is the checkpoint's, bit for bit."""
+    ar, path = ar_checkpoint(data, tmp_path)
+    meta = open_dataset(data["tokens"]).meta
+    net, _ = run_folder.load_model(path, meta, train.STAGES[stage]["model"], torch.device("cpu"), sharded=False)
+    assert (net.args.vocab_size, net.args.causal, net.args.timestep_embed) == (61, False, True)
+    assert torch.equal(net.timestep_embed.weight, torch.zeros(64, 1))
+    old, new = ar.state_dict(), net.state_dict()
+    assert new.keys() == old.keys() | {"timestep_embed.weight"}
+    for name, value in old.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert new[name].shape == (61, 64) and torch.equal(new[name][:60], value), name
+            torch.testing.assert_close(new[name][60], (value.double().sum(0) / 60).float(), atol=1e-8, rtol=1e-6)
+        else:
+            assert torch.equal(new[name], value), name
+    ids = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(net.hidden_states(ids, t=torch.tensor([0.3, 0.9])), net.hidden_states(ids))
+
+
+def test_a_reward_model_started_from_an_lm_gets_a_new_head_from_n_0_002(data, tmp_path):
+    """--stage rm from an LM checkpoint: the LM head is dropped, the new scalar head score.weight (1, D) is
+    drawn from N(0, 0.02) (model.new_weight: mean 0 and std 0.02 within a few standard errors over 10^5
+    draws), [PAD] grows E only, attention stays causal, and everything else is the checkpoint's."""
+    torch.manual_seed(0)
+    w = new_weight("score.weight", (1, 100_000), "test")
+    assert w.shape == (1, 100_000) and w.dtype == torch.float32
+    assert abs(float(w.mean())) < 5e-4 and 0.0198 < float(w.std()) < 0.0202  # standard errors 6e-5 and 5e-5
+    assert torch.equal(new_weight("timestep_embed.weight", (4096, 1), "test"), torch.zeros(4096, 1))
+    with pytest.raises(ValueError, match="missing tensor 'model.norm.weight'"):
+        new_weight("model.norm.weight", (64,), "test")
+    ar, path = ar_checkpoint(data, tmp_path)
+    meta = open_dataset(data["pairs"]).meta
+    rm, _ = run_folder.load_model(path, meta, train.STAGES["rm"]["model"], torch.device("cpu"), sharded=False)
+    assert (rm.args.head, rm.args.causal, rm.args.vocab_size) == ("score", True, 61)
+    assert not hasattr(rm, "lm_head") and rm.score.weight.shape == (1, 64)
+    assert 0.01 < float(rm.score.weight.detach().std()) < 0.03  # 64 draws: a standard error of 0.0018
+    old, new = ar.state_dict(), rm.state_dict()
+    assert new.keys() == (old.keys() - {"lm_head.weight"}) | {"score.weight"}
+    for name in new.keys() - {"score.weight", "model.embed_tokens.weight"}:
+        assert torch.equal(new[name], old[name]), name
+    grown = new["model.embed_tokens.weight"]
+    assert torch.equal(grown[:60], old["model.embed_tokens.weight"])
+    torch.testing.assert_close(grown[60], (old["model.embed_tokens.weight"].double().sum(0) / 60).float(),
+                               atol=1e-8, rtol=1e-6)
+
+
+def test_a_tied_model_grown_by_pad_keeps_one_matrix_for_e_and_the_head():
+    """run_folder.grow_vocab on tied embeddings (SmolLM2, Qwen): the head is still E itself, (V + 1, D),
+    with the new row the mean of the old ones."""
+    net = tiny(0, vocab_size=60, tie_word_embeddings=True)
+    old = net.model.embed_tokens.weight.detach().clone()
+    run_folder.grow_vocab(net, 61)
+    assert net.lm_head.weight is net.model.embed_tokens.weight and net.lm_head.weight.shape == (61, 64)
+    assert torch.equal(net.lm_head.weight[:60], old)
+    torch.testing.assert_close(net.lm_head.weight[60], (old.double().sum(0) / 60).float(), atol=1e-8, rtol=1e-6)
+    assert net(torch.tensor([[1, 60]])).shape == (1, 2, 61)
+
+
+def test_a_scratch_model_starts_from_the_documented_initialisation(data):
+    """init_weights(std): every norm weight 1, every bias 0, the timestep embedding 0, every other
+    matrix N(0, std) (mean and std within a few standard errors); --init scratch seeds it with --seed,
+    so a seed gives the same model on every rank and another seed another model."""
+    net = Transformer(preset("tiny", vocab_size=61, qkv_bias=True, o_bias=True, qk_norm=True, timestep_embed=True,
+                             causal=False))
+    torch.manual_seed(0)
+    net.init_weights(std=0.05)
+    for name, p in net.state_dict().items():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith(".bias") or name == "timestep_embed.weight":
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            assert p.numel() >= 2048, name  # a standard error of the std of at most 1.6% of it
+            assert abs(float(p.mean())) < 0.005 and 0.045 < float(p.std()) < 0.055, name
+    meta = open_dataset(data["tokens"]).meta
+    models = {}
+    for seed in (0, 0, 1):
+        args = train.parse_args(flags("adapt", data, "unused", seed=seed))
+        torch.manual_seed(1234)  # whatever came before: --seed decides
+        models.setdefault(seed, []).append(train.build_model(args, meta, "scratch", torch.device("cpu"))[0])
+    first, again, other = models[0][0].state_dict(), models[0][1].state_dict(), models[1][0].state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
+    assert torch.equal(first["timestep_embed.weight"], torch.zeros(64, 1))
+    assert 0.015 < float(first["model.layers.0.mlp.up_proj.weight"].std()) < 0.025  # train.py's std: 0.02
