@@ -351,3 +351,48 @@ def test_a_scratch_model_starts_from_the_documented_initialisation(data):
     assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
     assert torch.equal(first["timestep_embed.weight"], torch.zeros(64, 1))
     assert 0.015 < float(first["model.layers.0.mlp.up_proj.weight"].std()) < 0.025  # train.py's std: 0.02
+
+
+# -----------------------------------------------------------------------------
+# every tensor and file of a checkpoint, read back
+
+
+def test_a_sharded_checkpoint_reads_back_tensor_by_tensor(tmp_path):
+    """save_pretrained with shards of at most `limit` bytes, which the first tensors fill exactly: the
+    tensors, in state_dict order, fill shard after shard (a new one when the next tensor would overflow
+    it, not when it would fill it), named model-0000i-of-0000n.safetensors;
+    the index maps each tensor to its file and gives the total bytes; each file holds exactly its
+    tensors, bit for bit, and so does from_pretrained; config.json and extra files read back as given."""
+    net = tiny(0, timestep_embed=True, causal=False)
+    with torch.no_grad():
+        net.timestep_embed.weight.normal_()
+    extra = {"train_state.json": {"step": 7, "data": {"epoch": 0.25}}, "train_state.pt": {"w": torch.arange(5.0)}}
+    state = net.state_dict()
+    sizes = [v.numel() * 4 for v in state.values()]  # fp32
+    limit = next(sum(sizes[:j]) for j in range(1, len(sizes)) if sum(sizes[:j]) >= 80_000)
+    net.save_pretrained(str(tmp_path), max_shard_bytes=limit, extra_files=extra)
+    shards, size = [[]], 0  # the rule, restated: names per shard
+    for name, value in state.items():
+        nbytes = value.numel() * 4
+        if shards[-1] and size + nbytes > limit:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    assert n >= 3
+    files = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index == {"metadata": {"total_size": sum(v.numel() * 4 for v in state.values())},
+                     "weight_map": {name: files[i] for i, names in enumerate(shards) for name in names}}
+    for file, names in zip(files, shards):
+        stored = load_file(tmp_path / file)
+        assert sorted(stored) == sorted(names), file
+        for name in names:
+            assert torch.equal(stored[name], state[name]), name
+    reread = Transformer.from_pretrained(str(tmp_path), verbose=False).state_dict()
+    assert reread.keys() == state.keys() and all(torch.equal(reread[k], state[k]) for k in state)
+    assert json.loads((tmp_path / "config.json").read_text()) == {**net.args.to_hf(), "torch_dtype": "float32"}
+    assert json.loads((tmp_path / "train_state.json").read_text()) == extra["train_state.json"]
+    assert torch.equal(torch.load(tmp_path / "train_state.pt", weights_only=True)["w"], torch.arange(5.0))
+    assert sorted(os.listdir(tmp_path)) == sorted(files + ["model.safetensors.index.json", "config.json",
+                                                           "train_state.json", "train_state.pt"])
