@@ -11,7 +11,10 @@ import os
 import shutil
 import signal
 
+from contextlib import contextmanager
+
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
@@ -19,7 +22,7 @@ import train
 from data.shards import open_dataset
 from model import Transformer, new_weight, preset
 from support import checkpoint, run_folder
-from train_runs import flags, losses, make_datasets, read_log, run, weights
+from train_runs import flags, losses, make_datasets, run, weights
 
 
 @pytest.fixture(scope="module")
@@ -49,56 +52,58 @@ def debris(folder):
 
 RENAMES = [(os, "rename"), (os, "replace")]
 REMOVALS = [(shutil, "rmtree")]  # a kill before it leaves what it was to remove (an OSError there is ignored)
-WRITES = [(checkpoint, "write_json"), (torch, "save")]  # + safetensors' save_file, looked up at each save
+WRITES = [(checkpoint, "write_json"), (torch, "save"), (safetensors.torch, "save_file")]  # save_pretrained's files
+
+
+@contextmanager
+def interrupted(points, k, fault, seen, report=None):
+    """The functions `points` ((module, name) pairs) patched so that the k-th call among them is
+    interrupted, its name and paths appended to `seen` ("rename .tmp-ckpt-x ckpt"): fault "raise" raises
+    an OSError there; "kill" writes that name to the file descriptor `report` and SIGKILLs the process."""
+    calls, originals = [0], [(module, name, getattr(module, name)) for module, name in points]
+
+    def wrap(name, real):
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] != k:
+                return real(*args, **kwargs)
+            paths = [os.path.basename(str(a)) for a in args if isinstance(a, (str, os.PathLike))]
+            seen.append(" ".join([name, *paths]))
+            if fault == "kill":
+                os.write(report, seen[-1].encode())
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(5, f"Input/output error (injected at {seen[-1]})")
+        return wrapper
+    for module, name, real in originals:
+        setattr(module, name, wrap(name, real))
+    try:
+        yield
+    finally:
+        for module, name, real in originals:
+            setattr(module, name, real)
 
 
 def interrupt_at(k, fault, work, points):
-    """Runs work() with the k-th call among `points` ((module, name) pairs) interrupted: fault "raise"
-    makes it raise an OSError (in this process); "kill" forks, and the child SIGKILLs itself there.
-    Returns (finished, what): finished is True if work() ended without reaching a k-th call; what
-    names the interrupted call, e.g. "rename .tmp-ckpt-x -> ckpt"."""
-    calls, seen = [0], []
-
-    def patch(module, name, real):
-        def wrapper(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == k:
-                seen.append(" ".join([name, *(os.path.basename(str(a)) for a in args if isinstance(a, (str, os.PathLike)))]))
-                if fault == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise OSError(5, f"Input/output error (injected at {seen[-1]})")
-            return real(*args, **kwargs)
-        return wrapper
-
-    import safetensors.torch
-    points = points + ([(safetensors.torch, "save_file")] if (checkpoint, "write_json") in points else [])
-    originals = [(module, name, getattr(module, name)) for module, name in points]
-
-    def patched_work():
-        for module, name, real in originals:
-            setattr(module, name, patch(module, name, real))
-        try:
-            work()
-        finally:
-            for module, name, real in originals:
-                setattr(module, name, real)
-
+    """Runs work() with the k-th call among `points` interrupted (see interrupted): "raise" in this
+    process, "kill" in a forked child. Returns (finished, what): finished is True if work() ended
+    without reaching a k-th call, else `what` names the call it was interrupted at."""
+    seen = []
     if fault == "raise":
         try:
-            patched_work()
-            return True, None
+            with interrupted(points, k, fault, seen):
+                work()
         except OSError as e:
-            assert "injected" in str(e), e
-            return False, seen[0]
+            if "injected" not in str(e):
+                raise
+        return not seen, seen[0] if seen else None
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: tells the parent what it interrupts, never returns into pytest
+    if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
             os.close(read)
-            real_kill = os.kill
-            os.kill = lambda p, s: (os.write(write, seen[-1].encode()), real_kill(p, s))
-            patched_work()
+            with interrupted(points, k, fault, seen, report=write):
+                work()
             code = 0
         finally:
             os._exit(code)
@@ -183,12 +188,13 @@ def test_a_step_folder_saved_over_another_is_the_old_or_the_new_once_the_run_fol
 
 
 @pytest.mark.parametrize("fault", ["raise", "kill"])
-def test_a_run_interrupted_at_any_step_of_a_save_keeps_complete_checkpoints_and_resumes_exactly(data, tmp_path,
+def test_a_run_interrupted_at_any_step_of_its_saves_keeps_whole_checkpoints_and_resumes_exactly(data, tmp_path,
                                                                                                 fault):
     """A run resumed at step 2 of 4 (a checkpoint every step, --keep-last 2: each save prunes one) is
     interrupted at its k-th file write (save_pretrained's), rename, replace (log.jsonl cut back,
-    save_pretrained, pruning) or, for a kill, rmtree (save_pretrained, pruning), for every k. After each: every step-* folder is a complete checkpoint,
-    the ones from before bit for bit as they were and the new ones bit for bit the uninterrupted run's;
+    save_pretrained, pruning) or, for a kill, rmtree (save_pretrained, pruning), for every k. After
+    each: every step-* folder is a complete checkpoint, the ones from before bit for bit as they were
+    and the new ones bit for bit the uninterrupted run's;
     an OSError leaves nothing else behind (the trainer cleans up on the way out). Then a plain --resume
     picks a complete checkpoint and ends with the uninterrupted run's log, weights and folders."""
     kw = dict(max_steps=4, save_every=1, keep_last=2)
@@ -220,7 +226,8 @@ def test_a_run_interrupted_at_any_step_of_a_save_keeps_complete_checkpoints_and_
         for key, value in weights(out, 4).items():
             assert torch.equal(value, weights(tmp_path / "whole", 4)[key]), (what, key)
     kinds = {what.split()[0] for what in seen}
-    assert kinds == {"replace", "rename", "save_file", "write_json", "save"} | ({"rmtree"} if fault == "kill" else set())
+    removals = {"rmtree"} if fault == "kill" else set()
+    assert kinds == {"replace", "rename", "save_file", "write_json", "save"} | removals, seen
 
 
 @pytest.mark.parametrize("fault", ["raise", "kill"])

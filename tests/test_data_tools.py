@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 
 import pytest
 
@@ -16,6 +15,7 @@ from data.chat import encode_prompt, format_prompt
 from data.shards import open_dataset
 from support.cli import OutputFolder, run_cli
 from support.tokenizer import Tokenizer
+from test_checkpoint import interrupt_at
 from test_data import SENTENCES, bpe_dir  # noqa: F401 (bpe_dir is a fixture)
 
 
@@ -506,7 +506,7 @@ def test_a_replace_interrupted_at_any_move_leaves_the_old_dataset_or_none_and_a_
     while True:
         k += 1
         out = shutil.copytree(tmp_path / "first", tmp_path / f"out{k}")
-        finished = interrupt_at(k, fault, lambda: tulu.main(tulu_args(bpe_dir, b, out)))
+        finished, _ = interrupt_at(k, fault, lambda: tulu.main(tulu_args(bpe_dir, b, out)), [(os, "replace")])
         if finished:  # the run made fewer than k moves
             break
         now = {name: h for name, h in folder_hash(out).items() if not name.startswith(".tmp-")}  # a kill's debris
@@ -521,39 +521,3 @@ def test_a_replace_interrupted_at_any_move_leaves_the_old_dataset_or_none_and_a_
         assert folder_hash(out) == fresh, k
     assert k > 3 and outcomes == {"first", "none"}, (k, outcomes)
 
-
-def interrupt_at(k, fault, work):
-    """Runs work() with its k-th os.replace interrupted: "raise" an OSError in it (here), or "kill" (in a
-    forked child, which SIGKILLs itself there). True if work() ended without reaching a k-th replace."""
-    real, calls = os.replace, [0]
-
-    def replace(*a, **kw):
-        calls[0] += 1
-        if calls[0] == k:
-            if fault == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise OSError(5, "Input/output error (injected)")
-        return real(*a, **kw)
-    if fault == "raise":
-        os.replace = replace
-        try:
-            work()
-            return True
-        except OSError as e:
-            assert "injected" in str(e)
-            return False
-        finally:
-            os.replace = real
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.replace = replace
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    status = os.waitpid(pid, 0)[1]
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 or \
-        os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-    return os.WIFEXITED(status)
