@@ -190,15 +190,15 @@ def test_a_step_folder_saved_over_another_is_the_old_or_the_new_once_the_run_fol
 @pytest.mark.parametrize("fault", ["raise", "kill"])
 def test_a_run_interrupted_at_any_step_of_its_saves_keeps_whole_checkpoints_and_resumes_exactly(data, tmp_path,
                                                                                                 fault):
-    """A run resumed at step 2 of 4 (a checkpoint every step, --keep-last 2: each save prunes one) is
+    """A run resumed at step 2 of 3 (a checkpoint every step, --keep-last 2: its save prunes step 1) is
     interrupted at its k-th file write (save_pretrained's), rename, replace (log.jsonl cut back,
     save_pretrained, pruning) or, for a kill, rmtree (save_pretrained, pruning), for every k. After
     each: every step-* folder is a complete checkpoint, the ones from before bit for bit as they were
     and the new ones bit for bit the uninterrupted run's;
     an OSError leaves nothing else behind (the trainer cleans up on the way out). Then a plain --resume
     picks a complete checkpoint and ends with the uninterrupted run's log, weights and folders."""
-    kw = dict(max_steps=4, save_every=1, keep_last=2)
-    whole = run("ar", data, tmp_path / "whole", max_steps=4, save_every=1)  # every checkpoint kept
+    kw = dict(max_steps=3, save_every=1, keep_last=2)
+    whole = run("ar", data, tmp_path / "whole", max_steps=3, save_every=1)  # every checkpoint kept
     run("ar", data, tmp_path / "first", stop_at=2, **kw)
     before = {name: folder_state(tmp_path / "first" / name) for name in ("step-0000001", "step-0000002")}
     points = RENAMES + WRITES + (REMOVALS if fault == "kill" else [])
@@ -222,9 +222,9 @@ def test_a_run_interrupted_at_any_step_of_its_saves_keeps_whole_checkpoints_and_
             assert debris(out) == [], what
         log = run("ar", data, out, resume=True, **kw)
         assert losses(log) == losses(whole), what
-        assert sorted(os.listdir(out)) == [".lock", "log.jsonl", "step-0000003", "step-0000004"], what
-        for key, value in weights(out, 4).items():
-            assert torch.equal(value, weights(tmp_path / "whole", 4)[key]), (what, key)
+        assert sorted(os.listdir(out)) == [".lock", "log.jsonl", "step-0000002", "step-0000003"], what
+        for key, value in weights(out, 3).items():
+            assert torch.equal(value, weights(tmp_path / "whole", 3)[key]), (what, key)
     kinds = {what.split()[0] for what in seen}
     removals = {"rmtree"} if fault == "kill" else set()
     assert kinds == {"replace", "rename", "save_file", "write_json", "save"} | removals, seen

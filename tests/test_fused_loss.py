@@ -1,7 +1,8 @@
 """
 support/fused_loss.py: the span-only training loss is tess2.diffusion_loss, value and gradients,
-whatever its chunk of rows; the chunk is sized for the device, and under autocast each (V, D)
-weight is cast once per call.
+whatever its chunk of rows; both are the loss written out by hand (METHOD.md §1-6), each row with
+or without self-conditioning as its coin says; the chunk is sized for the device, and under
+autocast each (V, D) weight is cast once per call.
 """
 import math
 

@@ -3,9 +3,10 @@ train.py: every stage trains, and a step is the same step however it is computed
 
 A step's loss is normalised over the whole global batch and every random draw is keyed by the
 global sample index (or the step), so gradient accumulation, 2 DDP processes, 2 FSDP2 processes
-and a stopped-then-resumed run all reproduce one plain run. Models are model.preset("tiny"),
-datasets a few hundred random tokens written with data.shards (tests/train_runs.py), everything
-on CPU in fp32.
+and a stopped-then-resumed run all reproduce one plain run; each sequence's draws (t and its UL2
+mask, noise, self-conditioning coin) come from three streams restated here from their hash, and
+the coin decides its loss. Models are model.preset("tiny"), datasets a few hundred random tokens
+written with data.shards (tests/train_runs.py), everything on CPU in fp32.
 """
 import hashlib
 import json
