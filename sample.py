@@ -7,13 +7,16 @@ Fig. 1) with reward guidance (§10, paper Sec. 3.4) and infilling.
     python sample.py --no-chat --argmax --prompt "The <mask:3> sat on the <mask:2>."
 
 A row is BOS + the prompt (context: clean tokens that never change) + a generation region (span)
-that starts as pure noise. Prompt j of a run is sampled with seed + j from its own generators and
-attends only to its own row, so its text does not depend on what else is in its batch.
+that starts as pure noise. A batch in the reverse process is a `Denoising` state; `step` moves
+every row of it one diffusion step on, and `diffuse` repeats it until every row is done. Each row
+has its own generator, timestep, step count and projection, and attends only to itself: prompt j
+of a run, sampled with seed + j, gives the same text whatever else is in its batch, and rows can
+leave (early exit) or join (`join`) between steps.
 """
 import argparse
 import dataclasses
+import functools
 import json
-import math
 import os
 import sys
 import time
@@ -22,10 +25,11 @@ from contextlib import contextmanager
 import torch
 
 import tess2
+from model import ModelArgs, Transformer
+from support import fused_sampling, views
 from support.cli import run_cli
 from support.hub import is_hub_id, read_config, read_json, resolve
-from model import ModelArgs, Transformer
-from support.prompts import Settings, decode_row, plan, settings_for
+from support.prompts import GUIDANCE_ETA, Settings, decode_row, given, plan, read_prompts, settings_for
 from support.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the default checkpoints are found from here
@@ -34,108 +38,164 @@ DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"  # with --eta and no --rewa
 
 
 # -----------------------------------------------------------------------------
-# The reverse process (§9)
+# The reverse process (§9): a batch's state, and one step of it
 
 
-def renoise_(S, tokens, alpha_bar, generators, where):
-    """tess2.renoise in S's own buffer, at span positions only (where = spans(span_mask)):
-    S <- sqrt(alpha_bar) simplex(tokens)
-    + sqrt(1 - alpha_bar) k eps, each row's eps drawn from its generator over its span positions, in
-    order (one (n_span, V) draw per row). The rest of S is left as it is: predict reads S only at span
-    positions. Scaled, shifted by -k sqrt(alpha_bar) and given +2k sqrt(alpha_bar) at each token: no
-    second (B, L, V) tensor. alpha_bar is a float (one step for the whole batch)."""
-    k = tess2.SIMPLEX_VALUE
-    scale, shift, top = math.sqrt(1 - alpha_bar) * k, math.sqrt(alpha_bar) * k, 2 * k * math.sqrt(alpha_bar)
-    for b, (g, w) in enumerate(zip(generators, where)):
-        x = S[b, w] if isinstance(w, slice) else S.new_empty(len(w), S.shape[-1])  # (n_span, V)
-        x.normal_(generator=g).mul_(scale).sub_(shift)
-        x.scatter_add_(-1, tokens[b, w].unsqueeze(-1), torch.full_like(x[:, :1], top))
-        if not isinstance(w, slice):
-            S[b, w] = x
-    return S
+@dataclasses.dataclass
+class Denoising:
+    """A batch between two diffusion steps: B rows padded to L positions. Row b's settings and
+    progress are entry b of each list. Rows leave (`leave`) and join (`join`) between steps."""
+    ids: torch.Tensor  # (B, L) context tokens (span and padding positions hold placeholders, never read)
+    span_mask: torch.Tensor  # (B, L) bool: the positions generated
+    S: torch.Tensor  # (B, L, V) the noisy simplex at span positions (0 elsewhere: predict never reads it)
+    logits: torch.Tensor | None  # (B, L, V) the last (guided) prediction: the next step's self-conditioning
+    best: torch.Tensor  # (B, L) its argmax at span positions, ids elsewhere: each row's current text
+    keys: list  # the caller's name for each row (diffuse: its index in the batch)
+    lengths: list  # each row's own length: the positions after it are padding, masked out of attention
+    where: list  # each row's span positions (fused_sampling.span_positions)
+    generators: list  # each row's generator: all its noise and nucleus draws, in order
+    steps: list  # each row's number of diffusion steps N
+    taken: list  # the steps each row has taken: it is at timestep i = N - 1 - taken
+    top_p: list  # each row's projection: nucleus top-p, or None for argmax (paper Eq. 5)
+    early_exit: list  # each row's M: it stops once its argmax is unchanged for M steps (None: never)
+    stable: list  # for how many steps each row's argmax has been unchanged
 
 
-def spans(span_mask):
-    """Each row's span positions: a slice where they are one run (the usual prompt-then-region row,
-    so that S[b, where] is a view), else their indices."""
-    out = []
-    for row in span_mask:
-        idx = row.nonzero().flatten()
-        contiguous = len(idx) and int(idx[-1]) - int(idx[0]) + 1 == len(idx)
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx)
-    return out
+def start(ids, span_mask, seeds, vocab_size, steps=100, top_p=0.99, early_exit=None, lengths=None, keys=None):
+    """A batch before its first step: S = k eps at span positions (alpha_bar = 0), row b's eps the
+    first draw of a generator seeded by seeds[b]. ids (B, L), span_mask (B, L); steps, top_p and
+    early_exit hold for every row (rows with other settings: start them apart and `join`)."""
+    B, L = ids.shape
+    generators, where = tess2.row_generators(seeds, ids.device), fused_sampling.span_positions(span_mask)
+    S = fused_sampling.renoise_spans_(torch.zeros(B, L, vocab_size, device=ids.device), ids, [0.0] * B,
+                                      generators, where)
+    return Denoising(ids, span_mask, S, None, ids.clone(), list(range(B) if keys is None else keys),
+                     list(lengths or [L] * B), where, generators, [steps] * B, [0] * B, [top_p] * B,
+                     [early_exit] * B, [0] * B)
 
 
-def project(logits, where, top_p, generators):
-    """Eq. 5 on span positions only (where = spans(span_mask)): argmax (top_p None) or nucleus
-    sampling with row b's positions drawn from generators[b]. logits (B, L, V) -> tokens (B, L),
-    0 outside the span."""
-    tokens = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-    for b, (g, w) in enumerate(zip(generators, where)):
-        tokens[b, w] = tess2.project(logits[b, w], top_p, g)  # (n_b,)
-    return tokens
+def leave(state, ended):
+    """The rows `ended` (indices) leave the batch; the others keep their order."""
+    stay = [b for b in range(len(state.keys)) if b not in ended]
+    for f in dataclasses.fields(state):
+        x = getattr(state, f.name)
+        setattr(state, f.name, [x[b] for b in stay] if isinstance(x, list) else None if x is None else x[stay])
+
+
+def join(state, other):
+    """The rows of another batch (from `start`) join `state`, each at its own step. Both are padded
+    to the longer L; padding is masked out of attention, so no row's positions see it. A row without
+    a prediction yet gets zero logits beside the others: uniform, as None in tess2.predict."""
+    L = max(state.ids.shape[1], other.ids.shape[1])
+    widen = lambda x: torch.cat([x, x.new_zeros(x.shape[0], L - x.shape[1], *x.shape[2:])], 1)  # noqa: E731
+    for f in dataclasses.fields(state):
+        mine, theirs = getattr(state, f.name), getattr(other, f.name)
+        if f.name == "logits" and (mine is None) != (theirs is None):
+            mine, theirs = (torch.zeros_like(x.S) if x.logits is None else x.logits for x in (state, other))
+        setattr(state, f.name, mine + theirs if isinstance(mine, list) else None if mine is None else
+                torch.cat([widen(mine), widen(theirs)]))
+
+
+@functools.cache
+def compiled_predict():
+    """--compile: tess2.predict as one graph (fullgraph: a graph break is an error). The default mode,
+    not "reduce-overhead": its CUDA graphs overwrite a step's logits at the next replay while they are
+    the next step's self-conditioning input (they would need a (B, L, V) clone each step), and record a
+    graph per batch shape, which changes as rows leave and join; a large model's step is bound by its
+    matrix products, where CUDA graphs save little."""
+    return torch.compile(tess2.predict, fullgraph=True)
+
+
+def predict_rows(model, state, guide=None, compiled=False):
+    """Each row's prediction at its timestep (Eq. 7-8; guided, Eq. 9-11, by guide(logits, state)),
+    its argmax and early exit's count, into the state; each row has taken one more step."""
+    L, dev = state.ids.shape[1], state.ids.device
+    t = torch.tensor([(N - 1 - n) / N for N, n in zip(state.steps, state.taken)], device=dev)  # (B,) i / N
+    key_mask = None if min(state.lengths) == L else \
+        torch.arange(L, device=dev) < torch.tensor(state.lengths, device=dev)[:, None]  # (B, L) real positions
+    predict = compiled_predict() if compiled else tess2.predict
+    logits = predict(model, state.ids, state.span_mask, state.S, t, state.logits, key_padding_mask=key_mask)
+    if guide is not None:
+        logits = guide(logits, state)  # guided logits feed the projection and the next self-conditioning
+    best = state.ids.clone()  # (B, L): the argmax at span positions only
+    for b, w in enumerate(state.where):
+        best[b, w] = logits[b, w].argmax(-1)
+    if any(m is not None for m in state.early_exit):
+        same = (best == state.best).all(-1).tolist()  # (one host sync)
+        state.stable = [s + 1 if unchanged and n > 0 else 0 for s, unchanged, n in zip(state.stable, same, state.taken)]
+    state.logits, state.best, state.taken = logits, best, [n + 1 for n in state.taken]
 
 
 @torch.no_grad()
+def step(model, state, guide=None, on_step=None, compiled=False):
+    """Every row of the batch one diffusion step on (§9), in place: its prediction at timestep i / N;
+    then, after its last step (i = 0) or an early exit, it leaves, and every other row gets S_{i-1} =
+    sqrt(alpha_bar_{i-1}) S_hat + sqrt(1 - alpha_bar_{i-1}) k eps from its projection S_hat (Eq. 4-5).
+    Early exit M: a row stops once its argmax is unchanged for M steps, from half of its steps on
+    (predictions settle late: bench/bench_early_exit.py). on_step(state) sees every row's prediction
+    before the finished rows leave. Returns them, [(key, tokens (L,), steps taken)]: the argmax of the
+    final (guided) logits at span positions, ids elsewhere (released: the argmax, not the last sample)."""
+    predict_rows(model, state, guide, compiled)
+    if on_step is not None:
+        on_step(state)
+    ended = [b for b, (n, N, m, s) in enumerate(zip(state.taken, state.steps, state.early_exit, state.stable))
+             if n == N or (m is not None and s >= m and 2 * n >= N)]
+    finished = [(state.keys[b], state.best[b], state.taken[b]) for b in ended]
+    if ended:
+        leave(state, ended)
+    if state.keys:  # the rows that go on: S_{i-1} from the projection, i - 1 = N - 1 - taken
+        tokens = fused_sampling.project_spans(state.logits, state.best, state.where, state.top_p, state.generators)
+        schedule = {N: tess2.alpha_bars(N).tolist() for N in set(state.steps)}  # alpha_bar(i / N), i = 0..N-1
+        alpha_bar = [schedule[N][N - 1 - n] for N, n in zip(state.steps, state.taken)]
+        fused_sampling.renoise_spans_(state.S, tokens, alpha_bar, state.generators, state.where)
+    return finished
+
+
 def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None, lengths=None,
-            on_step=None, predict=tess2.predict):
-    """The reverse process on one batch. ids (B, L) context tokens (span positions are ignored),
-    span_mask (B, L), seeds: one int per row, whose generator draws all its noise and nucleus
-    samples; lengths: each row's own length (default: all L; the rest is masked out of attention).
-    top_p None projects by argmax (paper Eq. 5), else by nucleus sampling (released default 0.99).
-    guide(logits, rows) -> logits: reward guidance of the running rows. early_exit M: a row stops
-    once the argmax of its span has not changed for M steps in a row, from half of the steps on
-    (predictions settle late: bench/bench_early_exit.py); it then leaves the batch, and the other
-    rows go on exactly as before. on_step(n, logits, best, rows) after each step, for the running rows.
-    Returns tokens (B, L), the argmax of each row's final (guided) logits at span positions and
-    ids elsewhere (released: the output is the argmax, not the last nucleus sample), and steps_used (B,)."""
-    B, L = ids.shape
-    V, N, dev = model.args.vocab_size, steps, ids.device
-    lengths = list(lengths or [L] * B)
-    generators = tess2.row_generators(seeds, dev)
-    alpha_bars = tess2.alpha_bars(N).tolist()  # alpha_bar(i / N), i = 0..N-1
-    # k N(0, I) at span positions (alpha_bar = 0); predict never reads S elsewhere, which stays 0
-    where = spans(span_mask)  # each row's span positions, found once (a host sync per row)
-    S = renoise_(torch.zeros(B, L, V, device=dev), ids, 0.0, generators, where)
-    out, steps_used = ids.clone(), torch.full((B,), N, dtype=torch.long)
-    rows = list(range(B))  # the running rows; below, every tensor holds just those
-    logits, last_best, stable = None, None, torch.zeros(B, dtype=torch.long, device=dev)
-    for n, i in enumerate(range(N - 1, -1, -1)):
-        ids_r, span_r = ids[rows], span_mask[rows]
-        key_mask = None if min(lengths) == L else torch.arange(L, device=dev) < torch.tensor(lengths, device=dev)[:, None]
-        t = torch.full((len(rows),), i / N, device=dev)  # scaled time i / N, per row
-        logits = predict(model, ids_r, span_r, S, t, logits, key_padding_mask=key_mask)  # (B', L, V)
-        if guide is not None:
-            logits = guide(logits, rows)  # guided logits feed the projection and the next self-conditioning
-        best = ids_r.clone()  # (B', L): the argmax at span positions only
-        for b, w in enumerate(where):
-            best[b, w] = logits[b, w].argmax(-1)
-        out[rows] = best
-        if on_step is not None:
-            on_step(n + 1, logits, best, rows)
-        if i == 0:
-            break
-        if early_exit:
-            stable = torch.where((best == last_best).all(-1), stable + 1, 0) if last_best is not None else stable
-            leave = ((stable >= early_exit) & (n + 1 >= N / 2)).tolist()
-            if any(leave):
-                keep = [j for j, x in enumerate(leave) if not x]
-                for j, x in enumerate(leave):
-                    if x:
-                        steps_used[rows[j]] = n + 1
-                rows, generators, lengths, where = ([x[j] for j in keep] for x in (rows, generators, lengths, where))
-                if not rows:
-                    break
-                S, logits, best, stable = (x[keep] for x in (S, logits, best, stable))
-            last_best = best
-        # S_{i-1} from the projection (Eq. 4-5); alpha_bar_{-1} = 1: no re-noising after i = 0
-        tokens = best if top_p is None else project(logits, where, top_p, generators)
-        renoise_(S, tokens, alpha_bars[i - 1], generators, where)
-    return out, steps_used
+            on_step=None, compiled=False):
+    """The reverse process on one batch: `step` until every row is done. ids (B, L) context tokens,
+    span_mask (B, L), seeds: one int per row; lengths: each row's own (default L). top_p None: argmax
+    (paper Eq. 5), else nucleus (released 0.99). Returns tokens (B, L), as `step`, and steps_used (B,)."""
+    state = start(ids, span_mask, seeds, model.args.vocab_size, steps, top_p, early_exit, lengths)
+    tokens, steps_used = ids.clone(), torch.full((len(seeds),), steps, dtype=torch.long)
+    while state.keys:
+        for b, row, n in step(model, state, guide, on_step, compiled):
+            tokens[b], steps_used[b] = row, n
+    return tokens, steps_used
 
 
 # -----------------------------------------------------------------------------
-# generate: prompts in, texts out
+# Reward guidance (§10) and generate: prompts in, texts out
+
+
+@contextmanager
+def guidance_mode(rm, checkpointing: bool):
+    """The reward model during guidance: frozen weights (so no activation is kept for their
+    gradients) and, if asked, per-block recomputation in the backward. Restored afterwards."""
+    flags = [p.requires_grad for p in rm.parameters()]
+    old = getattr(rm, "gradient_checkpointing", False)
+    rm.requires_grad_(False)
+    rm.gradient_checkpointing = checkpointing
+    try:
+        yield rm
+    finally:
+        for p, f in zip(rm.parameters(), flags):
+            p.requires_grad_(f)
+        rm.gradient_checkpointing = old
+
+
+def recompute_reward_model(rm, tokens: int, vocab_size: int, device) -> bool:
+    """Whether guidance recomputes the reward model's blocks in its backward: where what it keeps would
+    not fit in the device's free memory. It keeps, weights frozen, about 6 D + 3 F + 2 D_kv values per
+    token and layer (136 KiB at Mistral-7B's sizes in bf16: bench/bench_guidance_memory.py) and four
+    fp32 (B, L, V) tensors (the logits guided, their softmax, its gradient, a temporary). Off on CPU."""
+    if torch.device(device).type != "cuda":
+        return False
+    args = rm.args
+    per_token = (6 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_key_value_heads * args.head_dim) \
+        * args.num_hidden_layers * rm.embed_tokens.weight.element_size() + 4 * vocab_size * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return tokens * per_token > free
 
 
 def check_pair(args: ModelArgs, tokenizer, rm_args: ModelArgs | None = None, rm_tokenizer=None):
@@ -159,71 +219,55 @@ def check_pair(args: ModelArgs, tokenizer, rm_args: ModelArgs | None = None, rm_
                          f"{rm_tokenizer.fingerprint()}; reward guidance needs both to share one tokenizer")
 
 
-@contextmanager
-def guidance_mode(rm, checkpointing: bool):
-    """The reward model during guidance: frozen weights (so no activation is kept for their
-    gradients) and, if asked, per-block recomputation in the backward. Restored afterwards."""
-    flags = [p.requires_grad for p in rm.parameters()]
-    old = getattr(rm, "gradient_checkpointing", False)
-    rm.requires_grad_(False)
-    rm.gradient_checkpointing = checkpointing
-    try:
-        yield rm
-    finally:
-        for p, f in zip(rm.parameters(), flags):
-            p.requires_grad_(f)
-        rm.gradient_checkpointing = old
+def reward_guide(rm, s: Settings, tokens: int, vocab_size: int, device):
+    """guide(logits, state) for `step`: Eq. 9-11 on every row, its reward read at its last position;
+    the reward model's blocks recomputed per s.guidance_ckpt, else if a batch of `tokens` needs it."""
+    eta = GUIDANCE_ETA if s.eta is None else s.eta
+    recompute = s.guidance_ckpt if s.guidance_ckpt is not None else \
+        recompute_reward_model(rm, tokens, vocab_size, device)
+
+    def guide(logits, state):
+        last = torch.tensor(state.lengths, device=logits.device) - 1  # (B,)
+        with guidance_mode(rm, recompute):
+            return tess2.reward_guidance(rm, logits, state.ids, state.span_mask, eta, s.guidance_steps, s.tau,
+                                         last_index=last)
+    return guide
 
 
-def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None, predict=tess2.predict):
-    """Sample each batch -> list[Generation]. on_step(batch, n, logits, best, rows) after every step."""
+def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None):
+    """Sample each batch -> list[Generation]. on_step(batch, state) after every step (support/views.py)."""
     dev = model.embed_tokens.weight.device
-    eta = s.eta if s.eta is not None else 0.25  # the paper's best for TESS 2 v0.1 (Table 3a)
-    ckpt = dev.type == "cuda" if s.guidance_ckpt is None else s.guidance_ckpt
+    guided = reward_model is not None and (s.eta is None or s.eta > 0)
     out = []
     for batch in batches:
         ids, span_mask = batch.ids.to(dev), batch.span_mask.to(dev)
-        last = torch.tensor(batch.lengths, device=dev) - 1  # the reward reads each row's last position
-
-        def guide(x, rows):  # Eq. 9-11 on the running rows
-            with guidance_mode(reward_model, ckpt):
-                return tess2.reward_guidance(reward_model, x, ids[rows], span_mask[rows], eta, s.guidance_steps,
-                                             s.tau, last_index=last[rows])
-        step = None if on_step is None else lambda *a: on_step(batch, *a)  # noqa: E731
+        guide = reward_guide(reward_model, s, ids.numel(), model.args.vocab_size, dev) if guided else None
+        watch = None if on_step is None else functools.partial(on_step, batch)
         t0 = time.perf_counter()
-        tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p,
-                                     guide if reward_model is not None and eta > 0 else None, s.early_exit,
-                                     batch.lengths, step, predict)
+        tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p, guide, s.early_exit,
+                                     batch.lengths, watch, s.compile)
         seconds = time.perf_counter() - t0
-        for b, prompt in enumerate(batch.prompts):
-            n = batch.lengths[b]
+        for b, (prompt, n) in enumerate(zip(batch.prompts, batch.lengths)):
             g = decode_row(tokenizer, prompt, tokens[b, :n].tolist(), batch.span_mask[b, :n].tolist(), batch.ends[b])
             g.steps_used, g.seconds = int(steps_used[b]), seconds
             out.append(g)
     return out
 
 
-def generate(model, tokenizer, prompts, settings: Settings | None = None, *, reward_model=None,
-             reward_tokenizer=None, details=False, record=False, on_step=None, predict=tess2.predict, **overrides):
-    """Generate a response for each prompt (a str or list of str) -> list[str]; with details=True
-    (or record=True) a list of Generation: text, tokens, steps used, seconds and, if record, the
-    per-step predictions and confidences. settings: a Settings, else the model's generation_config.json
-    (or the released evaluation defaults); keyword overrides: any Settings field (steps=, top_p=,
-    total_length=, length=, seed=, eta=, ...). Prompt j is sampled with seed + j."""
+def generate(model, tokenizer, prompts, *, reward_model=None, reward_tokenizer=None, details=False, record=False,
+             **settings):
+    """A response to each prompt (a str or list of str) -> list[str]; with details=True (or record=True)
+    a list of Generation: text, tokens, steps used, seconds and, if record, the per-step predictions
+    and confidences. settings: Settings fields (steps=, top_p=, length=, seed=, eta=, ...) over the
+    model's generation_config.json (support/prompts.settings_for; None: the checkpoint's, but
+    top_p=None: argmax). Prompt j is sampled with seed + j."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if settings is None:
-        settings = settings_for(getattr(model, "generation_config", None), model.args.max_length, **overrides)
-    else:
-        settings = dataclasses.replace(settings, **overrides).check()
-    if settings.eta and reward_model is None:
-        raise ValueError(f"eta = {settings.eta} needs a reward model: pass reward_model (--reward-model)")
+    s = settings_for(getattr(model, "generation_config", None), model.args.max_length, **settings)
+    if s.eta and reward_model is None:
+        raise ValueError(f"eta = {s.eta} needs a reward model: pass reward_model (--reward-model)")
     check_pair(model.args, tokenizer, reward_model.args if reward_model is not None else None, reward_tokenizer)
-    if record:
-        from support import views
-        recorder = views.Recorder(on_step)
-        on_step = recorder
-    gens = run(model, tokenizer, plan(tokenizer, prompts, settings, model.args), settings, reward_model, on_step,
-               predict)
+    recorder = views.Recorder() if record else None
+    gens = run(model, tokenizer, plan(tokenizer, prompts, s, model.args), s, reward_model, recorder)
     if record:
         recorder.attach(gens)
     return gens if details or record else [g.text for g in gens]
@@ -233,41 +277,13 @@ def generate(model, tokenizer, prompts, settings: Settings | None = None, *, rew
 # Command line
 
 
-def read_prompts(path):
-    """One prompt per line; in a .jsonl file, a JSON string or {"prompt": ...} per line."""
-    if os.path.isdir(path):
-        raise ValueError(f"--prompts-file {path} is a directory: pass a text file, one prompt per line")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
-    except FileNotFoundError:
-        raise ValueError(f"--prompts-file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not path.endswith(".jsonl"):
-        return [line for _, line in lines]
-    prompts = []
-    for n, line in lines:
-        try:
-            o = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); each line is a JSON string or "
-                             "{\"prompt\": ...}") from None
-        if isinstance(o, dict) and isinstance(o.get("prompt"), str):
-            o = o["prompt"]
-        if not isinstance(o, str):
-            raise ValueError(f"{path}, line {n}: expected a JSON string or an object with a \"prompt\" string")
-        prompts.append(o)
-    return prompts
-
-
 def checkpoint_dir(name, flag, default):
     """A local directory, or a Hub id (owner/name) fetched by support.hub.resolve. The default is a
     directory of this repository, found from this file wherever the command runs; it must exist."""
     path = os.path.join(HERE, name) if name == default else name
     if os.path.isdir(path) or (name != default and is_hub_id(name)):
         return resolve(path)
-    hint = f" (the default {flag})" if name == default else ""
+    hint = f" (the default {flag})" * (name == default)
     raise ValueError(f"no checkpoint directory {path!r}{hint}: pass {flag} DIR, a directory holding config.json, "
                      "model.safetensors and tokenizer.json (or a Hub id such as hamishivi/tess2)")
 
@@ -285,6 +301,7 @@ def pick_device(name):
 
 
 def parse_args(argv=None):
+    """The flags; those named as Settings fields default to None: the checkpoint's (support/prompts.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Infilling: write <mask:N> in a "
                                 "prompt for a gap of N tokens; the prompt is then used as written (no chat template). "
                                 "Flags left out take the checkpoint's generation_config.json, else the released "
@@ -294,7 +311,7 @@ def parse_args(argv=None):
         f"{DEFAULT_MODEL} of this repository)")
     arg("--prompt", action="append", help="a prompt (repeat for several); <mask:N> marks a gap")
     arg("--prompts-file", help="one prompt per line (.jsonl: a JSON string or {\"prompt\": ...} per line)")
-    arg("--no-chat", action="store_true", help="do not wrap prompts in the Tulu chat template")
+    arg("--no-chat", dest="chat", action="store_const", const=False, help="no Tulu chat template around prompts")
     arg("--steps", type=int, help="diffusion steps N")
     arg("--length", type=int, help="positions to generate after each prompt (instead of --total-length)")
     arg("--total-length", type=int, help="every row's length, prompt + region (released evaluation: 2048)")
@@ -302,11 +319,12 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, help="nucleus sampling projection (released default 0.99)")
     g.add_argument("--argmax", action="store_true", help="argmax projection (paper Eq. 5)")
     arg("--reward-model", help="reward model for guidance: checkpoint directory or Hub id")
-    arg("--eta", type=float, help=f"guidance step size (default 0.25 with --reward-model; --eta alone guides with "
-        f"{DEFAULT_REWARD_MODEL} of this repository)")
+    arg("--eta", type=float, help=f"guidance step size (default {GUIDANCE_ETA} with --reward-model; --eta alone "
+        f"guides with {DEFAULT_REWARD_MODEL} of this repository)")
     arg("--guidance-steps", type=int, help="gradient-ascent steps per diffusion step (released default 1)")
     arg("--tau", type=float, help="softmax temperature of the reward model's input (default 1)")
-    arg("--no-guidance-ckpt", action="store_true", help="keep reward-model activations (default on CPU)")
+    arg("--no-guidance-ckpt", dest="guidance_ckpt", action="store_const", const=False,
+        help="keep reward-model activations (default: recompute them only where they would not fit in memory)")
     arg("--early-exit", type=int, help="stop a row once its argmax is unchanged for this many steps")
     arg("--seed", type=int, help="prompt j is sampled with seed + j (default 0)")
     arg("--batch-size", type=int, help="prompts per batch (default 8)")
@@ -314,19 +332,12 @@ def parse_args(argv=None):
     arg("--dtype", choices=["float32", "bfloat16", "float16"],
         help="weights and logits (default: bfloat16 on cuda, float32 on cpu)")
     arg("--threads", type=int, help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
-    arg("--compile", action="store_true", help="torch.compile the predict step")
+    arg("--compile", action="store_const", const=True, help="torch.compile the model pass of each step")
     arg("--show", action="store_true", help="redraw the current text each step on stderr, shaded by confidence")
     arg("--html", help="write a page with the confidence of every position at every step")
     arg("--json", action="store_true", help="print one JSON object per prompt")
     a = p.parse_args(argv)
-    names = ("steps", "length", "total_length", "seed", "batch_size", "eta", "guidance_steps", "tau", "early_exit")
-    a.overrides = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
-    if a.top_p is not None or a.argmax:
-        a.overrides["top_p"] = None if a.argmax else a.top_p
-    if a.no_chat:
-        a.overrides["chat"] = False
-    if a.no_guidance_ckpt:
-        a.overrides["guidance_ckpt"] = False
+    a.overrides = given(a)
     return a
 
 
@@ -365,15 +376,11 @@ def main(argv=None):
     model, rm = load(path), load(rm_path) if rm_path else None
     if device.type == "cpu":  # small models run fastest on one thread (BENCHMARKS.md, "Threads")
         torch.set_num_threads(a.threads or (1 if model.num_params() < 50e6 else os.cpu_count()))
-    from support import views
-    watch = views.Watcher(tok, s.steps, a.show)
+    watch = views.Watcher(tok, a.show)
     recorder = views.Recorder(watch) if a.html else None
-    # --compile: one graph for the whole step (tests: no graph break); on CUDA, replayed as a CUDA graph
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    predict = torch.compile(tess2.predict, fullgraph=True, mode=mode) if a.compile else tess2.predict
     out = []
     for batch in batches:
-        gens = run(model, tok, [batch], s, rm, recorder or watch, predict)
+        gens = run(model, tok, [batch], s, rm, recorder or watch)
         watch.end()
         for g in gens:
             if not g.tokens or not g.text.strip():

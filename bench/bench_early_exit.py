@@ -62,26 +62,26 @@ def main():
     model, tok = Transformer.from_pretrained(path, verbose=False).eval(), Tokenizer(path)
     gens = sample.generate(model, tok, PROMPTS[:a.prompts], steps=a.steps, batch_size=8, record=True,
                            top_p=None if a.argmax else 0.99)
-    rows = []
+    recorded = []
     for g in gens:
         start = (g.confidence[0] < 1).nonzero()[0].item()  # the first span position
         span = torch.zeros(g.predictions.size(1), dtype=torch.bool)
         span[start:] = True
         final = cut(g.predictions[-1, start:].tolist(), tok.eos_id)
-        rows.append((g.predictions, g.confidence, span, start, final))
+        recorded.append((g.predictions, g.confidence, span, start, final))
     print(f"{len(gens)} prompts, {a.steps} steps, {'argmax' if a.argmax else 'nucleus top-p 0.99'}\n")
     print("| rule | steps used (mean) | steps saved | outputs identical to the full run |")
     print("| --- | --- | --- | --- |")
     for patience in (3, 5, 10, 20):
         for after in (0.0, 0.5, 0.6, 0.8):
             used, same = [], 0
-            for preds, conf, span, start, final in rows:
+            for preds, conf, span, start, final in recorded:
                 n = exit_step(preds, span, patience, after)
                 used.append(n)
                 same += cut(preds[n - 1, start:].tolist(), tok.eos_id) == final
             mean = sum(used) / len(used)
             print(f"| unchanged for {patience} steps, not before {after:.0%} of them | {mean:.1f} | "
-                  f"{1 - mean / a.steps:.0%} | {same}/{len(rows)} |")
+                  f"{1 - mean / a.steps:.0%} | {same}/{len(recorded)} |")
 
 
 if __name__ == "__main__":

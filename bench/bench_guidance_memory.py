@@ -6,11 +6,12 @@ and few tokens, then scaled to the paper's batch (8 x 2048 tokens, 32 layers, V 
     python bench/bench_guidance_memory.py [--tokens 256]
 
 Three ways: weights requiring grad (as loaded for training), weights frozen, frozen plus
-per-block recomputation (sample.py's guidance_mode on CUDA). Bytes kept for backward are summed
-from autograd's saved-tensor hooks (parameters excluded: they exist anyway), with 1 and 2 layers:
-the difference is one layer's share, the rest is the embedding and head's. The (B, L, V) tensors
-are counted apart, at V = 32001 (4 fp32 ones: the logits being guided, their softmax, its
-gradient, the self-conditioning logits).
+per-block recomputation (sample.py's choice where what the backward keeps would not fit in the
+device's free memory: sample.recompute_reward_model, whose per-token estimate comes from here).
+Bytes kept for backward are summed from autograd's saved-tensor hooks (parameters excluded: they
+exist anyway), with 1 and 2 layers: the difference is one layer's share, the rest is the embedding
+and head's. The (B, L, V) tensors are counted apart, at V = 32001 (4 fp32 ones: the logits being
+guided, their softmax, its gradient, the self-conditioning logits).
 """
 import argparse
 import os
@@ -46,7 +47,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     V, dtype = 1024, torch.bfloat16  # a small vocabulary here; the (B, L, V) tensors are counted apart
-    rows = []
+    table = []
     for name, frozen, ckpt in (("weights require grad", False, False), ("weights frozen", True, False),
                                ("frozen + per-block recomputation", True, True)):
         kept = []
@@ -56,7 +57,7 @@ def main():
             rm = rm.to(dtype).init_weights().eval().requires_grad_(not frozen)
             rm.gradient_checkpointing = ckpt
             kept.append(kept_bytes(rm, a.tokens, V, dtype) / a.tokens)
-        rows.append((name, kept[1] - kept[0], 2 * kept[0] - kept[1]))  # per layer, the rest
+        table.append((name, kept[1] - kept[0], 2 * kept[0] - kept[1]))  # per layer, the rest
     tokens_7b, layers_7b, V_7b = 8 * 2048, 32, 32001
     weights = 2 * 7.24e9 * 2  # diffusion model and reward model, bf16
     blv = 4 * tokens_7b * V_7b * 4
@@ -64,10 +65,10 @@ def main():
     print("| reward model in the guidance backward | kept per token per layer | activations at 8 x 2048 x 32 "
           "layers | with both models' bf16 weights and the (B, L, V) tensors |")
     print("| --- | --- | --- | --- |")
-    for name, per_layer, rest in rows:
+    for name, per_layer, rest in table:
         acts = (per_layer * layers_7b + rest) * tokens_7b
         if "recomputation" in name:  # plus one block's activations while it is recomputed
-            acts += rows[1][1] * tokens_7b
+            acts += table[1][1] * tokens_7b
         print(f"| {name} | {per_layer / 1024:.1f} KiB | {acts / 1e9:.1f} GB | {(acts + weights + blv) / 1e9:.1f} GB |")
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ out below op for op on our network). Not a test: a measurement.
     python bench/bench_sample.py                    # CPU: tiny layers at V = 512 and 32001, B=2, L=512, 10 steps
     python bench/bench_sample.py --vocab 32001 --batch 1 --length 2048
     python bench/bench_sample.py --device cuda --preset mistral-7b --vocab 32001 --batch 8 --length 2048 --steps 100
-    python bench/bench_sample.py --project --threads 1     # tess2.project alone: full-sort nucleus vs ours
+    python bench/bench_sample.py --project --threads 1     # the projection alone: tess2.project vs project_fast
     python bench/bench_sample.py --interleaved --before 30afad5 --threads 1   # released vs before vs now, one process
 
 --project times the projection alone (Eq. 5, nucleus top-p 0.99) on (n, V) logits: the full-sort
-definition (sort_project below, the function as it was before) against tess2.project, the two
-interleaved in one process, thread CPU time, median of repeats, on peaked, Zipf and flat logits at
-V = 32001 and on logits the shipped model produces while sampling (V = 4096).
+definition tess2.project against its exact twin support/fused_sampling.project_fast (which
+sample.py uses), the two interleaved in one process, thread CPU time, median of repeats, on peaked,
+Zipf and flat logits at V = 32001 and on logits the shipped model produces while sampling (V = 4096).
 
 --interleaved times, in one process on one model, the released loop, sample.diffuse as it was at
 the git commit --before (its sample.py and tess2.py loaded from git) and sample.diffuse now, in turn,
@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 import sample  # noqa: E402
 import tess2  # noqa: E402
 from model import Transformer, preset  # noqa: E402
+from support import fused_sampling  # noqa: E402
 
 
 @torch.inference_mode()
@@ -90,13 +91,7 @@ def released_loop(model, ids, span_mask, steps, top_p, generator, k=tess2.SIMPLE
     return torch.where(span_mask, token_ids, ids)
 
 
-def sort_project(logits, top_p, generator=None):
-    """Nucleus sampling by a full sort of V and torch.multinomial: the definition, as tess2.project
-    computed it before. logits (..., V) -> tokens (...)."""
-    probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])  # (n, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    sorted_p.masked_fill_(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)  # drop once the mass before exceeds top_p
-    return order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).view(logits.shape[:-1])
+sort_project = tess2.project  # nucleus sampling by a full sort of V: the definition (bench/gpu.py times it too)
 
 
 def shipped_logits(n):
@@ -109,13 +104,14 @@ def shipped_logits(n):
     b = prompts.make_batch(tok, ["Continue this speech by Brutus from Julius Caesar:\nRomans, countrymen, and lovers! "
                               "hear me for my cause,"], prompts.Settings(length=n // 20 + 1), 1024, tok.pad_id)
     ids, span_mask, seen = b.ids, b.span_mask, []
-    sample.diffuse(model, ids, span_mask, [0], steps=20, on_step=lambda n, logits, best, r: seen.append(logits[span_mask]))
+    sample.diffuse(model, ids, span_mask, [0], steps=20, on_step=lambda state: seen.append(state.logits[state.span_mask]))
     seen = torch.cat(seen)  # (20 * span, V)
     return seen[torch.randperm(len(seen), generator=torch.Generator().manual_seed(0))[:n]]
 
 
 def bench_project(a):
-    """Old (sort_project) vs new (tess2.project), interleaved, median thread CPU time per call."""
+    """The definition (tess2.project, a full sort) vs its twin (project_fast), interleaved, median thread
+    CPU time per call."""
     g = torch.Generator().manual_seed(0)
     V = 32001
     # -s log(rank), each row's ranks in a random order of the tokens
@@ -123,21 +119,21 @@ def bench_project(a):
     zipf = lambda s, n: -s * log_rank[torch.rand(n, V, generator=g).argsort(-1)]  # noqa: E731
     kinds = {"peaked (Zipf s=2)": lambda n: zipf(2.0, n), "Zipf s=1.5": lambda n: zipf(1.5, n),
              "flat (N(0, 1))": lambda n: torch.randn(n, V, generator=g), "shipped model (V=4096)": shipped_logits}
-    print("| logits | n | kept (median) | old ms | new ms | old / new |")
+    print("| logits | n | kept (median) | sort ms | fast ms | sort / fast |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, make in kinds.items():
         for n in a.positions:
             logits = make(n)
             probs = torch.softmax(logits, -1).sort(-1, descending=True).values
             kept = int((probs.cumsum(-1) - probs <= 0.99).sum(-1).median())
-            times = {"old": [], "new": []}
+            times = {"sort": [], "fast": []}
             for _ in range(a.repeats):
-                for impl, f in (("old", sort_project), ("new", tess2.project)):
+                for impl, f in (("sort", tess2.project), ("fast", fused_sampling.project_fast)):
                     t0 = time.thread_time()
                     f(logits, 0.99, torch.Generator().manual_seed(1))
                     times[impl].append(time.thread_time() - t0)
-            old, new = (sorted(times[i])[len(times[i]) // 2] * 1e3 for i in ("old", "new"))
-            print(f"| {name} | {n} | {kept} | {old:.1f} | {new:.1f} | {old / new:.1f}x |", flush=True)
+            sort, fast = (sorted(times[i])[len(times[i]) // 2] * 1e3 for i in ("sort", "fast"))
+            print(f"| {name} | {n} | {kept} | {sort:.1f} | {fast:.1f} | {sort / fast:.1f}x |", flush=True)
 
 
 def load_before(commit):
@@ -207,7 +203,7 @@ def bench_interleaved(a):
 def ours(model, ids, span_mask, steps, top_p, generator, reward_model=None):
     guide = None
     if reward_model is not None:
-        guide = lambda x, rows: tess2.reward_guidance(reward_model, x, ids[rows], span_mask[rows], eta=0.25)  # noqa: E731
+        guide = lambda x, state: tess2.reward_guidance(reward_model, x, state.ids, state.span_mask, eta=0.25)  # noqa: E731
     return sample.diffuse(model, ids, span_mask, list(range(len(ids))), steps, top_p, guide)[0]
 
 
@@ -235,8 +231,8 @@ def worker(a):
     ids = torch.randint(a.vocab, (B, L), generator=g, device=dev)
     span_mask = (torch.arange(L, device=dev) >= prompt).expand(B, L).contiguous()
     run = {"released": released_loop, "ours": ours, "ours+guidance": ours, "ours-sort": ours}[a.impl]
-    if a.impl == "ours-sort":  # sample.diffuse as it is, with the projection as it was
-        tess2.project = lambda logits, top_p=None, generator=None: sort_project(logits, top_p, generator)
+    if a.impl == "ours-sort":  # sample.diffuse as it is, with the full-sort definition as its projection
+        fused_sampling.project_fast = tess2.project
     kw = dict(reward_model=rm) if rm is not None else {}
     cuda = dev.type == "cuda"
     if cuda:
@@ -273,11 +269,11 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="diffusion steps")
     p.add_argument("--impl", nargs="+", default=["released", "ours", "ours+guidance"],
                    help="implementations: released, ours, ours+guidance (reward guidance, G=5, same layers), "
-                        "ours-sort (ours with the full-sort projection tess2.project had before)")
+                        "ours-sort (ours with the full-sort definition tess2.project as its projection)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="weights and logits (default float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
-    p.add_argument("--project", action="store_true", help="time tess2.project alone against the full-sort nucleus")
+    p.add_argument("--project", action="store_true", help="time tess2.project alone against project_fast")
     p.add_argument("--positions", type=int, nargs="+", default=[64, 256, 1024], help="--project: positions n")
     p.add_argument("--repeats", type=int, default=7, help="--project, --interleaved: timed calls of each (median)")
     p.add_argument("--interleaved", action="store_true", help="released vs --before vs now in one process")

@@ -77,17 +77,22 @@ def timed_phases(s, calls):
             setattr(module, name, f)
 
 
-def measure(s, net, batch, top_p, predict=tess2.predict, guide=None):
+def measure(s, net, batch, top_p, predict=None, guide=None):
     """sample.diffuse for WARM + TIMED + 1 steps: ms per steady step (median, min, max), each phase's
     median ms over the same steps, peak GB."""
     ids, span_mask = batch
+    predict = predict or tess2.predict
     marks, calls = [], collections.defaultdict(list)
     s.reset_peak()
-    with timed_phases(s, calls):
-        sample.diffuse(net, ids, span_mask, list(range(len(ids))), steps=WARM + TIMED + 1, top_p=top_p,
-                       guide=outer_only(s, calls["guidance"], guide, [False]) if guide else None,
-                       on_step=lambda *_: marks.append(s.mark()),
-                       predict=outer_only(s, calls["model"], predict, [False]))
+    original = tess2.predict  # sample.py calls tess2.predict: timed (and, compiled, replaced) for the run
+    tess2.predict = outer_only(s, calls["model"], predict, [False])
+    try:
+        with timed_phases(s, calls):
+            sample.diffuse(net, ids, span_mask, list(range(len(ids))), steps=WARM + TIMED + 1, top_p=top_p,
+                           guide=outer_only(s, calls["guidance"], guide, [False]) if guide else None,
+                           on_step=lambda *_: marks.append(s.mark()))
+    finally:
+        tess2.predict = original
     s.sync()
     steps = [s.ms(a, b) for a, b in zip(marks[WARM:-1], marks[WARM + 1:])]
     phases = {k: statistics.median(s.ms(a, b) for a, b in pairs[WARM:]) for k, pairs in calls.items() if pairs[WARM:]}
@@ -123,13 +128,11 @@ def released_ms(s, net, batch):
 
 
 def guidance(rm, batch, cuda):
-    """guide(logits, rows) as sample.run makes it: G = 1, eta 0.25, frozen reward model, recomputed on CUDA."""
-    ids, span_mask = batch
-    last = torch.full((len(ids),), ids.size(1) - 1, device=ids.device)
-
-    def guide(x, rows):
+    """guide(logits, state) as sample.run makes it: G = 1, eta 0.25, frozen reward model, recomputed on CUDA."""
+    def guide(x, state):
+        last = torch.tensor(state.lengths, device=x.device) - 1  # the reward reads each row's last position
         with sample.guidance_mode(rm, cuda):
-            return tess2.reward_guidance(rm, x, ids[rows], span_mask[rows], 0.25, 1, 1.0, last_index=last[rows])
+            return tess2.reward_guidance(rm, x, state.ids, state.span_mask, 0.25, 1, 1.0, last_index=last)
     return guide
 
 

@@ -35,12 +35,14 @@ def batch(s, B, L, V):
 
 def step_ms(s, objective, opt, b, self_condition):
     """Median ms of WARM + TIMED training steps (after WARM), self-conditioning pinned."""
-    count = train.target_count("adapt", b)
+    weighting = train.STAGES["adapt"]["loss_weighting"]
+    count = train.target_count("adapt", b, weighting)
+    b = {**b, "self_condition": torch.full((len(b["ids"]),), bool(self_condition))}  # (B,) the coin, pinned
     times = []
     for i in range(WARM + TIMED):
         start = s.mark()
         with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=s.cuda):
-            loss = objective(b, self_condition=self_condition)
+            loss = objective(b)
         (loss / count).backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
         opt.step()
@@ -55,7 +57,7 @@ def measure(s, layers, shape, rows):
     args = preset("tiny", **train.STAGES["adapt"]["model"], num_hidden_layers=layers) if not s.cuda else preset(
         "mistral-7b", vocab_size=V, num_hidden_layers=layers, **train.STAGES["adapt"]["model"])
     net = s.random_model(args, dtype=torch.float32, train=True)
-    objective = train.Objective(net, "adapt")
+    objective = train.Objective(net, "adapt", train.STAGES["adapt"]["loss_weighting"])
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-5, fused=s.cuda)
     b = batch(s, B, L, V)
     share = b["span_mask"].float().mean().item()

@@ -3,7 +3,7 @@ AlpacaEval (paper Table 3: TESS 2 v0.1 63.1, GPT-4 judge, responses of up to 204
 generate a response to each of the 805 instructions and write the model-outputs file that the
 `alpaca-eval` package reads; run its judge when one is given.
 
-    python -m eval.alpaca --model hamishivi/tess2 --total-length 2048 --output out/alpaca
+    python -m eval.alpaca --model hamishivi/tess2 --output out/alpaca   # rows of 2048 (released default)
     python -m eval.alpaca --model M --output out/alpaca --annotators-config alpaca_eval_gpt4   # OPENAI_API_KEY
     python -m eval.alpaca --model M --prompts local.json --annotators-config my_judge.yaml \\
                           --reference-outputs ref.json --output out/alpaca           # a local judge
@@ -14,15 +14,17 @@ OUTPUT/model_outputs.json is a JSON list of {"instruction", "output", "generator
 generations are appended to OUTPUT/generations.jsonl as they are made, so a stopped run resumes.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 import sample
-from support.cli import atomic_write, run_cli
 from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Progress, Store, check_output, request_key,
                           resolve_default)
 from model import Transformer
+from support.cli import atomic_write, run_cli
+from support.prompts import given, settings_for
 from support.tokenizer import Tokenizer
 
 HUB_DATASET = "tatsu-lab/alpaca_eval"  # its alpaca_eval.json holds the 805 instructions
@@ -36,32 +38,38 @@ def read_prompts(path: str | None) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
-        rows = json.loads(text)
+        items = json.loads(text)
     except json.JSONDecodeError:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r for r in rows):
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(items, list) or not all(isinstance(r, dict) and "instruction" in r for r in items):
         raise ValueError(f"{path}: expected a JSON list (or JSONL) of objects with an \"instruction\"")
-    return [dict(instruction=r["instruction"], dataset=r.get("dataset", "local")) for r in rows]
+    return [dict(instruction=r["instruction"], dataset=r.get("dataset", "local")) for r in items]
 
 
-def generate_outputs(model, tok, rows, out_dir, generator, batch_size=8, **settings) -> list[dict]:
-    """One response per row, batch by batch (batch j seeded with seed + j * batch_size, as
-    sample.generate seeds its rows), each batch appended to out_dir/generations.jsonl."""
+def generate_outputs(model, tok, items, out_dir, generator, reward_model=None, reward_tokenizer=None,
+                     **settings) -> list[dict]:
+    """One response per instruction, in the chat template, batch by batch: `settings` (Settings
+    fields) over the checkpoint's, as sample.generate takes them; the batch that starts at item j is
+    sampled with seed + j (prompt j gets seed + j, as in sample.generate), and appended to
+    out_dir/generations.jsonl."""
+    settings = dict(settings, chat=True)
+    s = settings_for(getattr(model, "generation_config", None), model.args.max_length, **settings)
     store = Store(os.path.join(out_dir, "generations.jsonl"))
-    progress = Progress("alpaca_eval", len(rows))
-    seed = settings.pop("seed", 0)
-    plain = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, type(None)))}  # the resume key
-    plain["reward"] = settings.get("reward_model") is not None
-    keys = [request_key("alpaca", plain, seed, s - s % batch_size, r["instruction"]) for s, r in enumerate(rows)]
-    for s in range(0, len(rows), batch_size):
-        batch = rows[s:s + batch_size]
-        if not all(k in store.records for k in keys[s:s + batch_size]):
-            texts = sample.generate(model, tok, [r["instruction"] for r in batch], seed=seed + s,
-                                    batch_size=len(batch), chat=True, **settings)
-            store.add([dict(key=k, output=t) for k, t in zip(keys[s:s + batch_size], texts)])
+    progress = Progress("alpaca_eval", len(items))
+    same = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("seed", "batch_size", "compile")}
+    same["reward"] = reward_model is not None  # what an output depends on besides its seed: the resume key
+    keys = [request_key("alpaca", same, s.seed, j - j % s.batch_size, item["instruction"])
+            for j, item in enumerate(items)]
+    for j in range(0, len(items), s.batch_size):
+        batch = items[j:j + s.batch_size]
+        if not all(k in store.records for k in keys[j:j + s.batch_size]):
+            texts = sample.generate(model, tok, [item["instruction"] for item in batch], reward_model=reward_model,
+                                    reward_tokenizer=reward_tokenizer, **dict(settings, seed=s.seed + j,
+                                                                              batch_size=len(batch)))
+            store.add([dict(key=k, output=t) for k, t in zip(keys[j:j + s.batch_size], texts)])
         progress.update(len(batch))
-    return [dict(instruction=r["instruction"], output=store.records[k]["output"].strip(), generator=generator,
-                 dataset=r["dataset"]) for r, k in zip(rows, keys)]
+    return [dict(instruction=item["instruction"], output=store.records[k]["output"].strip(), generator=generator,
+                 dataset=item["dataset"]) for item, k in zip(items, keys)]
 
 
 def judge(outputs_path, out_dir, annotators_config, reference_outputs=None, version: int = 1):
@@ -89,13 +97,15 @@ def parse_args(argv):
     p.add_argument("--reward-model")
     p.add_argument("--eta", type=float)
     p.add_argument("--guidance-steps", type=int)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--length", type=int, default=512, help="positions generated after each prompt")
-    p.add_argument("--total-length", type=int, help="every row this long instead (the paper: 2048)")
-    p.add_argument("--top-p", type=float, default=0.99)
+    # sampling flags left out take the checkpoint's generation_config.json, as in sample.py
+    p.add_argument("--steps", type=int, help="diffusion steps (default: the checkpoint's)")
+    p.add_argument("--length", type=int, help="positions generated after each prompt (default: rows of the "
+                                              "checkpoint's total length; the paper's: 2048)")
+    p.add_argument("--total-length", type=int, help="every row this long (prompt + response)")
+    p.add_argument("--top-p", type=float, help="nucleus projection (default: the checkpoint's)")
     p.add_argument("--argmax", action="store_true")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="default: the checkpoint's")
+    p.add_argument("--seed", type=int, help="instruction j is sampled with seed + j (default: the checkpoint's)")
     p.add_argument("--annotators-config", help="alpaca_eval judge: a config name (e.g. alpaca_eval_gpt4) or YAML path")
     p.add_argument("--reference-outputs", help="the judge's reference outputs (default: alpaca_eval's)")
     p.add_argument("--alpaca-eval-version", type=int, choices=[1, 2], default=1,
@@ -112,7 +122,7 @@ def main(argv=None):
     if a.annotators_config and not os.path.exists(a.annotators_config) and not os.environ.get("OPENAI_API_KEY"):
         raise ValueError(f"the judge {a.annotators_config} calls OpenAI: set OPENAI_API_KEY, or give a local "
                          "annotator config file")
-    rows = read_prompts(a.prompts)[:a.limit]
+    items = read_prompts(a.prompts)[:a.limit]
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
     path = resolve_default(a.model, DEFAULT_MODEL)
@@ -122,20 +132,16 @@ def main(argv=None):
         rpath = resolve_default(a.reward_model or DEFAULT_REWARD_MODEL, DEFAULT_REWARD_MODEL)
         reward = Transformer.from_pretrained(rpath, dtype=dtype, device=dev, verbose=False).eval()
         reward_tok = Tokenizer(rpath)
-    settings = dict(steps=a.steps, top_p=None if a.argmax else a.top_p, seed=a.seed,
-                    length=None if a.total_length else a.length, total_length=a.total_length, eta=a.eta,
-                    **({"guidance_steps": a.guidance_steps} if a.guidance_steps else {}))
     generator = a.generator or os.path.basename(os.path.normpath(a.model))
-    outputs = generate_outputs(model, tok, rows, a.output, generator, a.batch_size, reward_model=reward,
-                               reward_tokenizer=reward_tok, **settings)
+    outputs = generate_outputs(model, tok, items, a.output, generator, reward, reward_tok, **given(a))
     outputs_path = os.path.join(a.output, "model_outputs.json")
     atomic_write(outputs_path, outputs)
     print(f"{len(outputs)} outputs: {outputs_path}")
     if a.annotators_config:
         result = judge(outputs_path, a.output, a.annotators_config, a.reference_outputs, a.alpaca_eval_version)
         atomic_write(os.path.join(a.output, "leaderboard.json"), result)
-        for name, row in result.items():
-            print(f"{name}: win rate {row['win_rate']:.2f} (n = {row.get('n_total')})", file=sys.stdout)
+        for name, entry in result.items():
+            print(f"{name}: win rate {entry['win_rate']:.2f} (n = {entry.get('n_total')})", file=sys.stdout)
 
 
 if __name__ == "__main__":

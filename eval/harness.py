@@ -54,14 +54,16 @@ except ImportError as e:  # lm-eval is the optional evaluation extra
 import data.chat
 import sample
 import tess2
-from support.cli import atomic_write, run_cli
 from model import Transformer
+from support.cli import atomic_write, run_cli
+from support.prompts import GUIDANCE_ETA, settings_for
 from support.tokenizer import Tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped models are found from here
 DEFAULT_MODEL = "models/tess2-shakespeare"
 DEFAULT_REWARD_MODEL = "models/tess2-shakespeare-rm"
+MAX_GEN_TOKS = 256  # positions generated for a request without max_gen_toks: lm-eval's default for its models
 
 
 def task_manager(builtin: bool = True):
@@ -159,14 +161,16 @@ def cut_at_stop(text: str, until) -> str:
 @register_model("tess2")
 class TESS2(LM):
     """A TESS 2 checkpoint behind lm-eval's LM interface. Arguments (lm-eval's model_args) as the
-    command line's flags; model/tokenizer/reward/reward_tok take already loaded objects (Python
-    callers, tests). length: positions generated when a request gives no max_gen_toks."""
+    command line's flags; the sampling ones left None take the checkpoint's generation_config.json
+    (support/prompts.settings_for), as sample.py does. model/tokenizer/reward/reward_tok take already
+    loaded objects (Python callers, tests). length: positions generated when a request gives no
+    max_gen_toks (lm-eval's default for its own models)."""
 
-    def __init__(self, pretrained: str = DEFAULT_MODEL, reward_model: str | None = None, eta=None,
-                 steps: int = 100, batch_size: int = 8, top_p=0.99, argmax: bool = False, seed: int = 0,
-                 chat: bool = True, length: int = 256, total_length=None, guidance_steps=None, tau: float = 1.0,
-                 mc_samples: int = 8, device=None, dtype=None, output=None, model=None, tokenizer=None,
-                 reward=None, reward_tok=None, progress_every: float = 10.0, max_batch_size=None):
+    def __init__(self, pretrained: str = DEFAULT_MODEL, reward_model: str | None = None, eta=None, steps=None,
+                 batch_size=None, top_p=None, argmax: bool = False, seed=None, chat=None, length: int = MAX_GEN_TOKS,
+                 total_length=None, guidance_steps=None, tau=None, mc_samples: int = 8, device=None, dtype=None,
+                 output=None, model=None, tokenizer=None, reward=None, reward_tok=None, progress_every: float = 10.0,
+                 max_batch_size=None):
         super().__init__()  # max_batch_size: passed by lm-eval, unused (batches are --batch-size rows)
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -182,19 +186,20 @@ class TESS2(LM):
         self.model, self.tok, self.reward, self.reward_tok = model, tokenizer, reward, reward_tok
         if eta and reward is None:
             raise ValueError(f"eta = {eta} needs a reward model: pass reward_model (--reward-model)")
-        self.steps, self.batch_size_, self.seed, self.chat = int(steps), int(batch_size), int(seed), bool(chat)
-        self.top_p = None if argmax or top_p is None else float(top_p)
-        self.eta = None if eta is None else float(eta)
-        self.length, self.total_length = int(length), None if total_length is None else int(total_length)
-        self.guidance_steps, self.tau, self.mc_samples = guidance_steps, float(tau), int(mc_samples)
-        for name, value in (("steps", self.steps), ("batch_size", self.batch_size_), ("length", self.length),
-                            ("mc_samples", self.mc_samples), ("total_length", self.total_length or 1)):
+        self.max_len = model.args.max_length  # the positions the model reads: its window, if it has one
+        self.length, self.mc_samples = int(length), int(mc_samples)
+        for name, value in (("length", self.length), ("mc_samples", self.mc_samples)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p} (argmax=True projects by argmax)")
-        a = model.args  # the positions the model reads: its window, if it has one
-        self.max_len = min(a.max_position_embeddings, a.sliding_window or a.max_position_embeddings)
+        # lm-eval hands model_args over as parsed strings: numbers and booleans, or None when not given
+        number = lambda kind, x: None if x is None else kind(x)  # noqa: E731
+        flags = dict(steps=number(int, steps), batch_size=number(int, batch_size), seed=number(int, seed),
+                     chat=None if chat is None else bool(chat), total_length=number(int, total_length),
+                     guidance_steps=number(int, guidance_steps), tau=number(float, tau), eta=number(float, eta),
+                     **({"top_p": None} if argmax else {"top_p": number(float, top_p)} if top_p is not None else {}))
+        # the checkpoint's settings, then the flags; requests give their own length (max_gen_toks)
+        self.sampling = settings_for(getattr(model, "generation_config", None), self.max_len, length=self.length,
+                                     **flags)
         self.progress_every = float(progress_every)
         self.name = str(pretrained if isinstance(pretrained, str) else "model")
         if output:
@@ -207,9 +212,10 @@ class TESS2(LM):
 
     def settings(self) -> dict:
         """What a generation depends on besides its request (the resume key)."""
-        return dict(model=self.name, steps=self.steps, top_p=self.top_p, seed=self.seed, chat=self.chat,
-                    total_length=self.total_length, batch_size=self.batch_size_, eta=self.eta,
-                    reward=bool(self.reward), guidance_steps=self.guidance_steps, tau=self.tau)
+        s = self.sampling
+        return dict(model=self.name, steps=s.steps, top_p=s.top_p, seed=s.seed, chat=s.chat,
+                    total_length=s.total_length, batch_size=s.batch_size, eta=s.eta if self.reward else None,
+                    reward=bool(self.reward), guidance_steps=s.guidance_steps, tau=s.tau)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched sample.generate. Requests are sorted by (max_gen_toks, prompt length) so a batch
@@ -224,7 +230,7 @@ class TESS2(LM):
         order = sorted(range(len(items)), key=lambda i: (items[i][1], len(items[i][0]), i))
         batches, cur = [], []
         for i in order:
-            if cur and (len(cur) == self.batch_size_ or items[cur[0]][1] != items[i][1]):
+            if cur and (len(cur) == self.sampling.batch_size or items[cur[0]][1] != items[i][1]):
                 batches.append(cur)
                 cur = []
             cur.append(i)
@@ -241,14 +247,12 @@ class TESS2(LM):
         return out
 
     def run_batch(self, batch, keys, start) -> list[dict]:
-        prompts, length = [c for c, _, _ in batch], batch[0][1]
+        prompts, length, s = [c for c, _, _ in batch], batch[0][1], self.sampling
         t0 = time.perf_counter()
-        texts = sample.generate(self.model, self.tok, prompts, steps=self.steps, top_p=self.top_p,
-                                seed=self.seed + start, batch_size=len(prompts), chat=self.chat,
-                                total_length=self.total_length, length=length, reward_model=self.reward,
-                                reward_tokenizer=self.reward_tok, eta=self.eta if self.reward else None,
-                                **({"guidance_steps": int(self.guidance_steps)} if self.guidance_steps else {}),
-                                tau=self.tau)
+        texts = sample.generate(self.model, self.tok, prompts, steps=s.steps, top_p=s.top_p, seed=s.seed + start,
+                                batch_size=len(prompts), chat=s.chat, total_length=s.total_length, length=length,
+                                reward_model=self.reward, reward_tokenizer=self.reward_tok,
+                                eta=s.eta if self.reward else None, guidance_steps=s.guidance_steps, tau=s.tau)
         seconds = time.perf_counter() - t0
         return [dict(key=k, context=c, max_gen_toks=n, until=u, raw=text, seconds=seconds)
                 for k, (c, n, u), text in zip(keys, batch, texts)]
@@ -256,7 +260,7 @@ class TESS2(LM):
     def fit(self, context: str, length: int) -> str:
         """Drop the start of a context that, with its template and `length` generated positions,
         does not fit the model (as lm-eval does for causal models), keeping its last tokens."""
-        room = (self.total_length or self.max_len) - length
+        room = (self.sampling.total_length or self.max_len) - length
         n = len(self.encode_context(context))
         if n <= room:
             return context
@@ -270,7 +274,7 @@ class TESS2(LM):
 
     def encode_context(self, context: str) -> list[int]:
         """BOS + the context, in the Tulu template if chat (what sample.generate makes of a prompt)."""
-        if self.chat:
+        if self.sampling.chat:
             return data.chat.encode_prompt(self.tok, context)
         return [self.tok.bos_id] + self.tok.encode(context)
 
@@ -281,7 +285,7 @@ class TESS2(LM):
         """(context ids with BOS first, continuation ids). With chat, the context is templated and
         the continuation begins the assistant's reply; otherwise the pair is tokenized as one text
         and split where the context's tokens end (trailing spaces moved to the continuation)."""
-        if self.chat:
+        if self.sampling.chat:
             return self.encode_context(context), self.tok.encode(continuation)
         n = len(context) - len(context.rstrip())
         if n:
@@ -314,7 +318,7 @@ class TESS2(LM):
     def score_pairs(self, pairs, what: str):
         """[(context ids, continuation ids)] -> [(estimated log-likelihood, is_greedy)], cached."""
         progress = Progress(what, len(pairs), self.progress_every)
-        settings = dict(model=self.name, mc_samples=self.mc_samples, seed=self.seed)
+        settings = dict(model=self.name, mc_samples=self.mc_samples, seed=self.sampling.seed)
         out = []
         for ctx, cont in pairs:
             if len(cont) >= self.max_len:
@@ -324,8 +328,8 @@ class TESS2(LM):
                 ctx = [self.tok.bos_id] + ctx[len(ctx) + len(cont) - self.max_len + 1:]
             key = request_key("ll", settings, ctx, cont)
             if key not in self.scores.records:
-                logp, greedy = estimate_loglikelihood(self.model, ctx, cont, self.mc_samples, self.seed,
-                                                      self.batch_size_)
+                logp, greedy = estimate_loglikelihood(self.model, ctx, cont, self.mc_samples, self.sampling.seed,
+                                                      self.sampling.batch_size)
                 self.scores.add([dict(key=key, logp=logp, greedy=greedy)])
             r = self.scores.records[key]
             out.append((r["logp"], r["greedy"]))
@@ -396,15 +400,19 @@ def parse_args(argv):
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (eval/tasks/ included)")
     p.add_argument("--output", required=True, help="folder for results.json, samples and the resumable cache")
     p.add_argument("--reward-model", help="reward model for guidance (with --eta)")
-    p.add_argument("--eta", type=float, help="reward guidance step size (default 0.25 with --reward-model)")
-    p.add_argument("--guidance-steps", type=int, help="gradient steps per diffusion step (sample.py's default)")
-    p.add_argument("--steps", type=int, default=100, help="diffusion steps (paper: 100)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per sampling batch / draws per forward pass")
-    p.add_argument("--top-p", type=float, default=0.99, help="nucleus projection (released evaluation default)")
+    p.add_argument("--eta", type=float, help=f"reward guidance step size (default {GUIDANCE_ETA} with --reward-model)")
+    # sampling flags left out take the checkpoint's generation_config.json, as in sample.py
+    p.add_argument("--guidance-steps", type=int, help="gradient steps per diffusion step (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, help="diffusion steps (default: the checkpoint's; the paper: 100)")
+    p.add_argument("--batch-size", type=int, help="rows per sampling batch / draws per forward pass (default: "
+                                                  "the checkpoint's)")
+    p.add_argument("--top-p", type=float, help="nucleus projection (default: the checkpoint's; released: 0.99)")
     p.add_argument("--argmax", action="store_true", help="project by argmax (paper Eq. 5)")
     p.add_argument("--total-length", type=int, help="pad every row to this length (the released evaluation: 2048)")
-    p.add_argument("--no-chat", action="store_true", help="no Tulu chat template (base, not instruction-tuned, models)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", dest="chat", action="store_const", const=False,
+                   help="no Tulu chat template (base, not instruction-tuned, models)")
+    p.add_argument("--seed", type=int, help="the batch at sorted request s is sampled with seed + s (default: "
+                                            "the checkpoint's)")
     p.add_argument("--mc-samples", type=int, default=8, help="draws of (t, eps) per likelihood estimate")
     p.add_argument("--limit", type=float, help="items per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, help="override the tasks' number of examples")
@@ -432,9 +440,9 @@ def evaluate(lm, tasks, manager, output=None, limit=None, num_fewshot=None, boot
                                   num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=bootstrap_iters)
     if output:
         samples = res.pop("samples", {})
-        for task, rows in samples.items():
+        for task, records in samples.items():
             atomic_write(os.path.join(output, f"samples_{task}.jsonl"),
-                         "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows))
+                         "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records))
         atomic_write(os.path.join(output, "results.json"), json.dumps(res, indent=2, default=str) + "\n")
         res["samples"] = samples
     return res
@@ -456,7 +464,7 @@ def main(argv=None):
     if a.eta and not a.reward_model:
         a.reward_model = DEFAULT_REWARD_MODEL
     lm = TESS2(pretrained=a.model, reward_model=a.reward_model, eta=a.eta, steps=a.steps, batch_size=a.batch_size,
-               top_p=a.top_p, argmax=a.argmax, seed=a.seed, chat=not a.no_chat, total_length=a.total_length,
+               top_p=a.top_p, argmax=a.argmax, seed=a.seed, chat=a.chat, total_length=a.total_length,
                guidance_steps=a.guidance_steps, mc_samples=a.mc_samples, device=a.device, dtype=a.dtype,
                output=a.output)
     res = evaluate(lm, tasks, manager, a.output, a.limit, a.num_fewshot, a.bootstrap_iters)

@@ -26,32 +26,33 @@ import os
 import torch
 
 import sample
-from support.cli import atomic_write, run_cli
 from eval.harness import DEFAULT_MODEL, DEFAULT_REWARD_MODEL, check_output, resolve_default
 from eval.metrics import distinct_n, perplexity, unigram_entropy
 from model import Transformer
+from support.cli import atomic_write, run_cli
+from support.prompts import given, settings_for
 from support.tokenizer import Tokenizer
 
 
 def read_prompts(path: str) -> list[dict]:
     """[{"prompt", "reference" or None}] from JSONL objects or plain lines."""
-    rows = []
+    records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                o = json.loads(line)
             except json.JSONDecodeError:
-                r = line.rstrip("\n")
-            if isinstance(r, str):
-                r = {"prompt": r}
-            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
+                o = line.rstrip("\n")
+            if isinstance(o, str):
+                o = {"prompt": o}
+            if not isinstance(o, dict) or not isinstance(o.get("prompt"), str):
                 raise ValueError(f"{path}:{n}: expected {{\"prompt\": ..., \"reference\": ...}} or a plain line")
-            rows.append(dict(prompt=r["prompt"], reference=r.get("reference")))
-    if not rows:
+            records.append(dict(prompt=o["prompt"], reference=o.get("reference")))
+    if not records:
         raise ValueError(f"{path}: no prompts")
-    return rows
+    return records
 
 
 @torch.no_grad()
@@ -71,17 +72,17 @@ def mauve_score(p_features, q_features, seed: int = 25) -> float:
                                      device_id=-1, verbose=False, seed=seed).mauve)
 
 
-def measure(rows, texts, scorer=None, scorer_tok=None) -> dict:
+def measure(records, texts, scorer=None, scorer_tok=None) -> dict:
     """Distinct-1..4 and entropy of the texts; with a scorer, the perplexity of each continuation
-    given its prompt under the scorer and, where every row has a reference, MAUVE."""
+    given its prompt under the scorer and, where every record has a reference, MAUVE."""
     m = {f"distinct_{n}": distinct_n(texts, n) for n in range(1, 5)}
     m["entropy"] = unigram_entropy(texts)
     m["mean_words"] = sum(len(t.split()) for t in texts) / len(texts)
     if scorer is not None:
-        prompts = [[scorer_tok.bos_id] + scorer_tok.encode(r["prompt"]) for r in rows]
+        prompts = [[scorer_tok.bos_id] + scorer_tok.encode(r["prompt"]) for r in records]
         m["perplexity"] = perplexity(scorer, prompts, [scorer_tok.encode(t) for t in texts])
-        if all(r["reference"] for r in rows):
-            m["mauve"] = mauve_score(features(scorer, scorer_tok, [r["reference"] for r in rows]),
+        if all(r["reference"] for r in records):
+            m["mauve"] = mauve_score(features(scorer, scorer_tok, [r["reference"] for r in records]),
                                      features(scorer, scorer_tok, texts))
     return m
 
@@ -92,19 +93,21 @@ def load(path, dtype, device, default=DEFAULT_MODEL):
 
 
 def common_flags(p):
-    """The flags eval.intrinsic and eval.sweep share."""
+    """The flags eval.intrinsic and eval.sweep share. Sampling flags left out take the checkpoint's
+    generation_config.json, as in sample.py."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusion checkpoint: folder or Hub id")
     p.add_argument("--prompts", required=True, help="JSONL {\"prompt\", \"reference\"} or one prompt a line")
     p.add_argument("--scorer", help="held-out causal LM for perplexity and MAUVE features (folder or Hub id)")
     p.add_argument("--output", required=True, help="folder for the results and every generation")
     p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--length", type=int, default=256, help="positions generated after each prompt")
-    p.add_argument("--top-p", type=float, default=0.99)
+    p.add_argument("--length", type=int, help="positions generated after each prompt (default: rows of the "
+                                              "checkpoint's total length)")
+    p.add_argument("--top-p", type=float, help="nucleus projection (default: the checkpoint's)")
     p.add_argument("--argmax", action="store_true")
-    p.add_argument("--chat", action="store_true", help="Tulu template around prompts (tuned models; the paper's "
-                                                        "adaptation metrics use plain continuation)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, help="Tulu template around prompts (default: "
+                   "the checkpoint's: tuned models use it; the paper's adaptation metrics, on adapted models, do not)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, help="prompt j is sampled with seed + j (default: the checkpoint's)")
     p.add_argument("--reward-model", help="for --eta")
     p.add_argument("--guidance-steps", type=int)
     p.add_argument("--device")
@@ -112,9 +115,11 @@ def common_flags(p):
 
 
 def setup(a):
-    """Validated flags -> (rows, model, tok, scorer, scorer_tok, settings for sample.generate)."""
+    """Validated flags -> (records, model, tok, scorer, scorer_tok, settings for sample.generate): the
+    Settings fields the flags give except steps and eta (passed on their own: eval.sweep sweeps
+    them), and the reward model. a.chat becomes the value used (the checkpoint's if not given)."""
     check_output(a.output)
-    rows = read_prompts(a.prompts)[:a.limit]
+    records = read_prompts(a.prompts)[:a.limit]
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
     model, tok = load(a.model, dtype, dev)
@@ -124,30 +129,31 @@ def setup(a):
     wants_reward = a.reward_model or getattr(a, "eta", None)
     reward, reward_tok = load(a.reward_model or DEFAULT_REWARD_MODEL, dtype, dev,
                               DEFAULT_REWARD_MODEL) if wants_reward else (None, None)
-    settings = dict(length=a.length, top_p=None if a.argmax else a.top_p, seed=a.seed, batch_size=a.batch_size,
-                    chat=a.chat, reward_model=reward, reward_tokenizer=reward_tok,
-                    **({"guidance_steps": a.guidance_steps} if a.guidance_steps else {}))
-    return rows, model, tok, scorer, scorer_tok, settings
+    flags = {k: v for k, v in given(a).items() if k not in ("steps", "eta")}
+    a.chat = settings_for(model.generation_config, model.args.max_length, **flags).chat
+    return records, model, tok, scorer, scorer_tok, dict(flags, reward_model=reward, reward_tokenizer=reward_tok)
 
 
-def write_generations(path, rows, texts):
+def write_generations(path, records, texts):
     atomic_write(path, "".join(json.dumps(dict(prompt=r["prompt"], reference=r["reference"], text=t),
-                                          ensure_ascii=False) + "\n" for r, t in zip(rows, texts)))
+                                          ensure_ascii=False) + "\n" for r, t in zip(records, texts)))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="eval.intrinsic", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common_flags(p)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, help="diffusion steps (default: the checkpoint's)")
     p.add_argument("--eta", type=float, help="reward guidance (needs --reward-model, or the shipped one)")
     a = p.parse_args(argv)
-    rows, model, tok, scorer, scorer_tok, settings = setup(a)
-    texts = sample.generate(model, tok, [r["prompt"] for r in rows], steps=a.steps, eta=a.eta, **settings)
-    write_generations(os.path.join(a.output, "generations.jsonl"), rows, texts)
-    metrics = measure(rows, texts, scorer, scorer_tok)
+    records, model, tok, scorer, scorer_tok, settings = setup(a)
+    texts = sample.generate(model, tok, [r["prompt"] for r in records], steps=a.steps, eta=a.eta, **settings)
+    write_generations(os.path.join(a.output, "generations.jsonl"), records, texts)
+    metrics = measure(records, texts, scorer, scorer_tok)
+    used = settings_for(model.generation_config, model.args.max_length, steps=a.steps, eta=a.eta,
+                        **{k: v for k, v in settings.items() if k not in ("reward_model", "reward_tokenizer")})
     atomic_write(os.path.join(a.output, "metrics.json"), dict(metrics, model=a.model, scorer=a.scorer,
-                                                              steps=a.steps, eta=a.eta, n=len(rows)))
+                                                              steps=used.steps, eta=a.eta, n=len(records)))
     print(json.dumps(metrics, indent=2))
 
 

@@ -27,8 +27,8 @@ import torch
 from data.chat import format_prompt
 from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
 from model import Transformer
-from support.tokenizer import Tokenizer
 from sample import generate
+from support.tokenizer import Tokenizer
 from support.views import write_html
 
 
@@ -53,14 +53,14 @@ def quality(gens, chats, tok, scorer, rm):
     """Metrics of continuations: perplexity under the scorer (model, tokenizer), distinct-1..4,
     entropy, mean reward (if a reward model is given)."""
     texts = [g.text for g in gens]
-    row = dict(perplexity=scored_perplexity(*scorer, chats, texts),
-               **{f"distinct_{n}": distinct_n(texts, n) for n in range(1, 5)},
-               entropy=unigram_entropy(texts), mean_words=sum(len(t.split()) for t in texts) / len(texts))
+    metrics = dict(perplexity=scored_perplexity(*scorer, chats, texts),
+                   **{f"distinct_{n}": distinct_n(texts, n) for n in range(1, 5)},
+                   entropy=unigram_entropy(texts), mean_words=sum(len(t.split()) for t in texts) / len(texts))
     if rm is not None:
         seqs = [[tok.bos_id] + tok.encode(format_prompt(c["user"])) + g.tokens + [tok.eos_id]
                 for c, g in zip(chats, gens)]
-        row["reward"] = mean_reward(rm, seqs, tok.pad_id)
-    return row
+        metrics["reward"] = mean_reward(rm, seqs, tok.pad_id)
+    return metrics
 
 
 def settling(gens):
@@ -87,35 +87,35 @@ def adaptation(out):
         if not os.path.exists(os.path.join(out, run, "log.jsonl")):  # e.g. measuring a shipped model alone
             return {}
         with open(os.path.join(out, run, "log.jsonl")) as f:
-            table[run] = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
+            table[run] = {entry["step"]: entry["val_loss"] for entry in map(json.loads, f) if "val_loss" in entry}
     return table
 
 
-def markdown(r, cmd):
-    md = [f"Measured by `{cmd}` ({r['seconds']:.0f} s for the measurements). Perplexity under "
-          f"`{r['scorer']}`, re-tokenised; the plays' true continuations of the same prompts score "
-          f"{r['reference_perplexity']:.1f}."]
-    if r["adaptation"]:
+def markdown(results, cmd):
+    md = [f"Measured by `{cmd}` ({results['seconds']:.0f} s for the measurements). Perplexity under "
+          f"`{results['scorer']}`, re-tokenised; the plays' true continuations of the same prompts score "
+          f"{results['reference_perplexity']:.1f}."]
+    if results["adaptation"]:
         md += ["", "### Adaptation vs scratch: held-out diffusion loss (val plays)", "",
                "| step | adapted from AR | from scratch |", "| --- | --- | --- |"]
-        a, s = r["adaptation"]["adapt"], r["adaptation"]["adapt-scratch"]
+        a, s = results["adaptation"]["adapt"], results["adaptation"]["adapt-scratch"]
         md += [f"| {k} | {a[k]:.3f} | {s.get(k, float('nan')):.3f} |" for k in sorted(a, key=int)]
     names = ["perplexity", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "entropy", "reward", "mean_words",
              "who_accuracy"]
     for name, key in (("Quality vs diffusion steps", "steps"), ("Reward guidance", "eta")):
-        if not r[key]:
+        if not results[key]:
             continue
-        cols = [c for c in names if c in r[key][0]]
+        cols = [c for c in names if c in results[key][0]]
         md += ["", f"### {name}", "", f"| {key} | " + " | ".join(cols) + " | seconds |",
                "| --- " * (len(cols) + 2) + "|"]
-        for row in r[key]:
+        for row in results[key]:
             md.append(f"| {row[key]} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + f" | {row['seconds']:.0f} |")
     md += ["", "### Samples (the first two held-out prompts)", ""]
-    for c, k in zip(r["prompts"], range(2)):
+    for c, k in zip(results["prompts"], range(2)):
         md += [f"Prompt {k + 1}: " + c.replace("\n", " / ")]
-        md += [f"- {s['steps']} steps: " + (s["texts"][k].replace("\n", " / ") or "(empty)") for s in r["samples"]]
+        md += [f"- {s['steps']} steps: " + (s["texts"][k].replace("\n", " / ") or "(empty)") for s in results["samples"]]
         md += [""]
-    st = r["settling"]
+    st = results["settling"]
     md += ["### When predictions settle", "",
            f"Over {st['rows']} rows at {st['steps']} steps: the argmax of the generated region stops changing "
            f"after {100 * st['settle_fraction_mean']:.0f}% of the steps on average (median "
@@ -124,7 +124,7 @@ def markdown(r, cmd):
     return "\n".join(md) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the miniature's output folder (data/ and the runs' logs)")
     p.add_argument("--sft", required=True, help="instruction-tuned diffusion checkpoint to sample from")
@@ -142,6 +142,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.prompts, a.length, a.steps, a.etas, a.eta_steps = 2, 8, [2, 4], [0, 0.5], 2
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.scorer is None:
         from data.smollm2 import ensure
         a.scorer = str(ensure())
@@ -155,43 +160,48 @@ def main(argv=None):
     cont = [c for c in chats if c["task"] == "continue"][: a.prompts]
     who = [c for c in chats if c["task"] == "who"][: a.prompts if a.who is None else a.who]
     users = [c["user"] for c in cont]
-    r = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer, prompts=users[:2],
-             reference_perplexity=scored_perplexity(*scorer, cont, [c["assistant"] for c in cont]))
+    results = dict(adaptation=adaptation(a.out), steps=[], eta=[], scorer=a.scorer, prompts=users[:2],
+                   reference_perplexity=scored_perplexity(*scorer, cont, [c["assistant"] for c in cont]))
 
     def run(steps, who_accuracy=False, **kw):
         t = time.time()
         gens = generate(model, tok, users, steps=steps, length=a.length, batch_size=a.prompts, details=True, **kw)
-        row = quality(gens, cont, tok, scorer, rm)
+        metrics = quality(gens, cont, tok, scorer, rm)
         if who_accuracy and who:
             answers = generate(model, tok, [c["user"] for c in who], steps=steps, length=16, batch_size=a.prompts)
-            row["who_accuracy"] = sum(x.strip() == c["assistant"] for x, c in zip(answers, who)) / len(who)
-        return gens, dict(row, seconds=time.time() - t)
+            metrics["who_accuracy"] = sum(x.strip() == c["assistant"] for x, c in zip(answers, who)) / len(who)
+        return gens, dict(metrics, seconds=time.time() - t)
 
     for n in a.steps:
-        gens, row = run(n, who_accuracy=True, record=n == 100 or n == a.steps[-1])
-        r["steps"].append(dict(steps=n, **row))
-        r.setdefault("samples", []).append(dict(steps=n, texts=[g.text for g in gens[:2]]))
+        gens, metrics = run(n, who_accuracy=True, record=n == 100 or n == a.steps[-1])
+        results["steps"].append(dict(steps=n, **metrics))
+        results.setdefault("samples", []).append(dict(steps=n, texts=[g.text for g in gens[:2]]))
         if gens[0].predictions is not None:
             kept = gens
-        print(f"steps {n}: {row}", flush=True)
+        print(f"steps {n}: {metrics}", flush=True)
     for eta in a.etas if rm is not None else []:
-        _, row = run(a.eta_steps, reward_model=rm if eta else None, eta=eta or None)
-        r["eta"].append(dict(eta=eta, **row))
-        print(f"eta {eta}: {row}", flush=True)
-    html = os.path.join(a.out, "settling.html")
-    write_html(html, tok, kept[:4])
-    r["settling"] = dict(settling(kept), rows=len(kept), steps=len(kept[0].predictions), html=html)
-    r["seconds"] = time.time() - t0
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(r, f, indent=1)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(markdown(r, "bash eval/miniature.sh" + (" (SMOKE=1)" if a.smoke else "")))
+        _, metrics = run(a.eta_steps, reward_model=rm if eta else None, eta=eta or None)
+        results["eta"].append(dict(eta=eta, **metrics))
+        print(f"eta {eta}: {metrics}", flush=True)
+    write_results(a, results, tok, kept, t0)
     if a.ship:
         if rm is None:
             raise ValueError("--ship writes the diffusion model and the reward model: pass --rm")
         for src, name in ((model, "tess2-shakespeare"), (rm, "tess2-shakespeare-rm")):
             src.to(torch.bfloat16).save_pretrained(os.path.join(a.ship, name), tokenizer_from=a.sft)
     print(open(os.path.join(a.out, "results.md")).read())
+
+
+def write_results(a, results, tok, kept, t0):
+    """results.json, results.md and the settling page (of the generations recorded) in a.out."""
+    html = os.path.join(a.out, "settling.html")
+    write_html(html, tok, kept[:4])
+    results["settling"] = dict(settling(kept), rows=len(kept), steps=len(kept[0].predictions), html=html)
+    results["seconds"] = time.time() - t0
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(markdown(results, "bash eval/miniature.sh" + (" (SMOKE=1)" if a.smoke else "")))
 
 
 if __name__ == "__main__":

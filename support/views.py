@@ -1,8 +1,9 @@
 """
 Watching the text form: sample.py's --show (the terminal) and --html (the paper's Figure 4: the
 top-1 confidence of every position at every diffusion step, as a self-contained page).
-Both are on_step callbacks of sample.run: (batch, n, logits, best, rows) after each step, for the
-rows of the batch still running (early exit takes rows out).
+Both are on_step callbacks of sample.run: (batch, state) after each step, where state (a
+sample.Denoising) holds the rows of the batch still running (early exit takes rows out): their
+keys (index in the batch), logits, argmax (best), lengths and steps taken.
 """
 import html
 import json
@@ -36,48 +37,52 @@ class Recorder:
     def __init__(self, then=None):
         self.then, self.traces = then, []  # per batch, per row: [(best (L,), confidence (L,))] per step
 
-    def __call__(self, batch, n, logits, best, rows):
-        if n == 1:
+    def __call__(self, batch, state):
+        if max(state.taken) == 1:  # a new batch: every row is at its first step
             self.traces.append([[] for _ in batch.prompts])
-        conf = torch.where(batch.span_mask[rows].to(best.device), confidence(logits), 1.0)  # the prompt is 1
-        for j, r in enumerate(rows):
-            self.traces[-1][r].append((best[j, :batch.lengths[r]].cpu(), conf[j, :batch.lengths[r]].cpu()))
+        conf = torch.where(state.span_mask, confidence(state.logits), 1.0)  # (B, L): the prompt is 1
+        for j, (b, n) in enumerate(zip(state.keys, state.lengths)):
+            self.traces[-1][b].append((state.best[j, :n].cpu(), conf[j, :n].cpu()))
         if self.then is not None:
-            self.then(batch, n, logits, best, rows)
+            self.then(batch, state)
 
     def attach(self, generations):
-        for g, steps in zip(generations, (row for trace in self.traces for row in trace)):
+        for g, steps in zip(generations, (trace for batch in self.traces for trace in batch)):
             g.predictions, g.confidence = torch.stack([b for b, _ in steps]), torch.stack([c for _, c in steps])
         return generations
 
 
 class Watcher:
-    """--show redraws the current best text each step; otherwise a progress line with steps/s once
-    a run takes more than a second (both on stderr)."""
+    """--show redraws each row's current text (its argmax after the prompt, up to the first EOS) at
+    each step; otherwise a progress line with steps/s once a run takes more than a second (both on
+    stderr). On a terminal the text is redrawn in place and shaded by confidence."""
 
-    def __init__(self, tokenizer, steps, show):
-        self.tok, self.steps, self.show, self.eos = tokenizer, steps, show, tokenizer.eos_id
+    def __init__(self, tokenizer, show):
+        self.tok, self.show, self.eos = tokenizer, show, tokenizer.eos_id
         self.tty, self.t0, self.last, self.cache = sys.stderr.isatty(), time.perf_counter(), 0.0, {}
 
-    def __call__(self, batch, n, logits, best, rows):
-        now = time.perf_counter() - self.t0
-        rate = f"step {n}/{self.steps}, {n / max(now, 1e-9):.2f} steps/s"
-        if self.show and (self.tty or n % max(1, self.steps // 10) == 0 or n == self.steps):
-            conf = confidence(logits)
-            rows = []
-            for b, r in enumerate(rows):  # each row's generation region begins at its prompt's end
-                start = batch.ends[r]
-                region = best[b, start:batch.lengths[r]].tolist()
-                cut = region.index(self.eos) if self.eos in region else len(region)
-                text = pieces(self.tok, region[:cut], self.cache)
-                if self.tty:  # 256-colour greys: mid grey (unsure) to white (sure)
-                    text = [f"\x1b[38;5;{244 + round(11 * c)}m{p}" for p, c in zip(text, conf[b, start:].tolist())]
-                rows.append("".join(text) + ("\x1b[0m" if self.tty else ""))
-            clear = "\x1b[H\x1b[2J" if self.tty else ""
-            print(f"{clear}[{rate}]\n" + "\n\n".join(rows), file=sys.stderr, flush=True)
+    def __call__(self, batch, state):
+        n, steps, now = max(state.taken), max(state.steps), time.perf_counter() - self.t0
+        rate = f"step {n}/{steps}, {n / max(now, 1e-9):.2f} steps/s"
+        if self.show and (self.tty or n % max(1, steps // 10) == 0 or n == steps):
+            print(("\x1b[H\x1b[2J" if self.tty else "") + f"[{rate}]\n" + "\n\n".join(self.texts(batch, state)),
+                  file=sys.stderr, flush=True)
         elif not self.show and now > 1.0 and now - self.last > 0.5:
             self.last = now
             print(("\r" if self.tty else "") + rate, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def texts(self, batch, state):
+        """Each running row's current text: its region after the prompt, cut at the first EOS."""
+        conf, out = confidence(state.logits), []
+        for j, (b, n) in enumerate(zip(state.keys, state.lengths)):
+            start = batch.ends[b]  # each row's generation region begins at its prompt's end
+            region = state.best[j, start:n].tolist()
+            cut = region.index(self.eos) if self.eos in region else len(region)
+            text = pieces(self.tok, region[:cut], self.cache)
+            if self.tty:  # 256-colour greys: mid grey (unsure) to white (sure)
+                text = [f"\x1b[38;5;{244 + round(11 * c)}m{p}" for p, c in zip(text, conf[j, start:].tolist())]
+            out.append("".join(text) + ("\x1b[0m" if self.tty else ""))
+        return out
 
     def end(self):
         """After a batch: end the progress line, restart the clock."""
@@ -88,7 +93,7 @@ class Watcher:
 
 def write_html(path, tokenizer, generations):
     """One self-contained page: for each prompt, a heatmap of the top-1 confidence at every step
-    (rows, time flowing down) and position (columns; the prompt is 1), as in the paper's Figure 4,
+    (one line per step, time flowing down) and position (columns; the prompt is 1), as in the paper's Figure 4,
     and the final text. Hover a cell for its token."""
     data, sections = [], []
     for k, g in enumerate(generations):

@@ -74,3 +74,18 @@ def test_a_judge_that_needs_a_key_is_refused_up_front(tmp_path, monkeypatch, cap
         run_cli(alpaca.main, "eval.alpaca",
                 ["--output", str(tmp_path / "o"), "--annotators-config", "alpaca_eval_gpt4"])
     assert e.value.code == 2 and "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
+    """Without sampling flags the outputs are sampled with the checkpoint's settings (and the chat
+    template: AlpacaEval's prompts are instructions)."""
+    from support.prompts import settings_for
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    seen = []
+    monkeypatch.setattr(alpaca.sample, "generate", lambda m, t, ps, **kw: seen.append((m, kw)) or ["r"] * len(ps))
+    alpaca.main(["--prompts", str(prompts), "--output", str(tmp_path / "o")])
+    model, kw = seen[0]
+    sampling = {k: v for k, v in kw.items() if k not in ("reward_model", "reward_tokenizer", "seed", "batch_size")}
+    cfg, n = model.generation_config, model.args.max_length
+    assert settings_for(cfg, n, **sampling) == settings_for(cfg, n, chat=True) and kw["seed"] == 0

@@ -1,4 +1,5 @@
 """eval/intrinsic.py and eval/sweep.py: adaptation metrics (Tables 1-2) and the Figure 3 sweeps."""
+import argparse
 import json
 import math
 import os
@@ -110,3 +111,21 @@ def test_sweep_refuses_two_sweeps_at_once(tmp_path, capsys):
         run_cli(sweep.main, "eval.sweep",
                 ["--prompts", "p", "--steps", "1,2", "--eta", "0,1", "--output", str(tmp_path)])
     assert e.value.code == 2 and "one thing at a time" in capsys.readouterr().err
+
+
+def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
+    """No flag re-declares a sampling default: without flags the model samples with its
+    generation_config.json's settings (the shipped model: rows of 160, its chat template)."""
+    from support.prompts import given, settings_for
+    p = argparse.ArgumentParser()
+    intrinsic.common_flags(p)
+    assert given(p.parse_args(["--prompts", "p", "--output", "o"])) == {}
+    seen = []
+    monkeypatch.setattr(intrinsic.sample, "generate", lambda m, t, prompts, **kw: seen.append((m, kw)) or
+                        ["some words"] * len(prompts))
+    intrinsic.main(["--prompts", write_prompts(tmp_path), "--output", str(tmp_path / "out")])
+    model, kw = seen[0]
+    sampling = {k: v for k, v in kw.items() if k not in ("reward_model", "reward_tokenizer")}
+    cfg = model.generation_config
+    assert settings_for(cfg, model.args.max_length, **sampling) == settings_for(cfg, model.args.max_length)
+    assert settings_for(cfg, model.args.max_length).total_length == 160

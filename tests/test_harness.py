@@ -419,3 +419,23 @@ def test_a_long_context_keeps_bos_its_end_and_the_continuation(tok, monkeypatch)
     assert seen == [([1, 12, 13, 14, 15], [20, 21, 22])]  # 8 positions: BOS, the last 4 of the context, 3
     with pytest.raises(ValueError, match="does not fit"):
         lm.score_pairs([([1], list(range(20, 28)))], "loglikelihood")
+
+
+def test_sampling_settings_left_out_are_the_checkpoints(monkeypatch, tok):
+    """No flag re-declares a sampling default: those left out come from the checkpoint's
+    generation_config.json (as in sample.py), those given override them."""
+    a = harness.parse_args(["--tasks", "tess2_squad", "--output", "o"])
+    assert all(getattr(a, k) is None for k in ("steps", "top_p", "seed", "batch_size", "chat", "eta",
+                                               "guidance_steps", "total_length"))
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=tok.vocab_size, timestep_embed=True, causal=False)).init_weights()
+    m.generation_config = {"steps": 3, "top_p": 0.5, "chat": False, "seed": 4, "guidance_steps": 2}
+    for lm_args, expected in (({}, (3, 0.5, False, 4, 2)),
+                              (dict(steps=7, argmax=True, chat=True, seed=1), (7, None, True, 1, 2))):
+        stub = Stub({"x": "y"})
+        monkeypatch.setattr(harness.sample, "generate", stub)
+        lm = harness.TESS2(model=m, tokenizer=tok, progress_every=0, **lm_args)
+        assert lm.generate_until([Request("x", {"until": ["\n"], "max_gen_toks": 8})]) == ["y"]
+        kw = stub.calls[0][1]
+        assert (kw["steps"], kw["top_p"], kw["chat"], kw["seed"], kw["guidance_steps"]) == expected
+        assert kw["length"] == 8 and kw["total_length"] is None

@@ -1,6 +1,7 @@
 """
-sample.py: the reverse process (METHOD.md §9), reward guidance (§10), generation settings,
-infilling, batching, early exit and the command line, on tiny random models written to temporary
+sample.py: the reverse process (METHOD.md §9) as a state and one step (rows leaving and joining
+between steps), reward guidance (§10) and its memory, generation settings, infilling, batching,
+early exit, --compile and the command line, on tiny random models written to temporary
 directories with a small word-level tokenizer. Two hand-made stand-ins go through the same code:
 a "model" that always predicts a fixed text and a reward model that likes one token.
 """
@@ -17,14 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from support.hub import read_json
-import data.chat
-from support import prompts as prompt_rows
 import sample
 import tess2
-from support import views
 from conftest import word_tokenizer
 from model import Transformer, preset
+from support import fused_sampling
+from support import prompts as prompting
+from support.hub import read_json
 from support.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,11 +109,11 @@ class LikesToken(nn.Module):
 
 
 def settings(**kw):
-    return prompt_rows.Settings(**{"total_length": None, **kw}).check()
+    return prompting.Settings(**{"total_length": None, **kw}).check()
 
 
 def batch(tok, prompts, **kw):
-    return prompt_rows.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
+    return prompting.make_batch(tok, prompts, settings(**kw), 1024, tok.pad_id)
 
 
 def test_seeded_runs_are_reproducible_and_different_seeds_differ(model, tok):
@@ -193,14 +193,14 @@ def test_each_check_of_the_written_out_process_has_power(sharp, tok, monkeypatch
     run = lambda: sample.diffuse(model, ids, span, [3], steps=6, top_p=0.6)[0]  # noqa: E731
     assert torch.equal(run(), expected)
     real_predict, real_alpha_bars = tess2.predict, tess2.alpha_bars
-    no_self_condition = lambda m, i, s, S, t, prev=None, **kw: real_predict(m, i, s, S, t, None, **kw)  # noqa: E731
-    assert not torch.equal(sample.diffuse(model, ids, span, [3], steps=6, top_p=0.6, predict=no_self_condition)[0],
-                           expected)
+    with monkeypatch.context() as mp:  # no self-conditioning
+        mp.setattr(tess2, "predict", lambda m, i, s, S, t, prev=None, **kw: real_predict(m, i, s, S, t, None, **kw))
+        assert not torch.equal(run(), expected)
     with monkeypatch.context() as mp:  # alpha_bars[i - 1] now holds alpha_bar(i / N)
         mp.setattr(tess2, "alpha_bars", lambda N: torch.cat([real_alpha_bars(N)[1:], torch.zeros(1)]))
         assert not torch.equal(run(), expected)
     with monkeypatch.context() as mp:  # re-noise from the argmax
-        mp.setattr(sample, "project", lambda logits, where, top_p, g: logits.argmax(-1))
+        mp.setattr(fused_sampling, "project_spans", lambda logits, best, where, top_p, g: logits.argmax(-1))
         assert not torch.equal(run(), expected)
 
 
@@ -214,8 +214,9 @@ def test_the_output_is_the_argmax_of_the_final_logits_not_the_last_nucleus_sampl
     for seed in range(5):
         g = sample.generate(two, tok, [prompt], steps=4, length=8, top_p=0.99, seed=seed, details=True)[0]
         assert g.tokens == answer
-    sampled = sample.project(tess2.predict(two, b.ids, b.span_mask, torch.zeros(1, b.ids.shape[1], V),
-                                           torch.zeros(1)), sample.spans(b.span_mask), 0.99, tess2.row_generators([0]))
+    logits = tess2.predict(two, b.ids, b.span_mask, torch.zeros(1, b.ids.shape[1], V), torch.zeros(1))
+    sampled = fused_sampling.project_spans(logits, b.ids, fused_sampling.span_positions(b.span_mask), [0.99],
+                                           tess2.row_generators([0]))
     assert (sampled[b.span_mask] != torch.tensor(other)[b.span_mask[0]]).any()  # the sampler does pick both
 
 
@@ -223,23 +224,11 @@ def test_context_tokens_never_change(model, tok):
     gens = sample.generate(model, tok, ["write a sonnet", "the cat sat on the mat and the dog"], steps=6, length=10,
                            record=True)
     for g, prompt in zip(gens, ["write a sonnet", "the cat sat on the mat and the dog"]):
-        ids, _ = prompt_rows.encode_prompt(tok, prompt)
+        ids, _ = prompting.encode_prompt(tok, prompt)
         n = len(ids)
         assert g.predictions.shape == g.confidence.shape == (6, n + 10)
         assert torch.equal(g.predictions[:, :n], torch.tensor(ids).expand(6, -1))  # at every step
         assert torch.all(g.confidence[:, :n] == 1.0) and torch.all(g.confidence[:, n:] < 1.0)
-
-
-def test_the_confidence_shown_is_the_top_probability():
-    logits = torch.randn(2, 5, 30, generator=torch.Generator().manual_seed(0)) * 3
-    torch.testing.assert_close(views.confidence(logits), torch.softmax(logits, -1).amax(-1))
-
-
-def test_chat_prompts_are_stripped_and_templated_as_in_training(tok):
-    ids, span = prompt_rows.encode_prompt(tok, "  write a sonnet \n")
-    assert ids == prompt_rows.encode_prompt(tok, "write a sonnet")[0] == data.chat.encode_prompt(tok, "write a sonnet")
-    assert ids == [tok.bos_id] + tok.encode("<|user|>\nwrite a sonnet\n<|assistant|>\n") and not any(span)
-    assert prompt_rows.encode_prompt(tok, " the cat", chat=False)[0] == [tok.bos_id] + tok.encode(" the cat")
 
 
 def test_infilling_generates_only_inside_the_gaps(model, tok):
@@ -321,18 +310,21 @@ def test_early_exit_waits_for_a_late_change(tok):
     assert g.text == "the sea is love" and g.steps_used == 8  # not before half the steps: not on the early text
 
 
-def test_rows_that_exit_leave_the_batch_and_the_others_go_on_unchanged(sharp, tok):
+def test_rows_that_exit_leave_the_batch_and_the_others_go_on_unchanged(sharp, tok, monkeypatch):
     """Short gaps settle early, a long region does not: the settled rows leave the batch (no more
     model passes for them) and the remaining rows compute exactly what they compute in a full run."""
     prompts = ["the cat sat on the <mask:1> mat", "the cat", "a dog <mask:1> on the mat", "we love it"]
     sizes = []
 
+    real = tess2.predict
+
     def counting(m, ids, span, S, t, prev=None, **kw):
         sizes.append(S.shape[0])
-        return tess2.predict(m, ids, span, S, t, prev, **kw)
+        return real(m, ids, span, S, t, prev, **kw)
     kw = dict(steps=30, total_length=20, top_p=None, chat=False, record=True)
     full = sample.generate(sharp, tok, prompts, **kw)
-    early = sample.generate(sharp, tok, prompts, early_exit=2, predict=counting, **kw)
+    monkeypatch.setattr(tess2, "predict", counting)
+    early = sample.generate(sharp, tok, prompts, early_exit=2, **kw)
     assert [g.steps_used for g in early] == [15, 30, 19, 30]
     assert sizes == [4] * 15 + [3] * 4 + [2] * 11  # exited rows cost nothing more
     for f, e in zip(full, early):
@@ -347,12 +339,12 @@ def test_rows_that_exit_leave_the_batch_and_the_others_go_on_unchanged(sharp, to
 
 
 def test_a_checkpoint_without_generation_config_gets_the_released_evaluation_defaults(model, tok):
-    s = prompt_rows.settings_for(None, 4096)
+    s = prompting.settings_for(None, 4096)
     assert (s.steps, s.top_p, s.total_length, s.length, s.guidance_steps, s.tau) == (100, 0.99, 2048, None, 1, 1.0)
-    assert prompt_rows.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
+    assert prompting.settings_for(None, 1024).total_length == 1024  # no longer than the model reads
     g = sample.generate(model, tok, ["the cat"], steps=2, details=True)[0]  # tiny model: 1024 positions
     assert g.steps_used == 2
-    assert prompt_rows.plan(tok, ["the cat"], prompt_rows.settings_for(None, 1024), model.args)[0].lengths == [1024]
+    assert prompting.plan(tok, ["the cat"], prompting.settings_for(None, 1024), model.args)[0].lengths == [1024]
 
 
 def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, tok, capsys):
@@ -361,18 +353,25 @@ def test_generation_config_gives_the_defaults_and_flags_override_them(tmp_path, 
         json.dump({"steps": 3, "top_p": 0.9, "total_length": 20, "guidance_steps": 2, "chat": False}, f)
     m = Transformer.from_pretrained(ckpt, verbose=False)
     assert m.generation_config["total_length"] == 20
-    s = prompt_rows.settings_for(m.generation_config, 1024)
+    s = prompting.settings_for(m.generation_config, 1024)
     assert (s.steps, s.top_p, s.total_length, s.guidance_steps, s.chat) == (3, 0.9, 20, 2, False)
     g = sample.generate(m, tok, ["the cat"], details=True)[0]
     assert g.steps_used == 3
-    assert prompt_rows.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
-    assert prompt_rows.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
+    assert prompting.settings_for(m.generation_config, 1024, length=5).total_length is None  # --length replaces it
+    assert prompting.settings_for(m.generation_config, 1024, steps=7, top_p=None).steps == 7
     gens = sample.main(["--model", ckpt, "--prompt", "the cat", "--json", "--steps", "2"])
     assert gens[0].steps_used == 2 and json.loads(capsys.readouterr().out)["steps_used"] == 2
 
 
+def test_no_flag_re_declares_a_sampling_default():
+    """Flags left out are None, the checkpoint's: only the flags given override its settings."""
+    assert sample.parse_args(["--prompt", "x"]).overrides == {}
+    a = sample.parse_args(["--prompt", "x", "--no-chat", "--argmax", "--compile", "--no-guidance-ckpt", "--steps", "3"])
+    assert a.overrides == dict(chat=False, top_p=None, compile=True, guidance_ckpt=False, steps=3)
+
+
 def test_the_shipped_model_carries_short_rows(tok):
-    s = prompt_rows.settings_for(read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
+    s = prompting.settings_for(read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
     assert s.total_length <= 256 and s.guidance_steps == 1
 
 
@@ -595,25 +594,7 @@ def test_cli_end_to_end_with_json_and_html(ckpt, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# (B, L, V) work only where it is read: noise and argmax on span positions
-
-
-def test_renoising_on_span_positions_draws_each_rows_span_in_order_and_leaves_the_rest():
-    """sample.renoise_ is tess2.renoise (Eq. 4) in S's buffer: row b's eps is one (n_span, V) draw from its generator placed at its span
-    positions in order (one run or several gaps); other positions of S keep what they held."""
-    g = torch.Generator().manual_seed(1)
-    tokens, a = torch.randint(30, (2, 7), generator=g), 0.37
-    span = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)  # a run; two gaps
-    S = torch.randn(2, 7, 30, generator=g)
-    before = S.clone()
-    out = sample.renoise_(S, tokens, a, tess2.row_generators([5, 6]), sample.spans(span))
-    assert out.data_ptr() == S.data_ptr()
-    eps = torch.zeros(2, 7, 30)
-    for b, seed in enumerate([5, 6]):
-        eps[b, span[b]] = torch.empty(int(span[b].sum()), 30).normal_(generator=torch.Generator().manual_seed(seed))
-    expected = tess2.renoise(tokens, eps, torch.full((2,), a))
-    torch.testing.assert_close(out[span], expected[span], rtol=1e-6, atol=1e-5)
-    assert torch.equal(out[~span], before[~span])
+# Infilling
 
 
 def test_an_infilling_row_is_the_process_written_out(sharp, tok):
@@ -622,3 +603,155 @@ def test_an_infilling_row_is_the_process_written_out(sharp, tok):
     for top_p in (None, 0.6):
         tokens, _ = sample.diffuse(sharp, b.ids, b.span_mask, [4], steps=6, top_p=top_p)
         assert torch.equal(tokens, reverse_process_by_hand(sharp, b.ids, b.span_mask, 4, 6, top_p))
+
+
+# -----------------------------------------------------------------------------
+# The reverse process as a state and one step: rows leave and join between steps
+
+
+def run_to_the_end(model, state, done=None):
+    done = {} if done is None else done
+    while state.keys:
+        for key, tokens, n in sample.step(model, state):
+            done[key] = (tokens, n)
+    return done
+
+
+def test_a_row_that_joins_a_running_batch_gives_what_it_gives_alone(sharp, tok):
+    """Two rows run 3 of their 8 steps; then a row joins with its own seed, step count, projection
+    (argmax) and a longer row, to which the batch is padded (masked out of attention). Each row ends
+    with the tokens and the step count of its run alone."""
+    first = batch(tok, ["the cat", "a dog sat on"], length=6)
+    late = batch(tok, ["write a sonnet about the sea and the sun"], length=9)
+    assert late.ids.shape[1] > first.ids.shape[1]
+    state = sample.start(first.ids, first.span_mask, [1, 2], V, steps=8, top_p=0.6, lengths=first.lengths)
+    done = {}
+    for _ in range(3):
+        assert sample.step(sharp, state) == []
+    sample.join(state, sample.start(late.ids, late.span_mask, [7], V, steps=5, top_p=None, keys=["late"]))
+    assert state.keys == [0, 1, "late"] and state.taken == [3, 3, 0] and state.ids.shape[1] == late.ids.shape[1]
+    run_to_the_end(sharp, state, done)
+    for key, b, seed in ((0, 0, 1), (1, 1, 2)):
+        n = first.lengths[b]
+        alone, steps = sample.diffuse(sharp, first.ids[b:b + 1, :n], first.span_mask[b:b + 1, :n], [seed], steps=8,
+                                      top_p=0.6)
+        assert torch.equal(done[key][0][:n], alone[0]) and done[key][1] == int(steps[0]) == 8, key
+    alone, _ = sample.diffuse(sharp, late.ids, late.span_mask, [7], steps=5, top_p=None)
+    assert torch.equal(done["late"][0], alone[0]) and done["late"][1] == 5
+
+
+def test_step_leaves_finished_rows_out_and_reports_each_once(sharp, tok):
+    b = batch(tok, ["the cat", "a dog"], length=4)
+    state = sample.start(b.ids, b.span_mask, [1, 2], V, steps=3, top_p=0.6, lengths=b.lengths)
+    short = sample.start(b.ids[:1], b.span_mask[:1], [3], V, steps=1, top_p=0.6, keys=["short"])
+    sample.join(state, short)
+    ended = sample.step(sharp, state)
+    assert [key for key, _, _ in ended] == ["short"] and state.keys == [0, 1] and len(state.S) == 2
+    assert [key for key, _, _ in sample.step(sharp, state)] == []
+    assert [(key, n) for key, _, n in sample.step(sharp, state)] == [(0, 3), (1, 3)] and state.keys == []
+
+
+def test_generate_with_steps_alone_keeps_the_shipped_models_other_defaults():
+    """generate(model, tok, prompts, steps=10): rows of the shipped generation_config.json's 160
+    positions (the released default, 2048, would not fit its 1024), top-p 0.99, the chat template."""
+    path = os.path.join(ROOT, sample.DEFAULT_MODEL)
+    shipped, shipped_tok = Transformer.from_pretrained(path, verbose=False).eval(), Tokenizer(path)
+    g = sample.generate(shipped, shipped_tok, ["Continue this speech by ROMEO:"], steps=2, record=True)[0]
+    assert g.steps_used == 2 and g.predictions.shape == (2, 160)
+    ids, _ = prompting.encode_prompt(shipped_tok, "Continue this speech by ROMEO:")
+    assert g.predictions[0, :len(ids)].tolist() == ids  # templated: the chat template is the checkpoint's
+
+
+# -----------------------------------------------------------------------------
+# --compile
+
+
+@pytest.mark.slow  # compiling takes 5-30 s
+def test_the_compiled_step_equals_eager_without_graph_breaks():
+    """sample.py --compile: torch.compile(predict, fullgraph=True) fails on any graph break."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", timestep_embed=True, causal=False, num_hidden_layers=1)).init_weights().eval()
+    g = torch.Generator().manual_seed(1)
+    ids, span = torch.randint(512, (2, 12), generator=g), torch.arange(12).expand(2, 12) >= 4
+    S, t = 5 * torch.randn(2, 12, 512, generator=g), torch.rand(2, generator=g)
+    prev = 3 * torch.randn_like(S)
+    real = torch.arange(ids.shape[1]) < torch.tensor([12, 9])[:, None]  # rows of their own length
+    step = sample.compiled_predict()
+    with torch.no_grad():
+        for kw in (dict(prev_logits=prev, key_padding_mask=real), dict(prev_logits=None)):
+            torch.testing.assert_close(step(m, ids, span, S, t, **kw), tess2.predict(m, ids, span, S, t, **kw),
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # compiling takes 5-30 s
+def test_the_compiled_sampler_equals_eager(model, tok):
+    """Self-conditioning feeds each step's logits to the next: the compiled sampler gives the eager
+    one's tokens, with rows of two lengths (a key padding mask) and rows leaving (early exit)."""
+    b = batch(tok, ["the cat", "write a sonnet about the sea"], length=6)
+    kw = dict(steps=6, top_p=0.6, lengths=b.lengths, early_exit=1)
+    eager = sample.diffuse(model, b.ids, b.span_mask, [1, 2], **kw)
+    compiled = sample.diffuse(model, b.ids, b.span_mask, [1, 2], compiled=True, **kw)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+# -----------------------------------------------------------------------------
+# Reward guidance's memory
+
+
+def test_guidance_with_frozen_weights_and_recomputed_blocks_is_the_same_update_kept_smaller():
+    """sample.guidance_mode: frozen reward-model weights and per-block recomputation change what
+    the backward keeps, not the update."""
+    torch.manual_seed(1)
+    rm = Transformer(preset("tiny", head="score")).init_weights().eval()
+    g = torch.Generator().manual_seed(1)
+    ids, span = torch.randint(512, (2, 12), generator=g), torch.arange(12).expand(2, 12) >= 3
+    x = 3 * torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(7))
+    params = {p.data_ptr() for p in rm.parameters()}
+
+    def run():
+        kept = [0]
+
+        def pack(t):
+            kept[0] += 0 if t.data_ptr() in params else t.numel()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return tess2.reward_guidance(rm, x, ids, span, eta=0.5), kept[0]
+    plain, kept_plain = run()
+    with sample.guidance_mode(rm, checkpointing=False):
+        frozen, kept_frozen = run()
+    with sample.guidance_mode(rm, checkpointing=True):
+        assert all(not p.requires_grad for p in rm.parameters()) and rm.gradient_checkpointing
+        recomputed, kept_recomputed = run()
+    assert all(p.requires_grad for p in rm.parameters()) and not rm.gradient_checkpointing  # restored
+    torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
+    assert kept_recomputed < kept_frozen < kept_plain
+
+
+def test_recomputation_is_chosen_by_free_device_memory_not_by_device_type(monkeypatch):
+    torch.manual_seed(1)
+    rm = Transformer(preset("tiny", head="score", vocab_size=V)).init_weights().eval()
+    args = rm.args
+    per_token = (6 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_key_value_heads * args.head_dim) \
+        * args.num_hidden_layers * 4 + 4 * V * 4  # fp32 weights; four fp32 (B, L, V) tensors
+    free = 1000 * per_token
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (free, 10 * free))
+    cuda = torch.device("cuda")
+    assert not sample.recompute_reward_model(rm, 1000, V, cuda)  # fits
+    assert sample.recompute_reward_model(rm, 1001, V, cuda)  # does not
+    assert asked == [cuda, cuda]
+    assert not sample.recompute_reward_model(rm, 10**9, V, torch.device("cpu")) and len(asked) == 2  # CPU: off
+
+
+def test_sampling_guides_with_recomputation_where_memory_says_so(model, tok, monkeypatch):
+    rm = LikesToken(tok.encode("sea")[0])
+    seen = []
+    real = tess2.reward_guidance
+    monkeypatch.setattr(tess2, "reward_guidance", lambda r, *a, **k: seen.append(r.gradient_checkpointing) or
+                        real(r, *a, **k))
+    for memory_says, flag, expected in ((True, None, True), (False, None, False), (True, False, False)):
+        monkeypatch.setattr(sample, "recompute_reward_model", lambda *a: memory_says)
+        seen.clear()
+        sample.generate(model, tok, ["the cat"], steps=2, length=3, reward_model=rm, guidance_ckpt=flag)
+        assert seen == [expected] * 2

@@ -101,10 +101,13 @@ def test_alpha_bar_decreases_monotonically():
 
 
 def test_alpha_bars_rediscretise_the_same_curve():
+    """alpha_bars(N)[i] = alpha_bar(i / N), restated with math.cos and rounded to float32."""
+    f = lambda s: math.cos((s + 1e-4) / (1 + 1e-4) * math.pi / 2) ** 2  # noqa: E731
     for N in (1, 7, 100, T):
         table = alpha_bars(N)
         assert table.shape == (N,) and table.dtype == torch.float32
-        assert torch.equal(table, torch.stack([alpha_bar(i / N).float() for i in range(N)]))
+        by_hand = torch.tensor([f(i / N) / f(0.0) for i in range(N)], dtype=torch.float64).float()
+        assert torch.equal(table, by_hand)
     # inference with N = 100 steps visits every 50th training timestep
     assert torch.equal(alpha_bars(T)[::50], alpha_bars(100))
     with pytest.raises(ValueError, match="positive"):
@@ -528,7 +531,40 @@ def test_masks_are_determined_by_the_generator_seed():
 # Projection (Eq. 5)
 
 
-# The projection (Eq. 5) is tested against the sort-based definition in tests/test_projection.py.
+# -----------------------------------------------------------------------------
+# The projection (Eq. 5): argmax, or nucleus sampling by the sort-based definition
+# (support/fused_sampling.project_fast, its fast twin, is tested equal in tests/test_fused_sampling.py)
+
+
+def test_project_without_top_p_is_the_argmax_and_keeps_the_leading_shape():
+    logits = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tess2.project(logits), logits.argmax(-1))
+    assert tess2.project(logits, 0.9, torch.Generator().manual_seed(1)).shape == (2, 3)
+    assert tess2.project(logits[0, 0], 0.9, torch.Generator().manual_seed(1)).shape == ()
+
+
+def test_project_draws_from_the_kept_prefix_by_the_inverse_cdf_in_sorted_order():
+    """p = (0.5, 0.3, 0.15, 0.05) in a shuffled order, top_p 0.7: the mass before each sorted entry is
+    0, 0.5, 0.8, 0.95, so the first two are kept (mass 0.8); one uniform u per position draws the
+    most probable token if u * 0.8 < 0.5, else the second. The generator gives each position one
+    draw, in order."""
+    p = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    n = 4000
+    tokens = tess2.project(p.log().expand(n, 4), 0.7, torch.Generator().manual_seed(2))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(tokens, torch.where(u * 0.8 < 0.5, 1, 3))
+    assert 0.55 < (tokens == 1).float().mean() < 0.7  # 0.5 / 0.8 = 0.625
+    assert torch.equal(tess2.project(p.log(), 0.3, torch.Generator().manual_seed(3)), torch.tensor(1))  # only 0.5
+    assert set(tess2.project(p.log().expand(n, 4), 1.0, torch.Generator().manual_seed(4)).tolist()) == {0, 1, 2, 3}
+
+
+def test_project_never_draws_a_token_of_probability_zero_and_depends_on_the_seed():
+    logits = torch.randn(5000, 30, generator=torch.Generator().manual_seed(5))
+    logits[:, 20:] = -math.inf
+    tokens = tess2.project(logits, 1.0, torch.Generator().manual_seed(6))
+    assert tokens.max() < 20
+    assert torch.equal(tokens, tess2.project(logits, 1.0, torch.Generator().manual_seed(6)))
+    assert not torch.equal(tokens, tess2.project(logits, 1.0, torch.Generator().manual_seed(7)))
 
 
 # -----------------------------------------------------------------------------
@@ -671,46 +707,3 @@ def test_guidance_updates_bf16_logits_in_fp32():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     in_bf16 = ((x + (expected - x.float()).bfloat16()) != x)[span].float().mean()  # the update made in bf16
     assert changed > 0.3 and in_bf16 < changed / 4  # in bf16 arithmetic most of the update is lost
-
-
-def test_guidance_with_frozen_weights_and_recomputed_blocks_is_the_same_update_kept_smaller():
-    """sample.guidance_mode: frozen reward-model weights and per-block recomputation change what
-    the backward keeps, not the update."""
-    import sample
-    rm = tiny_rm()
-    ids, span, _, _ = batch()
-    x = 3 * torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(7))
-    params = {p.data_ptr() for p in rm.parameters()}
-
-    def run():
-        kept = [0]
-
-        def pack(t):
-            kept[0] += 0 if t.data_ptr() in params else t.numel()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return tess2.reward_guidance(rm, x, ids, span, eta=0.5), kept[0]
-    plain, kept_plain = run()
-    with sample.guidance_mode(rm, checkpointing=False):
-        frozen, kept_frozen = run()
-    with sample.guidance_mode(rm, checkpointing=True):
-        assert all(not p.requires_grad for p in rm.parameters()) and rm.gradient_checkpointing
-        recomputed, kept_recomputed = run()
-    assert all(p.requires_grad for p in rm.parameters()) and not rm.gradient_checkpointing  # restored
-    torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
-    assert kept_recomputed < kept_frozen < kept_plain
-
-
-def test_the_compiled_step_equals_eager_without_graph_breaks():
-    """sample.py --compile: torch.compile(predict, fullgraph=True) fails on any graph break."""
-    torch.manual_seed(0)
-    m = Transformer(preset("tiny", timestep_embed=True, causal=False, num_hidden_layers=1)).init_weights().eval()
-    ids, span, S, t = batch()
-    prev = 3 * torch.randn_like(S)
-    real = torch.arange(ids.shape[1]) < torch.tensor([12, 9])[:, None]  # rows of their own length
-    step = torch.compile(tess2.predict, fullgraph=True)
-    with torch.no_grad():
-        for kw in (dict(prev_logits=prev, key_padding_mask=real), dict(prev_logits=None)):
-            torch.testing.assert_close(step(m, ids, span, S, t, **kw), predict(m, ids, span, S, t, **kw),
-                                       rtol=1e-5, atol=1e-5)

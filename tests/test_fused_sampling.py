@@ -1,5 +1,9 @@
-"""Projection by nucleus sampling (paper Eq. 5, METHOD.md §9): tess2.project keeps exactly the set
-the sort-based definition keeps, without sorting V in the common case, and samples from it.
+"""support/fused_sampling.py, each function against the definition it is the twin of.
+
+project_fast (nucleus sampling, paper Eq. 5, METHOD.md §9) keeps exactly the set the sort-based
+definition keeps, without sorting V in the common case, and samples from it: token for token as
+tess2.project where it finds the kept set in the sort's order, from the same distribution in
+vocabulary order where it finds the boundary inside a histogram bucket.
 
 The definition, written out here as the reference: probs = softmax(logits in fp32), sorted
 descending; an entry is kept iff the mass before it (cumsum - p) is at most top_p; a token is drawn
@@ -10,14 +14,19 @@ so it must be equal, and so must the kept probabilities, value for value and bit
 equal probability can come out of a sort in either order, so where a tie straddles the boundary the
 definition itself does not say which of the tied tokens are kept: any of them may be, as long as
 every token more probable than the boundary is kept and no token is kept twice.
+
+renoise_spans_ and project_spans are Eq. 4 and Eq. 5 at span positions only, row by row from each
+row's generator.
 """
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tess2
-from tess2 import _nucleus, project
+from support import fused_sampling
+from support.fused_sampling import _nucleus, project_fast, project_spans, renoise_spans_, span_positions
 
 V = 32001  # Mistral's vocabulary plus [PAD]
 
@@ -31,13 +40,13 @@ def definition(logits, top_p):
 
 
 def kept_sets(logits, top_p):
-    """_nucleus's answer per row: {row: (cum, token, kept)} and the forms it answered in: the head
+    """_nucleus's answer per position: {position: (cum, token, kept)} and the forms it answered in: the head
     width k of the sorted form, or "vocab" for the vocabulary-order form (token None, kept a mask),
     which it gives where it finds the boundary inside one histogram bucket."""
     out, widths = {}, []
-    for rows, cum, token, kept in _nucleus(logits, top_p):
+    for positions, cum, token, kept in _nucleus(logits, top_p):
         widths.append("vocab" if token is None else cum.shape[1])
-        for i, r in enumerate(rows.tolist()):
+        for i, r in enumerate(positions.tolist()):
             assert r not in out, "a row answered twice"
             out[r] = (cum[i], None if token is None else token[i], kept[i] if token is None else int(kept[i]))
     assert sorted(out) == list(range(len(logits))), "a row left out"
@@ -108,7 +117,7 @@ def test_the_bucket_falls_back_to_the_sort_where_its_sums_would_not_be_exact(mon
     g = torch.Generator().manual_seed(15)
     logits = torch.cat([torch.randn(3, V, generator=g), zipf(2.0, 2, g)])
     assert assert_exact(logits, 0.99) == [64, "vocab"]
-    monkeypatch.setattr(tess2, "EXACT", 2.0 ** -14)
+    monkeypatch.setattr(fused_sampling, "EXACT", 2.0 ** -14)
     assert assert_exact(logits, 0.99) == [64, V]
 
 
@@ -175,7 +184,7 @@ def test_a_draw_is_the_inverse_cdf_of_the_kept_set_at_the_same_uniform():
     from the boundary's bucket (flat rows). Either way each kept token is drawn with probability p / (kept mass)."""
     g = torch.Generator().manual_seed(6)
     logits = torch.cat([zipf(2.0, 40, g), zipf(1.5, 40, g), torch.randn(40, V, generator=g)])
-    tokens = project(logits, 0.99, torch.Generator().manual_seed(7))
+    tokens = project_fast(logits, 0.99, torch.Generator().manual_seed(7))
     u = torch.rand(len(logits), generator=torch.Generator().manual_seed(7))
     probs, sorted_p, order, kept = definition(logits, 0.99)
     n = torch.arange(len(logits))
@@ -188,8 +197,8 @@ def test_a_draw_is_the_inverse_cdf_of_the_kept_set_at_the_same_uniform():
         keep[r, order[r, :kept[r]]] = True
     by_vocab = (probs.masked_fill(~keep, 0.0).cumsum(-1) <= target).sum(-1)
     tail = torch.zeros(len(logits), dtype=torch.bool)
-    for rows, _, token, _ in _nucleus(logits, 0.99):
-        tail[rows] = token is None
+    for positions, _, token, _ in _nucleus(logits, 0.99):
+        tail[positions] = token is None
     assert tail[80:].all() and not tail[:80].any()
     assert torch.equal(probs.gather(1, tokens[:80, None]), probs.gather(1, by_sort[:80, None]))
     assert torch.equal(tokens[80:], by_vocab[80:])
@@ -205,7 +214,7 @@ def test_sampling_frequencies_match_the_renormalised_kept_distribution():
         m = int(kept[0])
         expected = torch.zeros(10)
         expected[order[0, :m]] = sorted_p[0, :m] / sorted_p[0, :m].sum()
-        tokens = project(logits.expand(n, 10), top_p, torch.Generator().manual_seed(8))
+        tokens = project_fast(logits.expand(n, 10), top_p, torch.Generator().manual_seed(8))
         counts = torch.bincount(tokens, minlength=10).double()
         assert (counts[expected == 0] == 0).all(), "a dropped token was drawn"
         e = n * expected[expected > 0].double()
@@ -217,7 +226,7 @@ def test_sampling_frequencies_match_the_renormalised_kept_distribution():
 def test_tokens_of_probability_zero_are_never_drawn():
     logits = torch.randn(20_000, 50, generator=torch.Generator().manual_seed(9))
     logits[:, 25:] = -math.inf
-    tokens = project(logits, 1.0, torch.Generator().manual_seed(10))
+    tokens = project_fast(logits, 1.0, torch.Generator().manual_seed(10))
     assert tokens.max() < 25
 
 
@@ -225,9 +234,9 @@ def test_tiny_top_p_gives_a_most_probable_token():
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(50, V, generator=g)
     logits[:, 7] = logits[:, 9] = 10.0  # a tie at the top: either is the argmax
-    tokens = project(logits, 1e-9, g)
+    tokens = project_fast(logits, 1e-9, g)
     assert set(tokens.tolist()) <= {7, 9}
-    assert torch.equal(project(logits[:, :7], 1e-9, g), logits[:, :7].argmax(-1))
+    assert torch.equal(project_fast(logits[:, :7], 1e-9, g), logits[:, :7].argmax(-1))
 
 
 # -----------------------------------------------------------------------------
@@ -237,11 +246,11 @@ def test_tiny_top_p_gives_a_most_probable_token():
 def test_sampling_is_determined_by_the_seed_and_uses_one_draw_per_position():
     g = torch.Generator().manual_seed(12)
     logits = torch.cat([zipf(2.0, 30, g), zipf(1.5, 10, g), torch.randn(10, V, generator=g)])
-    a = project(logits, 0.99, torch.Generator().manual_seed(1))
-    assert torch.equal(a, project(logits, 0.99, torch.Generator().manual_seed(1)))
-    assert not torch.equal(a, project(logits, 0.99, torch.Generator().manual_seed(2)))
+    a = project_fast(logits, 0.99, torch.Generator().manual_seed(1))
+    assert torch.equal(a, project_fast(logits, 0.99, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, project_fast(logits, 0.99, torch.Generator().manual_seed(2)))
     used, fresh = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    project(logits, 0.99, used)
+    project_fast(logits, 0.99, used)
     torch.rand(len(logits), generator=fresh)
     assert torch.equal(used.get_state(), fresh.get_state())
 
@@ -250,19 +259,19 @@ def test_a_positions_token_does_not_depend_on_the_other_positions():
     """The first 30 positions alone, or followed by flat rows that need the full sort: same tokens."""
     g = torch.Generator().manual_seed(13)
     first, rest = zipf(2.0, 30, g), torch.randn(20, V, generator=g)
-    alone = project(first, 0.99, torch.Generator().manual_seed(4))
-    together = project(torch.cat([first, rest]), 0.99, torch.Generator().manual_seed(4))
+    alone = project_fast(first, 0.99, torch.Generator().manual_seed(4))
+    together = project_fast(torch.cat([first, rest]), 0.99, torch.Generator().manual_seed(4))
     assert torch.equal(together[:30], alone)
 
 
 def test_project_keeps_the_leading_shape_and_argmax_without_top_p():
     g = torch.Generator().manual_seed(14)
     logits = torch.randn(2, 3, 100, generator=g)
-    assert project(logits, 0.9, g).shape == (2, 3)
-    assert project(logits[0, 0], 0.9, g).shape == ()
-    assert torch.equal(project(logits), logits.argmax(-1))
-    assert torch.equal(project(logits.bfloat16()), logits.bfloat16().argmax(-1))
-    assert project(logits.bfloat16(), 0.9, g).dtype == torch.long
+    assert project_fast(logits, 0.9, g).shape == (2, 3)
+    assert project_fast(logits[0, 0], 0.9, g).shape == ()
+    assert torch.equal(project_fast(logits), logits.argmax(-1))
+    assert torch.equal(project_fast(logits.bfloat16()), logits.bfloat16().argmax(-1))
+    assert project_fast(logits.bfloat16(), 0.9, g).dtype == torch.long
 
 
 def test_project_refuses_logits_that_give_no_distribution():
@@ -271,17 +280,18 @@ def test_project_refuses_logits_that_give_no_distribution():
             logits = torch.randn(3, v)
             logits[1, 5] = bad
             with pytest.raises(ValueError, match="finite logits"):
-                project(logits, 0.9, torch.Generator().manual_seed(0))
+                project_fast(logits, 0.9, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="finite logits"):
-        project(torch.full((2, 10), -math.inf), 0.9)
+        project_fast(torch.full((2, 10), -math.inf), 0.9)
 
 
 def test_project_refuses_an_invalid_top_p():
     for bad in (0.0, -0.5, 1.01, 2.0, math.nan):
         with pytest.raises(ValueError, match="top_p"):
-            project(torch.randn(2, 5), top_p=bad)
+            project_fast(torch.randn(2, 5), top_p=bad)
 
 
+@pytest.mark.slow  # ~12 s
 def test_sampling_frequencies_in_vocabulary_order_match_the_renormalised_kept_distribution():
     """The vocabulary-order draw (flat rows, kept set found from the boundary's bucket) has the kept set's
     renormalised distribution: a chi-square test over ~180 kept tokens of 200."""
@@ -292,10 +302,119 @@ def test_sampling_frequencies_in_vocabulary_order_match_the_renormalised_kept_di
     expected = torch.zeros(200, dtype=torch.float64)
     expected[order[0, :m]] = (sorted_p[0, :m] / sorted_p[0, :m].sum()).double()
     n = 150_000
-    tokens = project(logits.expand(n, 200), 0.99, torch.Generator().manual_seed(18))
+    tokens = project_fast(logits.expand(n, 200), 0.99, torch.Generator().manual_seed(18))
     counts = torch.bincount(tokens, minlength=200).double()
     assert (counts[expected == 0] == 0).all(), "a dropped token was drawn"
     e = n * expected[expected > 0]
     chi2, df = float(((counts[expected > 0] - e) ** 2 / e).sum()), m - 1
     limit = df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3  # 1e-4 critical value (Wilson-Hilferty)
     assert chi2 < limit, f"chi-square {chi2:.1f} with {df} degrees of freedom"
+
+
+# -----------------------------------------------------------------------------
+# The twin of tess2.project
+
+
+def sorted_form(logits, top_p):
+    """(n,) bool: the positions _nucleus answers in the sort's order (not from a histogram bucket)."""
+    out = torch.zeros(len(logits), dtype=torch.bool)
+    for positions, _, token, _ in _nucleus(logits, top_p):
+        out[positions] = token is not None
+    return out
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_project_fast_is_tess2_project_token_for_token_where_it_keeps_the_sorts_order(top_p):
+    """Peaked and Zipf logits (the top 64, a histogram-sized top-k): the same token for the same
+    generator as the definition. Flat logits (the boundary's bucket): the same kept set (the tests
+    above), drawn in vocabulary order: a kept token, another one for the same uniform."""
+    g = torch.Generator().manual_seed(20)
+    logits = torch.cat([zipf(2.0, 30, g), zipf(1.5, 20, g), zipf(1.2, 10, g), torch.randn(20, V, generator=g)])
+    fast = project_fast(logits, top_p, torch.Generator().manual_seed(21))
+    plain = tess2.project(logits, top_p, torch.Generator().manual_seed(21))
+    in_order = sorted_form(logits, top_p)
+    assert in_order[:50].all()  # Zipf 1.2 may need the bucket at high top_p
+    assert torch.equal(fast[in_order], plain[in_order])
+    probs, sorted_p, _, kept = definition(logits, top_p)
+    boundary = sorted_p.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)  # the least kept probability
+    chosen = probs.gather(1, fast.unsqueeze(1)).squeeze(1)
+    assert (chosen >= boundary).all()  # every token drawn is in the kept set
+    if not in_order.all():
+        assert not torch.equal(fast[~in_order], plain[~in_order])  # the vocabulary order draws others
+
+
+def test_project_fast_is_tess2_project_on_bf16_ties_and_the_full_sort():
+    """Where tokens tie (bf16 logits, logits of four values: the full sort), the draw lands on a
+    token of the same probability as the definition's."""
+    g = torch.Generator().manual_seed(22)
+    for logits in (zipf(1.5, 20, g).bfloat16(), torch.randint(0, 4, (4, V), generator=g).float()):
+        fast = project_fast(logits, 0.9, torch.Generator().manual_seed(23))
+        plain = tess2.project(logits, 0.9, torch.Generator().manual_seed(23))
+        probs = torch.softmax(logits.float(), -1)
+        in_order = sorted_form(logits, 0.9)
+        assert in_order.any()
+        assert torch.equal(probs.gather(1, fast[:, None])[in_order], probs.gather(1, plain[:, None])[in_order])
+
+
+def test_project_fast_refuses_what_tess2_project_refuses():
+    for bad in (math.nan, math.inf):
+        logits = torch.randn(3, 10)
+        logits[1, 5] = bad
+        for f in (project_fast, tess2.project):
+            with pytest.raises(ValueError, match="finite logits"):
+                f(logits, 0.9, torch.Generator().manual_seed(0))
+    for f in (project_fast, tess2.project):
+        with pytest.raises(ValueError, match="top_p"):
+            f(torch.randn(2, 5), top_p=1.5)
+
+
+# -----------------------------------------------------------------------------
+# Span positions only: re-noising (Eq. 4) and the projection (Eq. 5), row by row
+
+K = tess2.SIMPLEX_VALUE
+
+
+def test_span_positions_are_a_slice_for_one_run_and_indices_for_gaps():
+    span = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    run, gaps, none = span_positions(span)
+    assert run == slice(2, 5)
+    assert gaps.tolist() == [1, 3, 4]
+    assert none.tolist() == []
+
+
+def test_renoising_on_span_positions_draws_each_rows_span_in_order_and_leaves_the_rest():
+    """renoise_spans_ is tess2.renoise (Eq. 4) in S's buffer, restated: S = sqrt(a) (2k one-hot - k)
+    + sqrt(1 - a) k eps, with row b's own alpha_bar a and its eps one (n_span, V) draw from its
+    generator placed at its span positions in order (one run or several gaps); other positions of S
+    keep what they held."""
+    g = torch.Generator().manual_seed(1)
+    tokens, alpha_bar = torch.randint(30, (2, 7), generator=g), [0.37, 0.81]
+    span = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)  # a run; two gaps
+    S = torch.randn(2, 7, 30, generator=g)
+    before = S.clone()
+    out = renoise_spans_(S, tokens, alpha_bar, tess2.row_generators([5, 6]), span_positions(span))
+    assert out.data_ptr() == S.data_ptr()
+    eps = torch.zeros(2, 7, 30)
+    for b, seed in enumerate([5, 6]):
+        eps[b, span[b]] = torch.empty(int(span[b].sum()), 30).normal_(generator=torch.Generator().manual_seed(seed))
+        S_hat = 2 * K * F.one_hot(tokens[b, span[b]], 30).float() - K
+        expected = math.sqrt(alpha_bar[b]) * S_hat + math.sqrt(1 - alpha_bar[b]) * K * eps[b, span[b]]
+        torch.testing.assert_close(out[b, span[b]], expected, rtol=1e-6, atol=1e-5)
+    twin = tess2.renoise(tokens, eps, torch.tensor(alpha_bar))  # the definition, on the whole rows
+    torch.testing.assert_close(out[span], twin[span], rtol=1e-6, atol=1e-5)
+    assert torch.equal(out[~span], before[~span])
+
+
+def test_project_spans_draws_each_rows_span_from_its_generator_or_takes_its_argmax():
+    g = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(3, 6, 40, generator=g)
+    span = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    ids = torch.randint(40, (3, 6), generator=g)
+    best = torch.where(span, logits.argmax(-1), ids)
+    where = span_positions(span)
+    tokens = project_spans(logits, best, where, [0.9, None, 0.5], tess2.row_generators([1, 2, 3]))
+    assert torch.equal(tokens[~span], ids[~span])  # context positions: left as best holds them
+    assert torch.equal(tokens[1], best[1])  # top_p None: the argmax
+    for b, top_p, seed in ((0, 0.9, 1), (2, 0.5, 3)):
+        assert torch.equal(tokens[b, span[b]], project_fast(logits[b, span[b]], top_p,
+                                                            torch.Generator().manual_seed(seed)))
