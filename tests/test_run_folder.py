@@ -20,7 +20,7 @@ from torch.testing import assert_close
 import train
 from data.shards import open_dataset
 from model import Transformer, preset
-from support import run_folder
+from support import lora, run_folder
 from support.run_folder import append_log, cut_log
 from support.tokenizer import Tokenizer as ModelTokenizer
 from train_runs import (ROOT, assert_same_weights, flags, losses, make_datasets, make_tokenizer, no_checkpoint,
@@ -380,7 +380,8 @@ def test_train_state_and_weights_read_back_as_the_run_had_them(data, tmp_path, m
         assert info["run"] == {"stage": "sft", "seq_len": 24, "batch_size": 4, "max_steps": 2, "lr": 3e-3,
                                "schedule": "linear", "warmup_steps": 1, "weight_decay": 0.0,
                                "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "loss_weighting": "sequence",
-                               "ul2_prefix": "released", "overfit": False, "seed": 0}
+                               "ul2_prefix": "released", "overfit": False, "seed": 0, "lora": None, "lora_alpha": None,
+                               "lora_dropout": 0.0, "lora_targets": list(lora.TARGETS)}
         assert info["args"] == json.loads(json.dumps(vars(args)))
         state = torch.load(folder / "train_state.pt", weights_only=True)
         assert state["step"] == step and state["args"] == vars(args)
