@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from support import lora
 from support.checkpoint import (FAMILIES, LLAMA3_ROPE, args_from_config, config_from_args,  # noqa: F401 (re-exports)
-                                checkpoint_files, load_sharded, new_weight, read_tensors, save_checkpoint)
+                                load_sharded, new_weight, read_tensors, save_checkpoint)
 from support.hub import read_config, read_json, resolve
 
 
@@ -104,7 +105,7 @@ class ModelArgs:
         return cfg
 
 
-# the CPU miniature (README, "TESS 2 in miniature"): a few million parameters
+# the CPU miniature (docs/miniature.md): a few million parameters
 _SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
               num_key_value_heads=4, max_position_embeddings=2048, sliding_window=None)
 # the families' common values, from the public config.json of each model named below
@@ -297,7 +298,7 @@ class Transformer(nn.Module):
         self.generation_config = None  # from_pretrained: the checkpoint's generation_config.json, if any
 
     @property
-    def embed_tokens(self) -> nn.Embedding:
+    def embed_tokens(self) -> nn.Module:  # nn.Embedding (lora.TokenRows under LoRA)
         return self.model.embed_tokens
 
     def init_weights(self, std: float = 0.02):
@@ -312,13 +313,10 @@ class Transformer(nn.Module):
         return self
 
     def hidden_states(self, ids=None, embeds=None, t=None, causal: bool | None = None, key_padding_mask=None):
-        """
-        The final (normed) hidden states (B, T, D) of ids (B, T) token ids, or embeds (B, T, D).
-        t (B,) or (B, T): scaled time in [0, 1) for the timestep embedding, per sequence or per
-          position (0 adds nothing, so context positions can be given t = 0).
-        causal: attention kind for this call (default: args.causal).
-        key_padding_mask (B, T) bool, True = a real token that may be attended to.
-        """
+        """The final (normed) hidden states (B, T, D) of ids (B, T) token ids, or embeds (B, T, D). t (B,) or
+        (B, T): scaled time in [0, 1) for the timestep embedding, per sequence or per position (0 adds
+        nothing: context positions get t = 0). causal: this call's attention kind (default args.causal).
+        key_padding_mask (B, T) bool, True = a real token that may be attended to."""
         x = self.model.embed_tokens(ids) if embeds is None else embeds  # (B, T, D)
         B, T, _ = x.shape
         a = self.args
@@ -360,15 +358,15 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, verbose: bool = True,
                         **overrides) -> "Transformer":
-        """
-        Load a Hugging Face checkpoint (a FAMILIES causal LM or sequence classifier, or the released
-        TESS 2) from a directory or Hub repo id: built on the meta device, each tensor read and cast to
-        dtype (default fp32) on device in turn, so loading peaks at one copy of the weights plus one
-        tensor. overrides change the architecture on the way in: timestep_embed=True, causal=False
+        """Load a Hugging Face checkpoint (a FAMILIES causal LM or sequence classifier, the released TESS 2,
+        or a LoRA adapter folder) from a directory or Hub repo id: built on the meta device, each tensor
+        read and cast to dtype (default fp32) on device in turn, so loading peaks at one copy of the weights
+        plus one tensor. overrides change the architecture on the way in: timestep_embed=True, causal=False
         adapts an AR model to diffusion (timestep_embed.weight = 0: at first the AR model); head="score"
-        starts a reward model from an LM (score.weight ~ N(0, 0.02), lm_head dropped). Both reported.
-        """
+        starts a reward model from an LM (score.weight ~ N(0, 0.02), lm_head dropped). Both reported."""
         path = resolve(name_or_path)
+        if lora.is_adapter(path):  # its base, then the adapter (support/lora.py)
+            return lora.load_adapter(cls, path, dtype, device, verbose, **overrides)
         args = ModelArgs.from_hf(read_config(path), **overrides)
         dtype, device = dtype or torch.float32, torch.device(device or "cpu")
         with torch.device("meta"):
@@ -392,6 +390,8 @@ class Transformer(nn.Module):
                         tokenizer_from: str | None = None, extra_files: dict | None = None):
         """Write config.json + safetensors in the Hugging Face layout, atomically (support.checkpoint.
         save_checkpoint: sharding, tokenizer_from, extra_files). Tied weights are stored once."""
+        if hasattr(self, "adapter"):  # LoRA: the adapters only, in PEFT's layout (support/lora.py)
+            return lora.save_adapter(self, out_dir, tokenizer_from, extra_files)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.args.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # as transformers saves tied weights

@@ -5,64 +5,52 @@ whole answer as it forms, and a page at / that shows it denoising.
     python serve.py                                   # models/tess2-shakespeare at http://127.0.0.1:8000
     python serve.py --model hamishivi/tess2 --reward-model hamishivi/tess_mistral_rm --api-key KEY
 
-The server loads the model once; every request goes through sample.py's reverse process, so its
-answer equals `python sample.py` with the same model, prompt, seed and settings. The Engine owns the
-model and knows nothing of HTTP; Api is the HTTP side (OpenAI's formats: support/serving.py).
+The server loads the model once. Its Engine runs one batch by continuous batching: requests join
+the running batch between two diffusion steps and leave it when done, each row at its own step and
+with its own settings, through sample.py's reverse process (sample.start, join, step, leave). So a
+request's answer equals `python sample.py` with the same model, prompt, seed and settings, whatever
+else runs. The Engine owns the model and knows nothing of HTTP; support/serving.py's Api is the HTTP
+side (OpenAI's endpoints and formats, the page, /health).
 """
-import argparse
 import asyncio
 import collections
-import hmac
+import dataclasses
 import os
 import signal
 import socket
 import threading
 import traceback
-from contextlib import asynccontextmanager
+import types
 
 import torch
 
 try:
     import uvicorn
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Route
+
+    from support.serving import Answer, Api, Busy, Draft, Failed, Finished, Started, Step
 except ImportError as e:  # the serving stack is optional
     raise SystemExit(f"serve.py: error: {e.name} is not installed: pip install -r requirements-serve.txt") from None
 
 import sample
 from model import ModelArgs, Transformer
 from support import views
-from support.cli import run_cli
+from support.cli import ArgumentParser, number, run_cli
 from support.hub import read_config
-from support.prompts import Settings, decode_row, plan, settings_for
-from support.serving import (Answer, ApiError, Draft, Failed, Finished, Started, Step, api_words, envelope,
-                             final_choices, new_id, parse_json, parse_request, read_body, stream_events, watched)
+from support.prompts import GUIDANCE_ETA, Settings, decode_row, plan, settings_for
 from support.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # The engine: requests in, step events and answers out (no HTTP here)
 
 
-class Busy(Exception):
-    """The engine cannot take a request now: 429 (its queue is full) or 503 (it is shutting down)."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-class Cancelled(Exception):
-    """Raised from on_step inside the reverse process: the request's rows leave at once."""
-
-
 class Handle:
     """One submitted request. The engine thread publishes its events onto the asyncio loop that
     submitted it; `async for event in handle.stream()` reads them up to Finished or Failed."""
 
-    def __init__(self, prompts, settings, batch, every, loop):
+    def __init__(self, prompts, settings, batch, every, guided, loop):
         self.prompts, self.settings, self.batch, self.every = prompts, settings, batch, every
+        self.guided = guided  # its rows' guidance (eta, guidance_steps, tau), or None: unguided
+        self.answers = [None] * len(prompts)  # each row's Answer, as it finishes
         self.loop, self.events = loop, asyncio.Queue()
         self.cancelled, self.done = threading.Event(), False
 
@@ -80,19 +68,23 @@ class Handle:
 
 
 class Engine:
-    """Runs requests on one model (and an optional reward model). Its whole interface, safe from any
-    thread:
+    """Runs requests on one model (and an optional reward model) by continuous batching. Its whole
+    interface, safe from any thread:
         handle = engine.submit(prompts, settings, every)  # ValueError: a bad request; Busy: 429/503
         async for event in handle.stream(): ...           # Started, Step (every `every` steps), then
                                                           # Finished or Failed
         engine.cancel(handle); engine.health(); engine.stop()
-    This loop runs one request at a time: all its rows in one batch through sample.run, whose on_step
-    publishes the steps and stops the request once it is cancelled."""
+    One thread runs one batch (sample.Denoising, keyed by (handle, row of its request)): each
+    iteration, cancelled requests' rows leave it, waiting requests join it while their rows fit in
+    max_batch, and sample.step moves every row one diffusion step on, each at its own timestep with
+    its own seed, steps, top_p, early exit and length. A row attends only to itself and draws from
+    its own generator, so its answer is the one sample.py gives it, whatever else runs beside it."""
 
     def __init__(self, model, tokenizer, reward_model=None, max_batch=8, max_queue=64):
         self.model, self.tok, self.reward_model = model, tokenizer, reward_model
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.device = max_batch, max_queue, model.embed_tokens.weight.device
         self.lock, self.queue, self.stopping = threading.Condition(), collections.deque(), False
+        self.running = []  # the requests with rows in the batch (the engine thread's own)
         self.counts = dict(active_rows=0, served=0, cancelled=0, failed=0)
         self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
         self.thread.start()
@@ -110,7 +102,10 @@ class Engine:
         batches = plan(self.tok, prompts, settings, self.model.args)  # ValueError: the prompts do not fit
         if len(prompts) > self.max_batch:
             raise ValueError(f"{len(prompts)} rows are more than the batch holds ({self.max_batch})")
-        handle = Handle(prompts, settings, batches[0], every, asyncio.get_running_loop())
+        s = settings
+        guided = self.reward_model is not None and (s.eta is None or s.eta > 0)  # as sample.run decides
+        key = (GUIDANCE_ETA if s.eta is None else s.eta, s.guidance_steps, s.tau) if guided else None
+        handle = Handle(prompts, s, batches[0], every, key, asyncio.get_running_loop())
         with self.lock:
             if self.stopping:
                 raise Busy(503, "the server is shutting down")
@@ -122,7 +117,7 @@ class Engine:
         return handle
 
     def cancel(self, handle):
-        """Its client left: a waiting request leaves the queue, a running one the batch at its next step."""
+        """Its client left: a waiting request leaves the queue, a running one the batch before the next step."""
         handle.cancelled.set()
         with self.lock:
             if handle in self.queue:
@@ -135,8 +130,8 @@ class Engine:
             return dict(self.counts, queued=len(self.queue), max_batch=self.max_batch, max_queue=self.max_queue)
 
     def stop(self):
-        """Refuse new requests, fail the waiting ones and cancel the running one at its next step (each
-        gets a 503); the loop then ends (join self.thread to wait for it)."""
+        """Refuse new requests, fail the waiting ones and cancel the running ones before the next step
+        (each gets a 503); the loop then ends (join self.thread to wait for it)."""
         with self.lock:
             self.stopping = True
             for handle in self.queue:
@@ -145,59 +140,140 @@ class Engine:
             self.queue.clear()
             self.lock.notify_all()
 
+    # the engine thread
+
     def loop(self):
-        while True:
-            with self.lock:
-                while not self.queue and not self.stopping:
-                    self.lock.wait()
-                if self.stopping:
-                    return
-                handle = self.queue.popleft()
-                self.counts["active_rows"] = len(handle.prompts)
-            outcome, event = self.run(handle)  # run catches every failure of the request
-            with self.lock:
-                self.counts["active_rows"] = 0
-                self.counts[outcome] += 1
-            handle.publish(event)
+        state = None  # the batch (sample.Denoising), None while it is empty
+        guide = self.guide if self.reward_model is not None else None
+        while self.wait(state):
+            try:
+                state = self.admit(state)
+                finished = [] if state is None else sample.step(self.model, state, guide, self.on_step)
+            except Exception as e:  # a bug or out of memory: the batch's requests fail, the server goes on
+                traceback.print_exc()
+                state = self.drop(None, self.running, Failed(500, f"generation failed: {type(e).__name__}: {e}"),
+                                  "failed")
+                continue
+            for (handle, r), tokens, steps_used in finished:
+                handle.answers[r] = self.answer(handle.batch, r, tokens, steps_used)
+                if all(a is not None for a in handle.answers):
+                    self.end(handle, "served", Finished(handle.answers))
+            state = trim(state) if state is not None and state.keys else None
+            self.count_rows(state)
+        self.drop(state, self.running, Failed(503, "the server is shutting down"), "cancelled")
 
-    def run(self, handle):
-        """One request through sample.run -> (outcome, its last event)."""
-        handle.publish(Started(len(handle.prompts)))
-        every, steps = handle.every, handle.settings.steps
+    def wait(self, state):
+        """Blocks while the batch and the queue are empty. -> False once stopping."""
+        with self.lock:
+            while state is None and not self.queue and not self.stopping:
+                self.lock.wait()
+            return not self.stopping
 
-        def on_step(batch, n, logits, best, rows):
-            if handle.cancelled.is_set() or self.stopping:
-                raise Cancelled
-            if every and (n % every == 0 or n == steps):
-                handle.publish(Step(n, steps, self.drafts(batch, logits, best, rows)))
-        try:
-            gens = sample.run(self.model, self.tok, [handle.batch], handle.settings, self.reward_model, on_step)
-        except Cancelled:
-            why = Failed(503, "the server is shutting down") if self.stopping else Failed(499, "cancelled")
-            return "cancelled", why
-        except Exception as e:  # a bug or out of memory: this request fails, the server goes on
-            traceback.print_exc()
-            return "failed", Failed(500, f"generation failed: {type(e).__name__}: {e}")
-        return "served", Finished([self.answer(handle.batch, r, g) for r, g in enumerate(gens)])
+    def admit(self, state):
+        """Before a step: the rows of cancelled requests leave, waiting requests join in their order
+        while their rows fit (a request waits for room rather than be passed). -> the batch, or None."""
+        state = self.drop(state, [h for h in self.running if h.cancelled.is_set()], Failed(499, "cancelled"),
+                          "cancelled")
+        joining, room = [], self.max_batch - (len(state.keys) if state else 0)
+        with self.lock:
+            while self.queue and len(self.queue[0].prompts) <= room:
+                joining.append(self.queue.popleft())
+                room -= len(joining[-1].prompts)
+        for handle in joining:
+            self.running.append(handle)  # from here on, a failure ends it with the batch's others
+            b, s, dev = handle.batch, handle.settings, self.device
+            rows = sample.start(b.ids.to(dev), b.span_mask.to(dev), b.seeds, self.model.args.vocab_size, s.steps,
+                                s.top_p, s.early_exit, b.lengths, keys=[(handle, r) for r in range(len(b.prompts))])
+            if state is None:
+                state = rows
+            else:
+                sample.join(state, rows)
+            handle.publish(Started(len(b.prompts)))
+        self.count_rows(state)
+        return state
 
-    def drafts(self, batch, logits, best, rows):
-        """logits (B', L, V), best (B', L) of the running rows -> their Drafts."""
-        conf = views.confidence(logits).tolist()  # (B', L) top-1 probability
-        out = []
-        for j, r in enumerate(rows):
-            n, end = batch.lengths[r], batch.ends[r]
-            row, span = best[j, :n].tolist(), batch.span_mask[r, :n].tolist()
-            g = decode_row(self.tok, batch.prompts[r], row, span, end)
-            where = answer_positions(row, span, end, self.tok.eos_id, self.tok.pad_id)
-            out.append(Draft(r, g.text, g.tokens, [round(conf[j][i], 4) for i in where]))
-        return out
+    def drop(self, state, handles, event, outcome):
+        """The rows of `handles` leave the batch at once, and each request ends with `event`. -> the batch,
+        or None once it is empty (state None: the batch is lost, after a failure)."""
+        handles = list(handles)
+        if state is not None and handles:
+            sample.leave(state, [b for b, (handle, _) in enumerate(state.keys) if handle in handles])
+        for handle in handles:
+            self.end(handle, outcome, event)
+        state = trim(state) if state is not None and state.keys else None
+        self.count_rows(state)
+        return state
 
-    def answer(self, batch, r, g) -> Answer:
-        span = batch.span_mask[r, :batch.lengths[r]]
-        gaps = int(span[:batch.ends[r]].sum())
-        region = batch.lengths[r] - batch.ends[r]
+    def end(self, handle, outcome, event):
+        self.running.remove(handle)
+        with self.lock:
+            self.counts[outcome] += 1
+        handle.publish(event)
+
+    def count_rows(self, state):
+        with self.lock:
+            self.counts["active_rows"] = len(state.keys) if state is not None else 0
+
+    def guide(self, logits, state):
+        """Reward guidance for `step`: the rows that ask for it, grouped by (eta, guidance_steps, tau),
+        each group guided by sample.reward_guide as one batch of sample.run is; the other rows keep
+        their logits. logits (B, L, V) -> (B, L, V), fp32 as reward guidance gives it."""
+        groups = collections.defaultdict(list)  # (eta, guidance_steps, tau) -> the batch's rows that use them
+        for b, (handle, _) in enumerate(state.keys):
+            if handle.guided is not None:
+                groups[handle.guided].append(b)
+        for rows in groups.values():
+            logits = logits.float()  # a no-op for fp32 logits
+            group = types.SimpleNamespace(ids=state.ids[rows], span_mask=state.span_mask[rows],
+                                          lengths=[state.lengths[b] for b in rows])  # what the guide reads
+            s = state.keys[rows[0]][0].settings
+            guide = sample.reward_guide(self.reward_model, s, group.ids.numel(), self.model.args.vocab_size,
+                                        self.device)
+            logits[rows] = guide(logits[rows], group)
+        return logits
+
+    def on_step(self, state):
+        """After each step, before finished rows leave: a Step event for each request that streams the
+        diffusion, every `every` of its steps and at its last."""
+        streaming = collections.defaultdict(list)  # handle -> [(its row's place in the batch, its row)]
+        for b, (handle, r) in enumerate(state.keys):
+            if handle.every:
+                streaming[handle].append((b, r))
+        for handle, rows in streaming.items():
+            n, steps = state.taken[rows[0][0]], handle.settings.steps
+            if n % handle.every == 0 or n == steps:
+                handle.publish(Step(n, steps, [self.draft(handle.batch, r, state, b) for b, r in rows]))
+
+    def draft(self, batch, r, state, b):
+        """Row r of a request, row b of the batch -> its Draft: the answer if it stopped here."""
+        n, end = batch.lengths[r], batch.ends[r]
+        row, span = state.best[b, :n].tolist(), batch.span_mask[r, :n].tolist()
+        g = decode_row(self.tok, batch.prompts[r], row, span, end)
+        where = answer_positions(row, span, end, self.tok.eos_id, self.tok.pad_id)
+        conf = views.confidence(state.logits[b:b + 1, :n])[0].tolist()  # (n,) top-1 probability
+        return Draft(r, g.text, g.tokens, [round(conf[i], 4) for i in where])
+
+    def answer(self, batch, r, tokens, steps_used) -> Answer:
+        """Row r of a request, finished: tokens (L,) as sample.step returns them -> its Answer, decoded as
+        sample.run decodes a row."""
+        n, end = batch.lengths[r], batch.ends[r]
+        span = batch.span_mask[r, :n]
+        g = decode_row(self.tok, batch.prompts[r], tokens[:n].tolist(), span.tolist(), end)
+        gaps, region = int(span[:end].sum()), n - end
         ended = region == 0 or len(g.tokens) - gaps < region  # gaps only, or the region was cut short
-        return Answer(g.text, g.tokens, int((~span).sum()), ended, g.steps_used)
+        return Answer(g.text, g.tokens, int((~span).sum()), ended, steps_used)
+
+
+def trim(state):
+    """The padding no row needs any more (the longest rows left) goes: each row computes as it did,
+    on fewer positions. Every tensor of a Denoising is (B, L, ...), as sample.join pads them."""
+    L = max(state.lengths)
+    if L < state.ids.shape[1]:
+        for f in dataclasses.fields(state):
+            x = getattr(state, f.name)
+            if isinstance(x, torch.Tensor):
+                setattr(state, f.name, x[:, :L].contiguous())
+    return state
 
 
 def answer_positions(row, span, end, eos, pad):
@@ -209,122 +285,31 @@ def answer_positions(row, span, end, eos, pad):
 
 
 # -----------------------------------------------------------------------------
-# HTTP: OpenAI's endpoints, /health and the page
-
-
-class Api:
-    """The HTTP side over one Engine: OpenAI's endpoints, /health and the page. name: the model's id,
-    the only one a request may ask for (compared as a string, never opened)."""
-
-    def __init__(self, engine: Engine, name: str, api_key=None, page=""):
-        self.engine, self.name, self.api_key, self.page = engine, name, api_key, page
-        self.defaults = engine.settings()
-
-    def app(self):
-        routes = [Route("/", self.index), Route("/health", self.health), Route("/v1/models", self.models),
-                  Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                  Route("/v1/completions", self.completion, methods=["POST"])]
-        return Starlette(routes=routes, lifespan=self.lifespan,
-                         exception_handlers={ApiError: self.error, HTTPException: self.error, Exception: self.error})
-
-    @asynccontextmanager
-    async def lifespan(self, app):
-        yield
-        self.engine.stop()  # after the drain (Server.shutdown): nothing runs any more
-        await asyncio.to_thread(self.engine.thread.join)
-
-    def authorize(self, request):
-        given = request.headers.get("authorization", "").encode()
-        if self.api_key and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
-                           type="authentication_error", code="invalid_api_key")
-
-    async def chat(self, request):
-        return await self.complete(request, "chat")
-
-    async def completion(self, request):
-        return await self.complete(request, "completion")
-
-    async def complete(self, request, kind):
-        self.authorize(request)
-        engine, name = self.engine, self.name
-        req = parse_request(parse_json(await read_body(request)), kind, name, engine.model.args.max_length,
-                            engine.max_batch, engine.reward_model is not None, self.defaults.chat)
-        try:
-            handle = engine.submit(req.prompts, engine.settings(chat=False, **req.overrides), req.every)
-        except ValueError as e:
-            message = api_words(str(e))
-            raise ApiError(400, message, "max_tokens" if "max_tokens" in message else None) from None
-        except Busy as e:
-            raise ApiError(e.status, str(e), type="server_busy" if e.status == 429 else "server_error") from None
-        events, rid = watched(request, engine, handle), new_id(kind)
-        if req.stream:
-            return StreamingResponse(stream_events(events, req, rid, name, engine.tok), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for event in events:
-            pass
-        if isinstance(event, Failed):
-            raise ApiError(event.status, event.message, type="server_error")
-        choices, usage = final_choices(kind, event.answers, req.stop)
-        return JSONResponse({**envelope(kind, rid, name), "choices": choices, "usage": usage})
-
-    async def index(self, request):
-        return HTMLResponse(self.page)
-
-    async def health(self, request):
-        d = self.defaults
-        return JSONResponse({"status": "ok", "model": self.name, "reward_model": self.engine.reward_model is not None,
-                             "auth": bool(self.api_key), "max_length": self.engine.model.args.max_length,
-                             "defaults": {"steps": d.steps, "top_p": d.top_p, "total_length": d.total_length},
-                             **self.engine.health()})
-
-    async def models(self, request):
-        self.authorize(request)
-        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
-                                                         "owned_by": "tess2"}]})
-
-    async def error(self, request, e):
-        if isinstance(e, HTTPException):
-            e = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
-        elif not isinstance(e, ApiError):
-            traceback.print_exception(e)
-            e = ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
-        return JSONResponse(e.body(), e.status, headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
-
-
-# -----------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0].strip())
     arg = p.add_argument
     arg("--model", default=sample.DEFAULT_MODEL, help="diffusion model: checkpoint directory or Hub id "
         f"(default: {sample.DEFAULT_MODEL} of this repository)")
     arg("--reward-model", help="reward model for guidance (requests then may set eta; default eta 0.25)")
     arg("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    arg("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
+    arg("--port", type=number(int, lo=0, hi=65535), default=8000, help="port (default 8000; 0: any free one, printed at start)")
     arg("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: no key)")
-    arg("--max-batch", type=int, default=8, help="rows the engine runs at once; a request's n fits in it")
-    arg("--max-queue", type=int, default=64, help="requests waiting to run; beyond it a request gets 429")
-    arg("--drain", type=float, default=30.0, help="on SIGTERM, seconds given to accepted requests, then a 503")
+    arg("--max-batch", type=number(int, lo=1), default=8, help="rows in the running batch (a request's prompts x n fit in it); a "
+        "request waits in the queue until its rows fit")
+    arg("--max-queue", type=number(int, lo=0), default=64, help="requests waiting for room in the batch; beyond it, a 429")
+    arg("--drain", type=number(float, lo=0), default=30.0, help="on SIGTERM, seconds given to accepted requests, then a 503")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     arg("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, float32 on cpu")
-    arg("--threads", type=int, help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
+    arg("--threads", type=number(int, lo=1), help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
     return p.parse_args(argv)
 
 
 def check_args(a):
-    for flag, value, low in (("--port", a.port, 0), ("--max-batch", a.max_batch, 1), ("--max-queue", a.max_queue, 0),
-                             ("--threads", a.threads, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{flag} must be at least {low}, got {value}")
-    if a.port > 65535:
-        raise ValueError(f"--port must be at most 65535, got {a.port}")
     if a.api_key is not None and not a.api_key.strip():
         raise ValueError("--api-key is empty: pass a key, or leave the flag out to serve without one")
-    if not a.drain >= 0:
-        raise ValueError(f"--drain must be a number of seconds >= 0, got {a.drain}")
 
 
 def load(a):

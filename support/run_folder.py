@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from data.shards import check_tokenizer
 from model import ModelArgs, Transformer
+from support import lora
 from support.cli import atomic_write
 from support.hub import read_config, resolve
 from support.tokenizer import Tokenizer, tokenizer_paths
@@ -324,7 +325,8 @@ def checkpoint_files(args, meta, init_tokenizer):
 # flags that change what a run computes: a --resume must repeat them (--micro-batch-size, --fsdp and
 # the logging flags do not change a step)
 RUN_FLAGS = ("stage", "seq_len", "batch_size", "max_steps", "lr", "schedule", "warmup_steps", "weight_decay",
-             "adam_betas", "grad_clip", "loss_weighting", "ul2_prefix", "overfit", "seed")
+             "adam_betas", "grad_clip", "loss_weighting", "ul2_prefix", "overfit", "seed",
+             "lora", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def dataset_identity(path, ds):
@@ -359,17 +361,21 @@ def train_state(args, step, num_examples, identity):
 
 
 def save_checkpoint(args, step, objective, net, opt, files, rank):
-    """All ranks gather the full state; rank 0 writes it (atomically: model.save_pretrained)."""
+    """All ranks gather the full state; rank 0 writes it (atomically: model.save_pretrained). A LoRA
+    run gathers and writes its adapters only (PEFT's layout) and their AdamW state."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (FSDP)
-    state = get_model_state_dict(objective, options=opts)
+    state = lora.adapter_state(net) if hasattr(net, "adapter") else get_model_state_dict(objective, options=opts)
     optim = get_optimizer_state_dict(objective, opt, options=opts)
     if rank == 0:
-        with torch.device("meta"):
-            full = Transformer(net.args)
-        full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
         final = os.path.join(args.out, f"step-{step:07d}")  # replaced whole if a --resume saves it again
-        state = {"step": step, "optimizer": optim, "args": vars(args)}
-        full.save_pretrained(final, extra_files={**files, "train_state.pt": state})
+        extra = {**files, "train_state.pt": {"step": step, "optimizer": optim, "args": vars(args)}}
+        if hasattr(net, "adapter"):
+            lora.save_adapter(net, final, extra_files=extra, state=state)
+        else:
+            with torch.device("meta"):
+                full = Transformer(net.args)
+            full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
+            full.save_pretrained(final, extra_files=extra)
         prune(args.out, args.keep_last)
         print(f"saved {final}", flush=True)
     if dist.is_initialized():
@@ -406,12 +412,15 @@ def grow_vocab(net, vocab_size):
             net.lm_head.weight = net.model.embed_tokens.weight
 
 
-def load_model(init, meta, overrides, device, sharded):
+def load_model(init, meta, overrides, device, sharded, lora_run=False):
     """(net, tokenizer source) from a checkpoint (Hub id or folder) with the architecture `overrides`
     (model.ModelArgs fields), checked against the data's tokenizer; a checkpoint one [PAD] short gets
     its row (grow_vocab). sharded (FSDP2): the model is returned on the meta device, with
-    net.checkpoint set for train.wrap to read each rank's shards from."""
+    net.checkpoint set for train.wrap to read each rank's shards from. A LoRA adapter folder comes
+    with its adapters for a LoRA run (lora_run), and merged into its base for full training."""
     path = resolve(init)
+    if lora.is_adapter(path):
+        return _load_adapter(path, meta, overrides, device, sharded, lora_run)
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
     if has_tokenizer:
         check_tokenizer(meta, path)  # same id -> token table as the data ([PAD] added if missing)
@@ -431,3 +440,25 @@ def load_model(init, meta, overrides, device, sharded):
               flush=True)
     check_tokenizer(meta, net.args.vocab_size)
     return net, path if has_tokenizer else None
+
+
+def _load_adapter(path, meta, overrides, device, sharded, lora_run):
+    """load_model of a LoRA adapter folder (it holds config.json and the tokenizer, as any checkpoint)."""
+    check_tokenizer(meta, path)
+    if not sharded:
+        net = Transformer.from_pretrained(path, dtype=torch.float32, device=device,
+                                          verbose=int(os.environ.get("RANK", 0)) == 0, **overrides)
+    else:  # on the meta device with its adapters; load_sharded reads the base's shards and the adapter's
+        with torch.device("meta"):
+            net = Transformer(ModelArgs.from_hf(read_config(path), **overrides))
+        ad = lora.read_adapter_config(path)
+        lora.apply_lora(net, ad["base_model_name_or_path"], ad["r"], ad["lora_alpha"], ad["lora_dropout"],
+                        ad["target_modules"], ad["trainable_token_indices"])
+        net.checkpoint = path
+    if not lora_run:
+        if sharded:
+            raise ValueError(f"{path} is a LoRA adapter: to train all weights under --fsdp, merge it first "
+                             f"(python -m support.lora merge {path} MERGED) and pass --init MERGED")
+        return lora.merge(net), path
+    check_tokenizer(meta, net.args.vocab_size)
+    return net, path

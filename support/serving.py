@@ -1,17 +1,26 @@
 """
 serve.py's HTTP side that a student may skip: the events the Engine publishes for a request,
-OpenAI's request bodies read and checked, chats rendered in the Tulu template, and answers written
-back as OpenAI's JSON and Server-Sent Events. Nothing here touches the model; serve.py's Engine does.
+OpenAI's request bodies read and checked, chats rendered in the Tulu template, answers written back
+as OpenAI's JSON and Server-Sent Events, and Api, the Starlette app over an Engine (OpenAI's
+endpoints, /health and the page). Nothing here touches the model; serve.py's Engine does.
 
 Every mistake in a request is an ApiError, answered in OpenAI's error format
 {"error": {"message", "type", "param", "code"}}.
 """
 import asyncio
+import hmac
 import json
 import math
 import time
+import traceback
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 import data.chat
 from support import views
@@ -30,6 +39,14 @@ class ApiError(Exception):
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Busy(Exception):
+    """The engine cannot take a request now: 429 (its queue is full) or 503 (it is shutting down)."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -395,3 +412,87 @@ async def stream_events(events, req, rid, name, tok):
                 if req.include_usage:
                     yield sse({**head(), "choices": [], "usage": usage})
     yield SSE_DONE
+
+
+# -----------------------------------------------------------------------------
+# The app: OpenAI's endpoints, /health and the page, over serve.py's Engine
+
+
+class Api:
+    """The HTTP side over one Engine: OpenAI's endpoints, /health and the page. name: the model's id,
+    the only one a request may ask for (compared as a string, never opened)."""
+
+    def __init__(self, engine, name: str, api_key=None, page=""):
+        self.engine, self.name, self.api_key, self.page = engine, name, api_key, page
+        self.defaults = engine.settings()
+
+    def app(self):
+        routes = [Route("/", self.index), Route("/health", self.health), Route("/v1/models", self.models),
+                  Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                  Route("/v1/completions", self.completion, methods=["POST"])]
+        return Starlette(routes=routes, lifespan=self.lifespan,
+                         exception_handlers={ApiError: self.error, HTTPException: self.error, Exception: self.error})
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        yield
+        self.engine.stop()  # after the drain (Server.shutdown): nothing runs any more
+        await asyncio.to_thread(self.engine.thread.join)
+
+    def authorize(self, request):
+        given = request.headers.get("authorization", "").encode()
+        if self.api_key and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def chat(self, request):
+        return await self.complete(request, "chat")
+
+    async def completion(self, request):
+        return await self.complete(request, "completion")
+
+    async def complete(self, request, kind):
+        self.authorize(request)
+        engine, name = self.engine, self.name
+        req = parse_request(parse_json(await read_body(request)), kind, name, engine.model.args.max_length,
+                            engine.max_batch, engine.reward_model is not None, self.defaults.chat)
+        try:
+            handle = engine.submit(req.prompts, engine.settings(chat=False, **req.overrides), req.every)
+        except ValueError as e:
+            message = api_words(str(e))
+            raise ApiError(400, message, "max_tokens" if "max_tokens" in message else None) from None
+        except Busy as e:
+            raise ApiError(e.status, str(e), type="server_busy" if e.status == 429 else "server_error") from None
+        events, rid = watched(request, engine, handle), new_id(kind)
+        if req.stream:
+            return StreamingResponse(stream_events(events, req, rid, name, engine.tok), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async for event in events:
+            pass
+        if isinstance(event, Failed):
+            raise ApiError(event.status, event.message, type="server_error")
+        choices, usage = final_choices(kind, event.answers, req.stop)
+        return JSONResponse({**envelope(kind, rid, name), "choices": choices, "usage": usage})
+
+    async def index(self, request):
+        return HTMLResponse(self.page)
+
+    async def health(self, request):
+        d = self.defaults
+        return JSONResponse({"status": "ok", "model": self.name, "reward_model": self.engine.reward_model is not None,
+                             "auth": bool(self.api_key), "max_length": self.engine.model.args.max_length,
+                             "defaults": {"steps": d.steps, "top_p": d.top_p, "total_length": d.total_length},
+                             **self.engine.health()})
+
+    async def models(self, request):
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
+                                                         "owned_by": "tess2"}]})
+
+    async def error(self, request, e):
+        if isinstance(e, HTTPException):
+            e = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+        elif not isinstance(e, ApiError):
+            traceback.print_exception(e)
+            e = ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
+        return JSONResponse(e.body(), e.status, headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)

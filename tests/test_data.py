@@ -136,6 +136,55 @@ def test_sample_order_is_a_pure_function_of_index_and_seed():
     assert not np.array_equal(whole, sample_positions(range(0, 50), 17, seed=2))
 
 
+def test_data_order_is_numpys_permutation_seeded_by_seed_and_epoch():
+    """Index i reads example perm[i % n] of perm = default_rng([seed, epoch = i // n]).permutation(n),
+    restated here, for several (n, seed); the order repeats, and differs between epochs and seeds."""
+    for n, seed in [(1, 0), (7, 0), (17, 1), (17, 2**40), (100, 3)]:
+        perm = [np.random.default_rng([seed, epoch]).permutation(n) for epoch in range(3)]
+        indices = list(range(3 * n))
+        want = [perm[i // n][i % n] for i in indices]
+        assert sample_positions(indices, n, seed).tolist() == want, (n, seed)
+        assert sample_positions(indices[::-1], n, seed).tolist() == want[::-1]  # each index on its own
+        if n > 2:
+            assert not np.array_equal(perm[0], perm[1]) and not np.array_equal(perm[1], perm[2]), (n, seed)
+            other = np.random.default_rng([seed + 1, 0]).permutation(n)
+            assert not np.array_equal(sample_positions(range(n), n, seed + 1), perm[0])
+            assert sample_positions(range(n), n, seed + 1).tolist() == other.tolist()
+
+
+def test_a_batch_of_tokens_spans_or_pairs_is_each_sampled_example_laid_out(tmp_path):
+    """batch(indices) of a tokens, a spans and a pairs dataset of items of different lengths: row r is
+    example perm[index_r] (data order restated): window k = stream[9k : 9k + 9] of the token stream
+    (documents and shards cut anywhere), or the example laid out by span_row / pair_row."""
+    docs = [[1, 5, 2], [1] + list(range(10, 30)) + [2], [1, 7, 7, 2], [1] + list(range(40, 54)) + [2]]
+    write_tokens(tmp_path / "tokens", docs, fake_meta(1000), shard_tokens=10)
+    stream = [t for doc in docs for t in doc]  # 45 tokens: 5 windows of 9
+    windows = [stream[9 * k:9 * k + 9] for k in range(5)]
+    spans = [([1, 5, 2], 1), ([1, 5, 6, 7, 8, 9, 2], 3), ([1, 5, 6, 2, 5, 7, 8, 2], [False, False, True, True,
+             False, False, True, True]), ([1, 9, 9, 9, 2], 4), ([1] + list(range(10, 30)) + [2], 6)]
+    write_spans(tmp_path / "spans", spans, fake_meta(1000, pad_id=999))
+    pairs = [([1, 5, 2], [1, 5, 6, 7, 2], 2), ([1, 5, 6, 7, 8, 2], [1, 5, 6, 2], 3), ([1, 9, 2], [1, 8, 2], 1),
+             ([1] + list(range(10, 25)) + [2], [1, 10, 2], 2)]
+    write_pairs(tmp_path / "pairs", pairs, fake_meta(1000, pad_id=999))
+    indices = [0, 3, 4, 6, 7, 9]  # across two epochs of each
+    for kind, items in (("tokens", windows), ("spans", spans), ("pairs", pairs)):
+        n, ds = len(items), open_dataset(tmp_path / kind)
+        order = [np.random.default_rng([7, i // n]).permutation(n)[i % n] for i in indices]
+        got = ds.batch(indices, 9, seed=7)
+        for r, e in enumerate(order):
+            if kind == "tokens":
+                assert got["ids"][r].tolist() == windows[e], (r, e)
+            elif kind == "spans":
+                ids, span = items[e]
+                mask = span if isinstance(span, list) else [j >= span for j in range(len(ids))]
+                assert (got["ids"][r].tolist(), got["span_mask"][r].tolist()) == span_row(ids, mask, 9, 999), (r, e)
+            else:
+                chosen, rejected, prompt_len = items[e]
+                for side, ids in (("chosen", chosen), ("rejected", rejected)):
+                    row, last = pair_row(ids, prompt_len, 9, 999)
+                    assert (got[side][r].tolist(), int(got[side + "_last"][r])) == (row, last), (r, e, side)
+
+
 def test_two_ranks_partition_the_one_process_global_batch():
     gb, mb = 8, 2
     for step in range(3):

@@ -15,6 +15,7 @@ from data.chat import encode_prompt, format_prompt
 from data.shards import open_dataset
 from support.cli import OutputFolder, run_cli
 from support.tokenizer import Tokenizer
+from test_checkpoint import interrupt_at
 from test_data import SENTENCES, bpe_dir  # noqa: F401 (bpe_dir is a fixture)
 
 
@@ -438,3 +439,85 @@ def test_shakespeare_uses_a_tokenizer_put_into_out_by_hand(inputs, tmp_path):
                       "--vocab-size", "400"])
     assert (out / "tokenizer.json").read_bytes() == own
     assert open_dataset(out / "train").meta["vocab_size"] == Tokenizer(inputs["tok"]).vocab_size
+
+
+# ----------------------------------------------------------------------------- every example reads back
+
+def test_every_chat_and_pair_a_prepare_writes_reads_back_as_its_template(tmp_path, bpe_dir):
+    """data.tulu on chats of 1, 2 and 3 exchanges (one with a system turn) and data.preferences on pairs
+    of different lengths: example i read back is record i's template through the raw tokenizer, its
+    span the tokens of each reply and its EOS, found as the lengths of the template's prefixes."""
+    tok = Tokenizer(bpe_dir)
+    length = lambda text: len(tok.tokenizer.encode(text, add_special_tokens=False).ids)  # noqa: E731
+    turns = [[("user", "Hello world?"), ("assistant", "Fine.")],
+             [("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4, I think."),
+              ("user", "And you?"), ("assistant", "Fine, thanks! And you?")],
+             [("user", "x"), ("assistant", "To be, or not to be: that is the question."), ("user", "Again?"),
+              ("assistant", "No."), ("user", "Why?"), ("assistant", "Hello!")]]
+    src = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": r, "content": c} for r, c in chat]}
+                                                  for chat in turns])
+    tulu.main(tulu_args(bpe_dir, src, tmp_path / "sft"))
+    ds = open_dataset(tmp_path / "sft")
+    assert ds.num_examples() == 3
+    for i, chat in enumerate(turns):
+        text, span = "<s>", []
+        for role, content in chat:
+            text += f"<|{role}|>\n{content}\n" if role != "assistant" else f"<|assistant|>\n"
+            if role == "assistant":
+                start = length(text)
+                text += f"{content}</s>"
+                span += range(start, length(text))
+                text += "\n"
+        text = text[:-1]  # no newline after the last EOS
+        ids, mask = ds.example(i)
+        assert ids.tolist() == tok.tokenizer.encode(text, add_special_tokens=False).ids, i
+        assert [j for j, m in enumerate(mask.tolist()) if m] == list(span), i
+
+    records = [("Say hello", "Hello world!", "Go away."), ("What is 2+2?", "4", "To be, or not to be: that is it."),
+               ("x", "Fine, thanks! And you?", "No.")]
+    src = _write_jsonl(tmp_path / "prefs.jsonl", [dict(prompt=p, chosen=c, rejected=r) for p, c, r in records])
+    preferences.main(["--tokenizer", str(bpe_dir), "--input", str(src), "--out", str(tmp_path / "rm")])
+    ds = open_dataset(tmp_path / "rm")
+    assert ds.num_examples() == 3
+    for i, (prompt, chosen, rejected) in enumerate(records):
+        context = f"<s><|user|>\n{prompt}\n<|assistant|>\n"
+        got_chosen, got_rejected, prompt_len = ds.pair(i)
+        assert got_chosen.tolist() == tok.tokenizer.encode(context + chosen + "</s>", add_special_tokens=False).ids
+        assert got_rejected.tolist() == tok.tokenizer.encode(context + rejected + "</s>",
+                                                             add_special_tokens=False).ids
+        assert prompt_len == length(context), i
+
+
+# ----------------------------------------------------------------------------- every crash window of a replace
+
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_a_replace_interrupted_at_any_move_leaves_the_old_dataset_or_none_and_a_rerun_mends_it(tmp_path, bpe_dir,
+                                                                                            fault):
+    """A second tulu run into an --out is interrupted at its k-th os.replace, for every k of the run: by
+    an OSError (in this process), or by SIGKILL (a forked copy of this process kills itself there). After
+    each, --out holds the first dataset whole (every file as it was) or no dataset (no meta.json), never
+    a mix, besides a killed run's .tmp-* staging; the next run of the second input writes that dataset,
+    the same as a fresh one's, and removes the staging."""
+    a, b = _write_jsonl(tmp_path / "a.jsonl", chats(5, "alpha")), _write_jsonl(tmp_path / "b.jsonl", chats(2, "beta"))
+    tulu.main(tulu_args(bpe_dir, a, tmp_path / "first"))
+    tulu.main(tulu_args(bpe_dir, b, tmp_path / "fresh"))
+    first, fresh = folder_hash(tmp_path / "first"), folder_hash(tmp_path / "fresh")
+    k, outcomes = 0, set()
+    while True:
+        k += 1
+        out = shutil.copytree(tmp_path / "first", tmp_path / f"out{k}")
+        finished, _ = interrupt_at(k, fault, lambda: tulu.main(tulu_args(bpe_dir, b, out)), [(os, "replace")])
+        if finished:  # the run made fewer than k moves
+            break
+        now = {name: h for name, h in folder_hash(out).items() if not name.startswith(".tmp-")}  # a kill's debris
+        if "meta.json" in now:
+            assert now == first, k
+            outcomes.add("first")
+        else:
+            outcomes.add("none")
+            with pytest.raises(FileNotFoundError, match="did not finish"):
+                open_dataset(out)
+        tulu.main(tulu_args(bpe_dir, b, out))
+        assert folder_hash(out) == fresh, k
+    assert k > 3 and outcomes == {"first", "none"}, (k, outcomes)
+

@@ -1,7 +1,8 @@
 """
 support/fused_loss.py: the span-only training loss is tess2.diffusion_loss, value and gradients,
-whatever its chunk of rows; the chunk is sized for the device, and under autocast each (V, D)
-weight is cast once per call.
+whatever its chunk of rows; both are the loss written out by hand (METHOD.md §1-6), each row with
+or without self-conditioning as its coin says; the chunk is sized for the device, and under
+autocast each (V, D) weight is cast once per call.
 """
 import math
 
@@ -169,3 +170,67 @@ def test_under_autocast_each_weight_is_cast_once_per_call(tied, monkeypatch):
     assert_close(loss, reference, atol=0, rtol=0.02)
     loss.backward()
     assert net.lm_head.weight.grad.dtype == torch.float32 and net.lm_head.weight.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# the per-sequence self-conditioning coin, against the loss written out by hand (METHOD.md §1-6)
+
+
+def loss_by_hand(net, ids, span, t, seed, coin):
+    """One row's mean span cross-entropy, METHOD.md §1-6 written out with the network's pieces only
+    (E, the timestep weight W_t, the transformer trunk, the LM head); nothing of tess2 or fused_loss.
+    ids, span (L,), t an int in [0, T), seed: eps = N(0, I) (L, V) from a generator seeded with it.
+    coin False: prev_logits absent, softmax(prev_logits) = 1/V. coin True: first a pass at
+    t' = min(t + 1, T - 1) with the same eps and no previous prediction; its logits are prev_logits."""
+    V, T, k = net.args.vocab_size, 5000, 5.0
+    L = ids.numel()
+    E, W_t = net.model.embed_tokens.weight.detach(), net.timestep_embed.weight[:, 0]  # (V, D), (D,)
+    eps = torch.randn(L, V, generator=torch.Generator().manual_seed(seed))  # (L, V)
+
+    def logits_at(step, prev_logits):
+        s = step / T  # the scaled time the network is given
+        f = lambda x: math.cos((x + 1e-4) / (1 + 1e-4) * math.pi / 2) ** 2  # noqa: E731
+        alpha = f(s) / f(0.0)
+        S_0 = torch.where(torch.arange(V) == ids[:, None], k, -k)  # (L, V): +k at the token, -k elsewhere
+        S_t = math.sqrt(alpha) * S_0 + math.sqrt(1 - alpha) * k * eps
+        prev = torch.full((L, V), 1.0 / V) if prev_logits is None else torch.softmax(prev_logits, -1)
+        p = (torch.softmax(S_t, -1) + prev) / 2  # (L, V), Eq. 8
+        h = torch.where(span[:, None], p @ E + W_t * s, E[ids])  # (L, D): span p @ E + W_t t/T, context E[w]
+        hidden = net.hidden_states(embeds=h[None])[0]  # (L, D), bidirectional
+        out = torch.zeros(L, V)
+        out[1:] = net.lm_head(hidden[:-1])  # logits[j] from the state at j - 1; logits[0] = 0
+        return out
+
+    with torch.no_grad():
+        prev = logits_at(min(t + 1, T - 1), None) if coin else None
+    logits = logits_at(t, prev)
+    j = [i for i in range(1, L) if span[i]]  # the targets: span positions j >= 1
+    return sum(-torch.log_softmax(logits[i], -1)[ids[i]] for i in j) / len(j)
+
+
+def test_a_rows_coin_decides_its_loss_as_written_out_by_hand(monkeypatch):
+    """Row b with coin False has the one-pass loss (prev_logits = 0, uniform), with coin True the
+    two-pass loss (prev_logits = the t+1 prediction), whatever the other rows' coins: fused_loss
+    (in chunks) and tess2.diffusion_loss, each against loss_by_hand. E and the LM head are scaled up
+    so that the previous prediction is far from uniform and moves the input: the two losses of each
+    row differ by over 30x the tolerance (row 2, one target at t = 4999, the least)."""
+    net, ids, span, t, seeds = tiny_batch()
+    with torch.no_grad():
+        net.lm_head.weight.mul_(30.0)
+        net.model.embed_tokens.weight.mul_(30.0)
+    by_hand = {(b, coin): loss_by_hand(net, ids[b], span[b], int(t[b]), seeds[b], coin)
+               for b in range(3) for coin in (False, True)}
+    for b in range(3):
+        assert (by_hand[b, True] - by_hand[b, False]).abs() > 2e-3, b
+    chunks_of(monkeypatch, 4)
+    for coins in ([True, False, True], [False, True, False], [False] * 3, [True] * 3):
+        coin = torch.tensor(coins)
+        with torch.no_grad():
+            sums, counts = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, 12, 61),
+                                                self_condition=coin, reduction="none")
+        for b in range(3):
+            expected = by_hand[b, coins[b]]
+            assert_close(sums[b] / counts[b], expected, **TIGHT, msg=f"tess2 row {b}, coins {coins}")
+            only_b = (torch.arange(3) == b).float() / counts[b]  # weights: row b's mean alone
+            fused = fused_loss.diffusion_loss(net, ids, span, t, seeds, coin, only_b)
+            assert_close(fused, expected, **TIGHT, msg=f"fused row {b}, coins {coins}")

@@ -41,7 +41,7 @@ def table(md, heading):
 @pytest.mark.slow
 def test_the_whole_sequence_runs_at_smoke_size_and_writes_every_table(tmp_path):
     """ar -> adapt (and from scratch) -> sft -> rm -> measurements, a few steps each, on a fabricated
-    corpus: results.md holds every table a reader of the README compares with the paper, with a
+    corpus: results.md holds every table a reader of docs/miniature.md compares with the paper, with a
     number in every cell, and the shipped-format model samples."""
     fabricated_sdist(tmp_path / "sdist")
     out = tmp_path / "mini"

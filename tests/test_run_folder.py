@@ -4,6 +4,7 @@ interruption (a kill at any moment, SIGTERM, a dead torchrun launcher), --resume
 checkpoint with one coherent log, checkpoints in Hugging Face layout, and the model a run starts
 from (a grown [PAD] row, FSDP2 ranks reading only their shards). Runs are tests/train_runs.py's.
 """
+import copy
 import json
 import os
 import random
@@ -16,7 +17,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import train
+from data.shards import open_dataset
 from model import Transformer, preset
+from support import lora, run_folder
+from support.run_folder import append_log, cut_log
 from support.tokenizer import Tokenizer as ModelTokenizer
 from train_runs import (ROOT, assert_same_weights, flags, losses, make_datasets, make_tokenizer, no_checkpoint,
                         read_log, read_text, run, weights)
@@ -319,3 +324,78 @@ def test_killed_at_random_moments_and_resumed_it_is_the_unbroken_run(data, tmp_p
     log = read_log(out)
     assert [[r[k] for k in keys] for r in log["train"]] == [[r[k] for k in keys] for r in whole["train"]]
     assert log["val"] == whole["val"]
+
+
+# -----------------------------------------------------------------------------
+# what the run folder holds, read back item by item
+
+
+def test_log_jsonl_cut_back_to_a_step_keeps_each_record_as_written(tmp_path, capsys):
+    """append_log writes records of different lengths (train and val records, one with a long field) one
+    JSON line each, only on rank 0; cut_log(step) keeps exactly the lines of records up to that step, in
+    order, byte for byte, for every step; a torn last line is dropped."""
+    records = [dict(step=1, loss=2.5, lr=1e-3, grad_norm=0.5, tokens_per_s=100.0, mem_gb=0.125),
+               dict(step=2, loss=2.25, lr=2e-3, grad_norm=0.25, tokens_per_s=101.5, mem_gb=0.125),
+               dict(step=2, val_loss=3.0625), dict(step=3, loss=1.0, note="x" * 300), dict(step=4, loss=0.5),
+               dict(step=4, val_loss=1.5)]
+    for r in records:
+        append_log(str(tmp_path), r, 0)
+        append_log(str(tmp_path), dict(step=99, loss=0.0), 1)  # another rank writes nothing
+    path = tmp_path / "log.jsonl"
+    written = path.read_text()
+    assert written.splitlines() == [json.dumps(r) for r in records]
+    assert [json.loads(line) for line in written.splitlines()] == records
+    for step in range(6):
+        path.write_text(written + '{"step": 5, "lo' * (step == 5))  # step 5: with a torn last line
+        cut_log(str(path), step)
+        kept = [r for r in records if r["step"] <= step]
+        assert path.read_text() == "".join(json.dumps(r) + "\n" for r in kept), step
+        assert [json.loads(line) for line in path.read_text().splitlines()] == kept
+    assert "dropped a torn last line" in capsys.readouterr().out
+
+
+def test_train_state_and_weights_read_back_as_the_run_had_them(data, tmp_path, monkeypatch):
+    """Each checkpoint of an sft run: train_state.json is the step, the data position, the dataset's
+    identity and the run's flags written out here; from_pretrained gives the weights the run had at
+    that step, and AdamW's state read back with run_folder.load_optimizer is the run's, item by item."""
+    live = {}
+    save = run_folder.save_checkpoint
+
+    def spy(args, step, objective, net, opt, files, rank):  # the run's own state when it saves
+        live[step] = (copy.deepcopy(opt.state_dict()), {k: v.clone() for k, v in net.state_dict().items()})
+        return save(args, step, objective, net, opt, files, rank)
+    monkeypatch.setattr(run_folder, "save_checkpoint", spy)
+    run("sft", data, tmp_path, max_steps=2, save_every=1)
+    meta = open_dataset(data["spans"]).meta
+    args = train.parse_args(flags("sft", data, tmp_path, max_steps=2, save_every=1))
+    assert sorted(live) == [1, 2]
+    for step, (opt_state, net_state) in live.items():
+        folder = tmp_path / f"step-{step:07d}"
+        info = json.loads((folder / "train_state.json").read_text())
+        assert info["step"] == step and info["stage"] == "sft"
+        assert info["data"] == {"samples_seen": 4 * step, "epoch": 4 * step / 24}
+        assert info["dataset"] == {"path": os.path.realpath(data["spans"]), "kind": "spans",
+                                   "vocab_sha256": meta["vocab_sha256"], "num_tokens": meta["num_tokens"],
+                                   "num_examples": 24}
+        assert info["run"] == {"stage": "sft", "seq_len": 24, "batch_size": 4, "max_steps": 2, "lr": 3e-3,
+                               "schedule": "linear", "warmup_steps": 1, "weight_decay": 0.0,
+                               "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "loss_weighting": "sequence",
+                               "ul2_prefix": "released", "overfit": False, "seed": 0, "lora": None, "lora_alpha": None,
+                               "lora_dropout": 0.0, "lora_targets": list(lora.TARGETS)}
+        assert info["args"] == json.loads(json.dumps(vars(args)))
+        state = torch.load(folder / "train_state.pt", weights_only=True)
+        assert state["step"] == step and state["args"] == vars(args)
+        net = Transformer.from_pretrained(str(folder), verbose=False)
+        assert net.state_dict().keys() == net_state.keys()
+        for name, value in net.state_dict().items():
+            assert torch.equal(value, net_state[name]), (step, name)
+        objective, opt = train.wrap(args, net, False, torch.device("cpu"), bf16=False)
+        run_folder.load_optimizer(str(folder), objective, opt, 0, False)
+        got = opt.state_dict()
+        groups = lambda state: [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]  # noqa: E731
+        assert groups(got) == groups(opt_state)  # (the betas come back as a list)
+        assert got["state"].keys() == opt_state["state"].keys() and len(got["state"]) == len(list(net.parameters()))
+        for i, want in opt_state["state"].items():
+            assert want.keys() == got["state"][i].keys()
+            for key, value in want.items():
+                assert torch.equal(got["state"][i][key], value), (step, i, key)

@@ -4,6 +4,7 @@ as a subprocess), driven by the stock `openai` client, by raw HTTP and by a real
 Its answers are checked against sample.py (the command line, and sample.generate in this process).
 Needs requirements-serve.txt (skipped without it).
 """
+import collections
 import http.client
 import json
 import os
@@ -260,8 +261,52 @@ def test_eight_concurrent_clients_each_get_their_sequential_answer(server, clien
     assert got == [oracle([p], seed=10 + j, **QUICK)[0] for j, p in enumerate(prompts)]
 
 
-@pytest.mark.xfail(strict=False, reason="the engine loop runs one request at a time until the step-wise "
-                                        "reverse process lets rows join a running batch")
+def together(server, requests):
+    """Streamed requests [(path, body)] in one batch: the first runs, then the others join it at once.
+    -> per request: (the text of each choice, when its rows joined the batch (its first event), when
+    its answer ended), times from time.monotonic()."""
+    out, running = [None] * len(requests), threading.Event()
+
+    def ask(j):
+        path, body = requests[j]
+        c, r = server.open_stream(path, body)
+        texts, joined = collections.defaultdict(str), None
+        for e in events(r):  # OpenAI's chunks: the first says the rows joined (role, or empty text)
+            joined = joined or time.monotonic()
+            running.set()
+            for choice in e["choices"]:
+                texts[choice["index"]] += choice["text"] if "text" in choice else choice["delta"].get("content", "")
+        c.close()
+        out[j] = ([texts[i] for i in sorted(texts)], joined, time.monotonic())
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    running.wait(60)
+    rest = [threading.Thread(target=ask, args=(j,)) for j in range(1, len(requests))]
+    for t in rest:
+        t.start()
+    for t in [first, *rest]:
+        t.join()
+    return out
+
+
+def test_requests_with_their_own_settings_and_lengths_share_the_batch_and_get_their_sequential_answers(server,
+                                                                                                        oracle):
+    sea, gap = [{"role": "user", "content": "Speak of the sea."}], "To be, or <mask:3> be"
+    requests = [("/v1/completions", {"prompt": "ROMEO.", "steps": 40, "max_tokens": 40, "seed": 1}),  # runs first
+                ("/v1/chat/completions", {"messages": sea, "n": 2, "seed": 4, **QUICK}),
+                ("/v1/completions", {"prompt": gap, "steps": 20, "max_tokens": 8, "argmax": True, "seed": 2}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": BRUTUS}], "steps": 30,
+                                          "total_length": 96, "top_p": 0.5, "early_exit": 3, "seed": 7})]
+    got = together(server, requests)
+    assert [texts for texts, _, _ in got] == [
+        oracle(["ROMEO."], steps=40, max_tokens=40, seed=1, chat=False),
+        oracle(["Speak of the sea."] * 2, seed=4, **QUICK),
+        oracle([gap], steps=20, max_tokens=8, seed=2, chat=False, top_p=None),
+        oracle([BRUTUS], steps=30, max_tokens=None, total_length=96, top_p=0.5, early_exit=3, seed=7)]
+    assert max(joined for _, joined, _ in got[1:]) < got[0][2], "the requests did not run together"
+    assert got[1][2] < got[0][2]  # the short one left the batch before the long one ended
+
+
 def test_a_request_arriving_mid_run_streams_before_the_running_one_ends(server):
     long = {"prompt": "ROMEO.", "steps": 150, "max_tokens": 16, "stream_options": {"diffusion": True, "every": 10}}
     c1, r1 = server.open_stream("/v1/completions", long)
@@ -389,18 +434,25 @@ def test_a_full_queue_answers_429_and_the_queue_empties_as_clients_leave(tmp_pat
 
 
 @pytest.mark.slow
-def test_guided_answers_equal_sample_py_with_the_reward_model(tmp_path, oracle):
+def test_guided_answers_equal_sample_py_with_the_reward_model_whatever_runs_beside_them(tmp_path, oracle):
     rm_path = os.path.join(ROOT, sample.DEFAULT_REWARD_MODEL)
     rm = Transformer.from_pretrained(rm_path, verbose=False).eval()
     s = Server(tmp_path, "--reward-model", rm_path)
     try:
         assert s.health()["reward_model"] is True  # the page then shows its eta control
-        unguided = oracle([BRUTUS], seed=2, **QUICK)[0]
-        for eta in (0.5, None):  # None: sample.py's default with a reward model, 0.25
-            body = {"messages": [{"role": "user", "content": BRUTUS}], "seed": 2, **QUICK}
-            status, got = s.post("/v1/chat/completions", {**body, **({"eta": eta} if eta else {})}, key=None)
-            want = oracle([BRUTUS], seed=2, reward_model=rm, **({"eta": eta} if eta else {}), **QUICK)[0]
-            assert status == 200 and got["choices"][0]["message"]["content"] == want != unguided
+        brutus, sea = [{"role": "user", "content": BRUTUS}], [{"role": "user", "content": "Speak of the sea."}]
+        # guided with eta 0.5 (two requests of other lengths and steps), 0.25 (the default), 0.5 with G = 2,
+        # and unguided (eta 0), all in one batch
+        settings = [dict(eta=0.5, steps=40, max_tokens=24), dict(eta=0.5, steps=12, max_tokens=16), dict(**QUICK),
+                    dict(eta=0.5, guidance_steps=2, **QUICK), dict(eta=0.0, **QUICK)]
+        prompts = [(BRUTUS, brutus), ("Speak of the sea.", sea), (BRUTUS, brutus), (BRUTUS, brutus), (BRUTUS, brutus)]
+        got = together(s, [("/v1/chat/completions", {"messages": messages, "seed": 2, **o})
+                           for (_, messages), o in zip(prompts, settings)])
+        assert max(joined for _, joined, _ in got[1:]) < got[0][2], "the requests did not run together"
+        unguided = oracle([BRUTUS], seed=2, **QUICK)
+        for (prompt, _), o, (texts, _, _) in zip(prompts, settings, got):
+            assert texts == oracle([prompt], seed=2, reward_model=rm, **o), o
+        assert got[2][0] != unguided and got[3][0] != unguided and got[4][0] == unguided
     finally:
         s.close()
 
@@ -414,9 +466,9 @@ def test_sigterm_drains_the_running_request_cancels_the_rest_and_exits_0(tmp_pat
         running = events(r1)
         next(running)
         c2, r2 = s.open_stream("/v1/completions", {"prompt": "ROMEO.", "steps": 10_000, "max_tokens": 16,
-                                                   **diffusion})  # waits, then would run for minutes
+                                                   **diffusion})  # joins the batch, would run for minutes
         deadline = time.time() + 10
-        while s.health()["queued"] < 1 and time.time() < deadline:
+        while s.health()["active_rows"] < 2 and time.time() < deadline:
             time.sleep(0.05)
         s.proc.send_signal(signal.SIGTERM)
         assert list(running)[-1]["object"] == "text_completion"  # drained: its answer arrived
@@ -429,12 +481,19 @@ def test_sigterm_drains_the_running_request_cancels_the_rest_and_exits_0(tmp_pat
 
 
 def test_bad_flags_end_in_one_line_and_status_2(capsys):
-    for argv, words in ((["--max-batch", "0"], "--max-batch must be at least 1"),
+    for argv, words in ((["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+                        (["--max-queue", "-1"], "--max-queue must be 0 or a positive integer, got -1"),
+                        (["--threads", "1e20"], "--threads must be a positive integer below 2**63, got 1e20"),
+                        (["--drain", "nan"], "--drain must be a finite number >= 0, got nan"),
                         (["--api-key", " "], "--api-key is empty"),
                         (["--model", "/nonexistent/checkpoint"], "no checkpoint directory")):
         with pytest.raises(SystemExit) as e:
             serve.run_cli(serve.main, "serve.py", argv + ["--port", str(free_port())])
-        assert e.value.code == 2 and f"serve.py: error: {words}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"serve.py: error: {words}") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:
+        serve.run_cli(serve.main, "serve.py", ["--port", "70000"])
+    assert e.value.code == 2 and "--port must be a whole number in [0, 65535], got 70000" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -139,7 +139,7 @@ def test_adapted_model_grows_pad_and_samples(path):
     """train.py's adapt stage on the converted checkpoint: timestep embedding (0), bidirectional,
     [PAD] grown as the mean row; sample.generate runs on it and is seeded."""
     tok = Tokenizer(path)
-    net, _ = train.build_model(SimpleNamespace(stage="adapt", preset=None, seed=0), tok.meta(), path, "cpu")
+    net, _ = train.build_model(SimpleNamespace(stage="adapt", preset=None, seed=0, lora=None), tok.meta(), path, "cpu")
     net.eval()
     a = net.args
     assert a.timestep_embed and not a.causal and a.vocab_size == 49153 == tok.vocab_size
@@ -188,7 +188,7 @@ def test_init_from_the_hub_id_of_smollm2(path, tmp_path, monkeypatch):
     assert os.path.isdir(resolve(name))
     tok = Tokenizer(name)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 0, 49152, 49153)
-    net, src = train.build_model(SimpleNamespace(stage="adapt", preset=None, seed=0), tok.meta(), name, "cpu")
+    net, src = train.build_model(SimpleNamespace(stage="adapt", preset=None, seed=0, lora=None), tok.meta(), name, "cpu")
     assert net.args.vocab_size == 49153 and net.args.head_dim == 64 and src == resolve(name)
 
 

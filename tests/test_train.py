@@ -3,10 +3,12 @@ train.py: every stage trains, and a step is the same step however it is computed
 
 A step's loss is normalised over the whole global batch and every random draw is keyed by the
 global sample index (or the step), so gradient accumulation, 2 DDP processes, 2 FSDP2 processes
-and a stopped-then-resumed run all reproduce one plain run. Models are model.preset("tiny"),
-datasets a few hundred random tokens written with data.shards (tests/train_runs.py), everything
-on CPU in fp32.
+and a stopped-then-resumed run all reproduce one plain run; each sequence's draws (t and its UL2
+mask, noise, self-conditioning coin) come from three streams restated here from their hash, and
+the coin decides its loss. Models are model.preset("tiny"), datasets a few hundred random tokens
+written with data.shards (tests/train_runs.py), everything on CPU in fp32.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -22,6 +24,7 @@ import train
 from data.shards import open_dataset
 from model import Transformer, preset
 from support.cli import run_cli
+from test_fused_loss import loss_by_hand
 from train_runs import (ROOT, TIGHT, WEIGHTS, assert_same_weights, flags, losses, make_data, make_datasets,
                         no_checkpoint, run, torchrun, weights)
 
@@ -79,6 +82,101 @@ def test_the_seed_reaches_every_draw(data):
         other = draws(seed)
         for key in base:
             assert not torch.equal(other[key], base[key]), (seed, key)
+
+
+# -----------------------------------------------------------------------------
+# the random streams of a sequence, written out: blake2b of "seed,n,stream", stream 0 for t and the
+# UL2 mask (t first), 1 for the noise, 2 for the self-conditioning coin
+
+
+def stream_seed(seed, n, stream):
+    """The 63-bit generator seed of (run seed, global sample index, stream), restated."""
+    digest = hashlib.blake2b(f"{seed},{n},{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def draws_written_out(seed, n, seq_len, prefix="released"):
+    """Sequence n's t, UL2 mask, noise seed and coin, each from its own stream as the docstring above says."""
+    g = torch.Generator().manual_seed(stream_seed(seed, n, 0))
+    t = int(torch.randint(5000, (), generator=g))  # uniform over {0, ..., T-1}, first from stream 0
+    mask = tess2.ul2_mask(seq_len, g, prefix=prefix)  # then the mask, from the same generator
+    coin = bool(torch.rand((), generator=torch.Generator().manual_seed(stream_seed(seed, n, 2))) < 0.5)  # rho = 0.5
+    return dict(t=t, mask=mask, noise_seed=stream_seed(seed, n, 1), coin=coin)
+
+
+SEEDS_AND_INDICES = [(0, 0), (0, 1), (1, 0), (1, 23), (12, 3), (7, 2**40), (2**62, 10**12), (2**63 - 1, 5)]
+
+
+def test_each_stream_seed_is_the_blake2b_of_seed_index_and_stream_and_the_streams_differ():
+    """For several (seed, n), including ones that would collide if the three numbers were run together
+    ("1,23" and "12,3") or packed into 64 bits: train.sample_seed is the restated hash, the three streams
+    of one sequence have three different seeds, and no two (seed, n, stream) of the list share one."""
+    seen = {}
+    for seed, n in SEEDS_AND_INDICES:
+        streams = [train.sample_seed(seed, n, stream) for stream in (0, 1, 2)]
+        assert streams == [stream_seed(seed, n, stream) for stream in (0, 1, 2)], (seed, n)
+        assert all(0 <= s < 2**63 for s in streams)
+        for stream, s in enumerate(streams):
+            assert seen.setdefault(s, (seed, n, stream)) == (seed, n, stream), (seen[s], (seed, n, stream))
+    assert len(seen) == 3 * len(SEEDS_AND_INDICES)
+
+
+def test_make_batch_draws_t_mask_noise_and_coin_each_from_its_own_stream(data):
+    """Each sequence's t, UL2 mask, noise seed and coin are draws_written_out(seed, its index), for
+    several seeds and indices, and the same again on a second call; the coin comes out both ways."""
+    ds = open_dataset(data["tokens"])
+    coins = set()
+    for seed in (0, 5, 2**40):
+        args = train.parse_args(flags("adapt", data, "unused", batch_size=8, seed=seed))
+        keys = [0, 1, 2, 7, 1000, 123456]
+        b = train.make_batch(args, ds, keys)
+        again = train.make_batch(args, ds, keys)
+        for k in ("t", "span_mask", "self_condition"):
+            assert torch.equal(b[k], again[k]), k
+        assert b["noise_seeds"] == again["noise_seeds"]
+        for i, n in enumerate(keys):
+            want = draws_written_out(seed, n, args.seq_len)
+            assert int(b["t"][i]) == want["t"], (seed, n)
+            assert torch.equal(b["span_mask"][i], want["mask"]), (seed, n)
+            assert b["noise_seeds"][i] == want["noise_seed"], (seed, n)
+            assert bool(b["self_condition"][i]) == want["coin"] == train.self_condition_coin(seed, n), (seed, n)
+            coins.add(want["coin"])
+    assert coins == {True, False}
+
+
+def test_the_noise_of_a_sequence_is_not_the_draw_of_its_other_streams():
+    """The noise generator's first N(0, 1) draws differ from what the t/mask stream's and the coin
+    stream's generators would give (streams collapsed into one seed would make them equal)."""
+    for seed, n in SEEDS_AND_INDICES:
+        first = [torch.randn(8, generator=torch.Generator().manual_seed(train.sample_seed(seed, n, stream)))
+                 for stream in (0, 1, 2)]
+        assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2]), (seed, n)
+        assert not torch.equal(first[0], first[2]), (seed, n)
+
+
+def test_a_sequences_coin_decides_its_loss_in_the_objective(data):
+    """train.Objective on make_batch's batch (sequence weighting, before the division by target_count)
+    is the sum over its sequences of loss_by_hand with each one's written-out t, mask, noise and coin:
+    coin True the two-pass loss, False the one-pass one. The batch holds both coins."""
+    args = train.parse_args(flags("adapt", data, "unused", batch_size=8))
+    keys = [0, 1, 2, 3, 4, 5]
+    want = [draws_written_out(args.seed, n, args.seq_len) for n in keys]
+    assert {w["coin"] for w in want} == {True, False}
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=61, **train.STAGES["adapt"]["model"])).init_weights()
+    with torch.no_grad():  # a model whose previous prediction moves its input (see loss_by_hand's test)
+        net.timestep_embed.weight.normal_()
+        net.lm_head.weight.mul_(30.0)
+        net.model.embed_tokens.weight.mul_(30.0)
+    b = train.make_batch(args, open_dataset(data["tokens"]), keys)
+    with torch.no_grad():
+        loss = train.Objective(net, "adapt", "sequence")(b)
+        by_hand = [loss_by_hand(net, b["ids"][i], w["mask"], w["t"], w["noise_seed"], w["coin"])
+                   for i, w in enumerate(want)]
+        flipped = [loss_by_hand(net, b["ids"][i], w["mask"], w["t"], w["noise_seed"], not w["coin"])
+                   for i, w in enumerate(want)]
+    assert_close(loss, sum(by_hand), **TIGHT)
+    assert abs(sum(by_hand) - sum(flipped)) > 1e-2  # the coins matter at this tolerance
 
 
 # -----------------------------------------------------------------------------
