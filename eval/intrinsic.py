@@ -42,7 +42,7 @@ from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store
 from eval.metrics import distinct_n, perplexity, unigram_entropy
 from support.cli import (ArgumentParser, atomic_write, eta_flag, fingerprint, number, read_marker, replace_files,
                          run_cli, seed_flag)
-from support.prompts import given, plan, processes, settings_for
+from support.prompts import Generation, empty_answer, given, plan, processes, settings_for
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -146,29 +146,31 @@ def prepare(a, steps=None, eta=None, guided=False):
                                  dtype=dtype, settings=settings, flags=flags)
 
 
-def produced_by(run) -> dict:
+def produced_by(prepared) -> dict:
     """What a run's results depend on besides the swept values: the checkpoints' files, the prompts,
     every setting, the dtype and the device (the key of its results)."""
-    return dict(model=run.model.identity(), scorer=run.scorer and run.scorer.identity(),
-                reward=run.reward and run.reward.identity(), prompts=run.records,
-                settings=dataclasses.asdict(run.settings), dtype=str(run.dtype), device=run.device.type)
+    p = prepared
+    return dict(model=p.model.identity(), scorer=p.scorer and p.scorer.identity(),
+                reward=p.reward and p.reward.identity(), prompts=p.records, settings=dataclasses.asdict(p.settings),
+                dtype=str(p.dtype), device=p.device.type)
 
 
-def load(run, scorer=True):
+def load(prepared, scorer=True):
     """The weights: (model, reward model or None, scorer or None); the scorer only where it measures
     (the first process of a torchrun)."""
-    model = run.model.load(run.dtype, run.device)
-    reward = run.reward.load(run.dtype, run.device) if run.reward else None
-    return model, reward, run.scorer.load(run.dtype, run.device) if scorer and run.scorer else None
+    p = prepared
+    model = p.model.load(p.dtype, p.device)
+    reward = p.reward.load(p.dtype, p.device) if p.reward else None
+    return model, reward, p.scorer.load(p.dtype, p.device) if scorer and p.scorer else None
 
 
-def answers(run, model, reward, **generate_kwargs) -> list[dict]:
+def answers(prepared, model, reward, **generate_kwargs) -> list[dict]:
     """Every prompt's answer {"text", "tokens"}: batches spread over the processes of a torchrun."""
-    prompts = [r["prompt"] for r in run.records]
+    p = prepared
+    prompts = [r["prompt"] for r in p.records]
     key = lambda j: request_key(j, prompts[j])  # noqa: E731  (an in-memory store: one run's answers)
-    return sample_answers(model, run.model.tokenizer, prompts, run.settings, Store(None), key, "intrinsic",
-                          **run.flags, reward_model=reward, reward_tokenizer=run.reward and run.reward.tokenizer,
-                          **generate_kwargs)
+    return sample_answers(model, p.model.tokenizer, prompts, p.settings, Store(None), key, "intrinsic", **p.flags,
+                          reward_model=reward, reward_tokenizer=p.reward and p.reward.tokenizer, **generate_kwargs)
 
 
 def generations_file(records, texts) -> str:
@@ -181,29 +183,32 @@ def main(argv=None):
     p = ArgumentParser(prog="eval.intrinsic", description=__doc__.split("\n\n")[0])
     common_flags(p)
     p.add_argument("--steps", type=number(int, lo=1), help="diffusion steps (default: the checkpoint's)")
-    p.add_argument("--eta", type=eta_flag, help="reward guidance (needs --reward-model, or the "
-                                                           "shipped one)")
+    p.add_argument("--eta", type=eta_flag, help="reward guidance (needs --reward-model, or the shipped one)")
     a = p.parse_args(argv)
-    run = prepare(a, steps=a.steps, eta=a.eta)
-    key = fingerprint(produced_by(run))
+    prepared = prepare(a, steps=a.steps, eta=a.eta)
+    key = fingerprint(produced_by(prepared))
     earlier = read_marker(a.output, "metrics.json") if os.path.isdir(a.output) else None
     if earlier is not None and earlier.get("fingerprint") == key:  # every process sees the same file
         if processes()[0] == 0:
             print(f"{a.output} holds this run's metrics: nothing to do")
             print(json.dumps({k: v for k, v in earlier.items() if k != "fingerprint"}, indent=2))
         return
-    rank = processes()[0]
+    rank, records = processes()[0], prepared.records
     with output_folder(a.output) as out:
-        model, reward, scorer = load(run, scorer=rank == 0)
-        texts = [x["text"] for x in answers(run, model, reward, steps=a.steps, eta=a.eta)]
+        model, reward, scorer = load(prepared, scorer=rank == 0)
+        made = answers(prepared, model, reward, steps=a.steps, eta=a.eta)
         if rank > 0:
             return
-        metrics = measure(run.records, texts, scorer, run.scorer and run.scorer.tokenizer)
+        if not any(x["text"].strip() for x in made):  # an empty result is no measurement
+            raise ValueError(f"all {len(made)} answers are empty, nothing to measure; the first: "
+                             f"{empty_answer(Generation(records[0]['prompt'], made[0]['text'], made[0]['tokens']))}")
+        texts = [x["text"] for x in made]
+        metrics = measure(records, texts, scorer, prepared.scorer and prepared.scorer.tokenizer)
         staging = out.staging("results")
-        atomic_write(os.path.join(staging, "generations.jsonl"), generations_file(run.records, texts))
+        atomic_write(os.path.join(staging, "generations.jsonl"), generations_file(records, texts))
         atomic_write(os.path.join(staging, "metrics.json"), dict(
-            metrics, model=a.model, scorer=a.scorer, steps=run.settings.steps, eta=a.eta,
-            n=len(run.records), fingerprint=key))
+            metrics, model=a.model, scorer=a.scorer, steps=prepared.settings.steps, eta=a.eta, n=len(records),
+            fingerprint=key))
         replace_files(staging, a.output, "metrics.json", old=["generations.jsonl"])
     print(json.dumps(metrics, indent=2))
 

@@ -103,15 +103,15 @@ def main(argv=None):
     a = parse_args(argv)
     key, values = ("eta", a.eta) if a.eta else ("steps", a.steps)
     steps = a.steps[0] if key == "eta" and a.steps else None  # an eta sweep's steps (None: the checkpoint's)
-    run = prepare(a, steps=steps, guided=key == "eta")
-    fp = fingerprint(dict(key=key, steps=steps), produced_by(run))
+    prepared = prepare(a, steps=steps, guided=key == "eta")
+    fp = fingerprint(dict(key=key, steps=steps), produced_by(prepared))
     rank = processes()[0]
     with output_folder(a.output):
         done = earlier_points(a.output, key, fp, remove=rank == 0) if os.path.isdir(a.output) else {}
-        model, reward, scorer = load(run, scorer=rank == 0)
+        model, reward, scorer = load(prepared, scorer=rank == 0)
         for v in values:
             if v not in done:
-                done[v] = run_point(a, run, key, v, steps, model, reward, scorer)
+                done[v] = run_point(a, prepared, key, v, steps, model, reward, scorer)
                 if rank == 0:
                     atomic_write(os.path.join(a.output, "sweep.json"),
                                  dict(key=key, fingerprint=fp, points=[done[x] for x in values if x in done]))
@@ -124,20 +124,20 @@ def main(argv=None):
     print(table)
 
 
-def run_point(a, run, key, v, steps, model, reward, scorer) -> dict | None:
+def run_point(a, prepared, key, v, steps, model, reward, scorer) -> dict | None:
     """Generates and measures one point of the sweep; its generations go to OUTPUT. Only the process
     that writes measures (the others return None)."""
     n, eta = (v, 0.0) if key == "steps" else (steps, v)  # eta 0, not None: None means 0.25
     t0 = time.perf_counter()
-    made = answers(run, model, reward, steps=n, eta=eta)
+    made = answers(prepared, model, reward, steps=n, eta=eta)
     if processes()[0] > 0:
         return None
-    texts = [x["text"] for x in made]
-    atomic_write(os.path.join(a.output, f"generations_{key}_{v:g}.jsonl"), generations_file(run.records, texts))
-    point = {key: v, **measure(run.records, texts, scorer, run.scorer and run.scorer.tokenizer),
+    texts, records = [x["text"] for x in made], prepared.records
+    atomic_write(os.path.join(a.output, f"generations_{key}_{v:g}.jsonl"), generations_file(records, texts))
+    point = {key: v, **measure(records, texts, scorer, prepared.scorer and prepared.scorer.tokenizer),
              "seconds": time.perf_counter() - t0}
     if reward is not None:
-        point["reward"] = reward_of(reward, run.model.tokenizer, run.records, made, run.settings.chat)
+        point["reward"] = reward_of(reward, prepared.model.tokenizer, records, made, prepared.settings.chat)
     print(json.dumps(point), flush=True)
     return point
 

@@ -219,3 +219,17 @@ def test_the_same_run_again_samples_nothing_and_another_replaces_both_files(inpu
     intrinsic.main(["--prompts", inputs["p"], "--steps", "1", "--length", "3", "--output", str(out)])  # 4 prompts
     texts = [json.loads(line)["text"] for line in (out / "generations.jsonl").read_text().splitlines()]
     assert texts == ["new 0"] * 4 and json.loads((out / "metrics.json").read_text())["n"] == 4
+
+
+def test_answers_all_empty_are_no_measurement(inputs, tmp_path, monkeypatch, capsys):
+    """A model that writes only newlines is said to, and the earlier results stay as they were."""
+    out = shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")
+    before = folder_hash(out)
+    monkeypatch.setattr(sample, "generate", lambda m, t, prompts, **kw: [SimpleNamespace(text="\n\n", tokens=[9, 9])
+                                                                         for _ in prompts])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(intrinsic.main, "eval.intrinsic", ["--prompts", inputs["p"], "--steps", "1", "--output", str(out)])
+    assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (  # after the progress line
+        "eval.intrinsic: error: all 4 answers are empty, nothing to measure; the first: the model produced only "
+        "newlines: 2 tokens, '\\n\\n'")
+    assert folder_hash(out) == before
