@@ -16,11 +16,9 @@ accumulation, N processes under DDP or FSDP give the same step, and --resume con
 with no RNG state to restore. The run folder (checkpoints in Hugging Face layout plus the AdamW
 state, log.jsonl, one trainer at a time, recovery from interruptions) is support/run_folder.py's.
 """
-import argparse
 import hashlib
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass
 
@@ -33,36 +31,33 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tess2
 from data.shards import PairDataset, SpanDataset, TokenDataset, global_indices, open_dataset
-from data.sources import positive
-from model import Transformer, load_sharded, preset
+from model import Transformer, preset
 from support import fused_loss, lora, run_folder
-from support.cli import run_cli
-from support.flops import flops_per_token
-from support.hub import is_hub_id
+from support.cli import ArgumentParser, number, run_cli, seed_flag
 
 # Defaults per stage (each has a flag). adapt: the released run (200k steps, 5000 = 2.5% warm-up
 # steps, then constant). sft/rm: the paper (3% warm-up, linear decay; sft 3 epochs, rm 1 epoch of
 # batch 512); the sft batch is not given in the paper, 128 is Tulu 2's. ar: a usual small-model recipe.
+# data: the dataset kinds a stage trains on; init: the checkpoints it starts from besides scratch
+# (run_folder.checkpoint_kind); model: the architecture it trains, as its checkpoints' config.json says.
 STAGES = {
-    "adapt": dict(kinds=("tokens",), lr=1e-5, schedule="constant", warmup=0.025, batch_size=112, seq_len=2048,
-                  max_steps=200_000, loss_weighting="sequence", model=dict(timestep_embed=True, causal=False)),
-    "sft": dict(kinds=("spans",), lr=1e-5, schedule="linear", warmup=0.03, batch_size=128, seq_len=2048,
-                epochs=3.0, loss_weighting="sequence", model=dict(timestep_embed=True, causal=False)),
-    "rm": dict(kinds=("pairs",), lr=5e-6, schedule="linear", warmup=0.03, batch_size=512, seq_len=2048,
-               epochs=1.0, loss_weighting="sequence", model=dict(head="score", causal=True)),  # per pair
-    "ar": dict(kinds=("tokens", "spans"), lr=3e-4, schedule="cosine", warmup=0.03, batch_size=64, seq_len=1024,
-               max_steps=5000, loss_weighting="token", model=dict()),
+    "adapt": dict(data=("tokens",), init=("lm", "diffusion"), lr=1e-5, schedule="constant", warmup=0.025,
+                  batch_size=112, seq_len=2048, max_steps=200_000, loss_weighting="sequence",
+                  model=dict(timestep_embed=True, causal=False)),
+    "sft": dict(data=("spans",), init=("diffusion",), lr=1e-5, schedule="linear", warmup=0.03, batch_size=128,
+                seq_len=2048, epochs=3.0, loss_weighting="sequence", model=dict(timestep_embed=True, causal=False)),
+    "rm": dict(data=("pairs",), init=("lm", "reward"), lr=5e-6, schedule="linear", warmup=0.03, batch_size=512,
+               seq_len=2048, epochs=1.0, loss_weighting="sequence",  # per pair
+               model=dict(head="score", timestep_embed=False, causal=True)),
+    "ar": dict(data=("tokens", "spans"), init=("lm",), lr=3e-4, schedule="cosine", warmup=0.03, batch_size=64,
+               seq_len=1024, max_steps=5000, loss_weighting="token", model=dict(timestep_embed=False, causal=True)),
 }
-
-def non_negative(x):
-    """An argparse type: an integer >= 0."""
-    if not x.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {x!r}")
-    return int(x)
+positive, non_negative = number(int, lo=1), number(int, lo=0)  # step counts and sizes; counts where 0 is off
+positive_number, fraction = number(float, lo=0, lo_open=True), number(float, lo=0, hi=1, hi_open=True)  # [0, 1)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="train.py", description="Train a TESS 2 stage (adapt, sft, rm) or an AR baseline.")
+    p = ArgumentParser(prog="train.py", description="Train a TESS 2 stage (adapt, sft, rm) or an AR baseline.")
     arg = p.add_argument
     arg("--stage", required=True, choices=STAGES, help="what to train (see the top of train.py)")
     arg("--init", help="Hub id, Hugging Face folder, one of our step-XXXXXXX folders, or 'scratch'")
@@ -73,35 +68,34 @@ def parse_args(argv=None):
     arg("--out", required=True, help="run folder: step-XXXXXXX checkpoints and log.jsonl (one trainer at a time)")
     arg("--resume", nargs="?", const="latest", help="continue from --out's latest checkpoint, or this one")
     arg("--discard-later", action="store_true", help="--resume STEP_DIR: move --out's later checkpoints aside")
-    arg("--fallback", action="store_true", help="--resume: if the latest checkpoint is unreadable, move it "
-        "aside and continue from the latest readable one")
-    arg("--seq-len", type=positive, help="sequence length L (default: per stage)")
+    arg("--fallback", action="store_true", help="--resume: move unreadable latest checkpoints aside, use the last one")
+    arg("--seq-len", type=number(int, lo=2), help="sequence length L: BOS and a target at least (default: per stage)")
     arg("--batch-size", type=positive, help="global batch in sequences, pairs for rm (default: per stage)")
     arg("--micro-batch-size", type=positive, default=1, help="sequences per process and forward pass")
     arg("--max-steps", type=positive, help="optimizer steps in all (default: per stage)")
-    arg("--epochs", type=float, help="set --max-steps from passes over --data")
+    arg("--epochs", type=positive_number, help="set --max-steps from passes over --data")
     arg("--stop-at", type=positive, help="stop (and save) after this step; the LR still follows --max-steps")
-    arg("--lr", type=float, help="peak learning rate (default: per stage)")
+    arg("--lr", type=positive_number, help="peak learning rate (default: per stage)")
     arg("--schedule", choices=("constant", "linear", "cosine"), help="after warm-up (cosine: to lr/10)")
     arg("--warmup-steps", type=non_negative, help="linear warm-up steps (default: 2.5%% of --max-steps, sft/rm/ar 3%%)")
-    arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the matrices")
-    arg("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW beta1 beta2")
-    arg("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this (0: off)")
+    arg("--weight-decay", type=number(float, lo=0), default=0.0, help="AdamW weight decay of the matrices")
+    arg("--adam-betas", type=fraction, nargs=2, default=[0.9, 0.999], help="AdamW beta1 beta2")
+    arg("--grad-clip", type=number(float, lo=0), default=1.0, help="clip the global grad norm to this (0: off)")
     arg("--loss-weighting", choices=("sequence", "token"),
         help="sequence: each sequence's mean CE weighs the same (the released run; adapt, sft default); "
              "token: one mean over all targets of the global batch (ar default)")
     arg("--ul2-prefix", choices=("released", "paper"), default="released",
         help="adapt's prefix-LM objective: random prefix (released code) or half (paper)")
     arg("--overfit", action="store_true", help="train on the first global batch only (debugging)")
-    arg("--seed", type=int, default=0, help="seeds data order, t, noise, masks and a scratch init")
+    arg("--seed", type=seed_flag, default=0, help="seeds data order, t, noise, masks and a scratch init")
     arg("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if present")
     arg("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on CUDA); weights stay fp32")
     arg("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
     arg("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
     arg("--lora", type=positive, help="LoRA rank r: adapters on the frozen --init (support/lora.py); the [PAD] "
         "row, the timestep embedding and a score head train whole; checkpoints in PEFT's layout")
-    arg("--lora-alpha", type=float, help="LoRA alpha: the adapters' update is scaled by alpha / r (default: 2 r)")
-    arg("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (masks depend on how a "
+    arg("--lora-alpha", type=positive_number, help="LoRA alpha: adapters scaled by alpha/r (default: 2 r)")
+    arg("--lora-dropout", type=fraction, default=0.0, help="dropout on the adapters' input (masks depend on how a "
         "batch is split over processes and micro-batches; --resume stays exact)")
     arg("--lora-targets", nargs="+", choices=lora.TARGETS, default=list(lora.TARGETS), metavar="NAME",
         help=f"the block layers that get adapters (default: all, {' '.join(lora.TARGETS)})")
@@ -110,25 +104,18 @@ def parse_args(argv=None):
     arg("--save-every", type=positive, default=1000, help="checkpoint every N steps (and at the end)")
     arg("--keep-last", type=non_negative, default=0, help="keep only the last K checkpoints (0: all)")
     arg("--log-every", type=positive, default=1, help="print a log line every N steps")
-    arg("--peak-tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100 bf16 dense: 989)")
-    args = p.parse_args(argv)
+    arg("--peak-tflops", type=positive_number, default=989.0, help="per-GPU peak for MFU (H100 bf16 dense: 989)")
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args):
+    """The stage's defaults filled in, and mistakes caught before anything is read or written (each
+    message says what to pass instead); returns args."""
     for key in ("lr", "schedule", "batch_size", "seq_len", "loss_weighting"):
         if getattr(args, key) is None:
             setattr(args, key, STAGES[args.stage][key])
     if args.lora and args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """Mistakes caught before anything is read or written; each message says what to pass instead."""
-    if args.seq_len < 2:
-        raise ValueError(f"--seq-len {args.seq_len}: a row needs BOS and at least one target; pass 2 or more")
-    if args.epochs is not None and not args.epochs > 0:
-        raise ValueError(f"--epochs {args.epochs} must be positive")
-    if not (args.lr >= 0 and math.isfinite(args.lr)):
-        raise ValueError(f"--lr {args.lr} must be a finite number >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA device is visible here: pass --device cpu (or auto)")
     if args.fsdp and "RANK" not in os.environ:
@@ -136,10 +123,10 @@ def check_args(args):
     run_folder.check_checkpoint_flags(args.resume, args.init)
     if args.init == "scratch" and args.preset is None:
         raise ValueError("--init scratch needs --preset (e.g. tiny, small)")
-    if not args.lora and (args.lora_alpha is not None or args.lora_dropout):
-        raise ValueError("--lora-alpha and --lora-dropout set LoRA's adapters: pass --lora R as well")
-    if args.lora and args.init == "scratch":
-        raise ValueError("--lora adapts a pretrained model: pass --init a checkpoint folder or Hub id, not scratch")
+    lora.check_flags(args.lora, args.lora_alpha, args.lora_dropout, args.init)
+    if int(os.environ.get("RANK", 0)) == 0:  # the rank that will hold --out's lock
+        run_folder.check_out(args.out)  # a file, unwritable, or held by another run: found before it is created
+    return args
 
 
 def compute_init(device="auto"):
@@ -266,7 +253,7 @@ class Objective(nn.Module):
 
 def open_checked(path, stage, meta=None):
     ds = open_dataset(path)
-    kinds = STAGES[stage]["kinds"]
+    kinds = STAGES[stage]["data"]
     if ds.meta["kind"] not in kinds:
         raise ValueError(f"--stage {stage} trains on {' or '.join(kinds)} data, but {path} holds "
                          f"{ds.meta['kind']!r} data")
@@ -286,20 +273,9 @@ def build_model(args, meta, init, device, sharded=False):
         net = Transformer(preset(args.preset, vocab_size=meta["vocab_size"], **overrides)).init_weights()
         return net.to(device), None
     net, tokenizer = run_folder.load_model(init, meta, overrides, device, sharded, lora_run=bool(args.lora))
-    if args.lora and not hasattr(net, "adapter"):
-        base = init if is_hub_id(init) else os.path.abspath(init)  # found from any folder
-        lora.apply_lora(net, base, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                        lora.pad_rows(net, meta["pad_id"]), seed=args.seed)
-    elif args.lora:  # a LoRA checkpoint: its adapters train on, if they are the ones asked for
-        ad, asked = net.adapter, dict(r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                      target_modules=list(args.lora_targets))
-        if any(ad[k] != v for k, v in asked.items()):
-            raise ValueError(f"{init} holds LoRA adapters {({k: ad[k] for k in asked})}, not {asked}: pass its "
-                             f"flags, or merge it (python -m support.lora merge {init} MERGED) and pass --init MERGED")
     if args.lora:
-        trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        print0(f"LoRA r={args.lora} alpha={args.lora_alpha} on {' '.join(args.lora_targets)}: {trained:,} trained "
-               f"parameters of {net.num_params():,}")
+        lora.attach(net, init, args.lora, args.lora_alpha, args.lora_dropout, args.lora_targets, meta["pad_id"],
+                    args.seed)
     return net, tokenizer
 
 
@@ -315,6 +291,7 @@ class TrainingRun:
     val_data: TokenDataset | SpanDataset | PairDataset | None  # --val-data
     num_examples: int            # sequences (pairs) in --data at --seq-len: one epoch
     data_identity: dict          # --data's identity, saved in checkpoints and checked on --resume
+    resume: str | None           # the checkpoint --resume continues (in --out), None: from --init
     start_step: int              # optimizer steps done before this process started
     net: Transformer
     objective: nn.Module         # Objective(net), wrapped by DDP or sharded by FSDP2
@@ -331,11 +308,7 @@ def wrap(args, net, ddp, device, bf16):
         for block in net.model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(objective, mp_policy=mp)
-        if getattr(net, "checkpoint", None):  # built on the meta device: now each rank reads its shards
-            objective.to_empty(device=device)
-            load_sharded(net, net.checkpoint, verbose=int(os.environ.get("RANK", 0)) == 0)
-            if hasattr(net, "adapter") and not lora.is_adapter(net.checkpoint):  # new adapters, on the base read
-                lora.init_adapters(net, args.seed)
+        run_folder.read_shards(objective, net, device, args.seed)  # built on the meta device: each rank's rows
     elif ddp:
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in objective.parameters() if p.requires_grad]  # under --lora, the adapters only
@@ -346,8 +319,8 @@ def wrap(args, net, ddp, device, bf16):
 
 
 def prepare(args, ddp, rank, world, device):
-    """Everything a run needs, checked before its first step: data, model, objective, AdamW (restored on
-    --resume), the step to start from."""
+    """Everything a run needs, all checked before --out is written to: data, the checkpoint to start from
+    (--resume's, else --init), model, objective, AdamW (restored on --resume), the step to start from."""
     accum, rem = divmod(args.batch_size, world * args.micro_batch_size)
     if rem or accum == 0:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
@@ -364,10 +337,9 @@ def prepare(args, ddp, rank, world, device):
     if args.warmup_steps is None:
         args.warmup_steps = round(stage["warmup"] * args.max_steps)
     identity = run_folder.dataset_identity(args.data, ds)
-    resume, start = run_folder.resume_from(args, identity, rank, ddp)
-    if resume is None and args.init is None:
-        raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
-    net, init_tokenizer = build_model(args, ds.meta, resume or args.init, device, sharded=args.fsdp)
+    resume, folder, start = run_folder.resume_from(args, identity, rank, ddp)
+    init = run_folder.check_start(args, ds.meta, folder, STAGES[args.stage]["init"])  # before any weights are read
+    net, init_tokenizer = build_model(args, ds.meta, init, device, sharded=args.fsdp)
     if args.seq_len > net.args.max_length:
         raise ValueError(f"--seq-len {args.seq_len} is beyond what the model attends over ({net.args.max_length}, "
                          "max_position_embeddings / sliding_window): lower --seq-len")
@@ -375,11 +347,9 @@ def prepare(args, ddp, rank, world, device):
     net.gradient_checkpointing = args.grad_ckpt
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     objective, opt = wrap(args, net, ddp, device, bf16)
-    run_folder.load_optimizer(resume, objective, opt, rank, ddp)
-    if rank == 0:  # now that all is checked: --out becomes one history up to `start`
-        run_folder.begin(args.out, start, args.keep_last)
+    run_folder.load_optimizer(folder, objective, opt, rank, ddp)
     return TrainingRun(ddp=ddp, rank=rank, world=world, device=device, accum=accum, data=ds, val_data=val,
-                       num_examples=num_examples, data_identity=identity, start_step=start, net=net,
+                       num_examples=num_examples, data_identity=identity, resume=resume, start_step=start, net=net,
                        objective=objective, optimizer=opt, checkpoint_files=files,
                        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.fsdp))
 
@@ -428,18 +398,8 @@ def train_step(args, run, step):
                                  "checkpoint")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    dt = time.time() - t0
-    tokens = args.batch_size * args.seq_len * (2 if args.stage == "rm" else 1)
-    record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / dt)
-    if run.device.type == "cuda":
-        # a micro-batch runs the self-conditioning pass if any of its rows (under FSDP: any rank's) draws it
-        share = 1 - 0.5 ** (args.micro_batch_size * (run.world if args.fsdp else 1))
-        flops = flops_per_token(run.net.args, run.net.num_params(), args.seq_len, args.stage, self_condition=share)
-        record.update(mem_gb=torch.cuda.max_memory_allocated() / 2**30,
-                      mfu=flops * tokens / dt / (args.peak_tflops * 1e12 * run.world))
-    else:
-        record.update(mem_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return record
+    record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=norm)
+    return run_folder.with_speed(record, args, run.net, run.world, run.device, time.time() - t0)
 
 
 def val_loss(args, run):
@@ -476,8 +436,11 @@ def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world, device = compute_init(args.device)
     try:
-        with run_folder.sole_trainer(args.out, rank, ddp):  # rank 0 holds --out; an interruption leaves nothing
-            train(args, prepare(args, ddp, rank, world, device))
+        with run_folder.sole_trainer(args.out, rank, ddp) as take:  # an interruption leaves nothing
+            run = prepare(args, ddp, rank, world, device)  # every check: a refused run has written nothing
+            take()  # rank 0 holds --out (creating it), then makes it one history up to the run's start
+            run_folder.begin(args, run.resume, run.start_step, rank)
+            train(args, run)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -4,10 +4,14 @@ finding a checkpoint's safetensors (one file, or shards named by model.safetenso
 reading tensors into place one at a time, writing a checkpoint atomically, and FSDP2's sharded load
 where each rank reads only its own rows. What the tensors mean is model.py's business.
 """
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -15,8 +19,27 @@ from support.hub import TOKENIZER_FILES, read_json, resolve
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    with disk_errors(path), open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+@contextmanager
+def disk_errors(path):
+    """A failed write raised as the OSError behind it, naming `path`: torch.save reports a full disk as a
+    RuntimeError ("unexpected pos") whose context is the file object's OSError, safetensors as a
+    SafetensorError that says "os error 28", and a file's write() or close() without the file's name."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+    except Exception as e:
+        found = re.search(r"os error (\d+)", str(e))
+        code = e.__context__.errno if isinstance(e.__context__, OSError) else int(found.group(1)) if found else None
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), path) from e
 
 
 # -----------------------------------------------------------------------------
@@ -191,7 +214,8 @@ def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_f
     from safetensors.torch import save_file
     shards = {"adapter_model.safetensors": state} if adapter_config else _shards(state, max_shard_bytes)
     for fname, shard in shards.items():
-        save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
+        with disk_errors(os.path.join(folder, fname)):
+            save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
     if len(shards) > 1:
         write_json(os.path.join(folder, "model.safetensors.index.json"), {
             "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
@@ -205,8 +229,9 @@ def _write_files(folder, state, config, max_shard_bytes, tokenizer_from, extra_f
             if os.path.exists(os.path.join(src, fname)):
                 shutil.copy(os.path.join(src, fname), folder)
     for fname, obj in (extra_files or {}).items():  # *.pt: torch.save (tensors, primitives); else JSON
-        if fname.endswith(".pt"):
-            torch.save(obj, os.path.join(folder, fname))
+        if fname.endswith(".pt"):  # through a file object, so that a failed write is an OSError (disk_errors)
+            with disk_errors(os.path.join(folder, fname)), open(os.path.join(folder, fname), "wb") as f:
+                torch.save(obj, f)
         else:
             write_json(os.path.join(folder, fname), obj)
 
@@ -216,11 +241,12 @@ def save_checkpoint(out_dir: str, state: dict, config: dict, max_shard_bytes: in
                     adapter_config: dict | None = None):
     """
     Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically:
-    everything goes to a temporary directory that then replaces out_dir, so an interrupted save
-    leaves the old checkpoint whole. tokenizer_from copies the tokenizer files of another
-    checkpoint; extra_files maps file name -> object: JSON, or torch.save for a name ending in .pt.
-    adapter_config (a LoRA adapter, support/lora.py): state goes to adapter_model.safetensors, unsharded,
-    and adapter_config.json is written beside config.json.
+    everything goes to a temporary directory that then takes out_dir's place in one step (exchange),
+    so a save interrupted anywhere leaves the old checkpoint or the new one under its name, whole.
+    tokenizer_from copies the tokenizer files of another checkpoint; extra_files maps file name ->
+    object: JSON, or torch.save for a name ending in .pt. adapter_config (a LoRA adapter,
+    support/lora.py): state goes to adapter_model.safetensors, unsharded, and adapter_config.json is
+    written beside config.json.
     """
     out_dir = os.path.abspath(out_dir)
     parent, base = os.path.split(out_dir)
@@ -231,13 +257,45 @@ def save_checkpoint(out_dir: str, state: dict, config: dict, max_shard_bytes: in
         for fname in os.listdir(tmp):  # like any file: safetensors writes 0600, mkdtemp makes 0700
             os.chmod(os.path.join(tmp, fname), 0o644)
         os.chmod(tmp, 0o755)
-        if os.path.exists(out_dir):
-            os.rename(out_dir, tmp + "-old")
-        os.rename(tmp, out_dir)
-        shutil.rmtree(tmp + "-old", ignore_errors=True)
-    except BaseException:
+        if not (os.path.exists(out_dir) and exchange(tmp, out_dir)):
+            _rename_into_place(tmp, out_dir)
+    finally:  # this save's folder if it failed; after an exchange, the previous checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+RENAME_EXCHANGE, AT_FDCWD = 2, -100  # <linux/fs.h>, <fcntl.h>
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swaps the folders a and b in one step, so that neither name is ever missing: Linux's
+    renameat2(RENAME_EXCHANGE) through ctypes (glibc >= 2.28). False where that is unavailable (another
+    OS, an older glibc or kernel, a file system without it); then nothing has moved."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # the kernel or the file system cannot exchange
+        return False
+    raise OSError(code, os.strerror(code), a, None, b)
+
+
+def _rename_into_place(tmp: str, out_dir: str):
+    """The fallback where exchange() is unavailable: out_dir moved aside to TMP-old, then tmp renamed in.
+    Between the two renames no folder is named out_dir: a failure there renames the old one back, but
+    a SIGKILL leaves it at TMP-old (support/run_folder.clean puts a step-XXXXXXX folder back; for any
+    other folder, rename TMP-old back by hand)."""
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    os.rename(out_dir, tmp + "-old")
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(tmp + "-old", out_dir)
         raise
+    shutil.rmtree(tmp + "-old", ignore_errors=True)
 
 
 @torch.no_grad()

@@ -226,7 +226,7 @@ class OutputFolder:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ValueError(f"{self.flag} {self.path} is a file: give a folder")
         self.created = not os.path.exists(self.path)
-        self.handle = lock(self.path)
+        self.handle = lock(self.path, self.flag)  # its messages name this tool's flag
         clean(self.path)
         return self
 

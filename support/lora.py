@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from support.checkpoint import open_safetensors, save_checkpoint
 from support.cli import run_cli
-from support.hub import read_config, read_json, resolve
+from support.hub import is_hub_id, read_config, read_json, resolve
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every Linear of a block
 PREFIX = "base_model.model."  # PEFT's key prefix: its wrapper's .base_model (LoraModel) .model (ours)
@@ -152,6 +152,33 @@ def apply_lora(net, base: str, r: int, alpha: float, dropout: float = 0.0, targe
                        inference_mode=True, init_lora_weights=True, **UNSUPPORTED)
     if net.model.embed_tokens.weight.device.type != "meta":
         init_adapters(net, seed)
+    return net
+
+
+def check_flags(r, alpha, dropout, init):
+    """train.py's LoRA flags against each other and --init, before anything is read."""
+    if not r and (alpha is not None or dropout):
+        raise ValueError("--lora-alpha and --lora-dropout set LoRA's adapters: pass --lora R as well")
+    if r and init == "scratch":
+        raise ValueError("--lora adapts a pretrained model: pass --init a checkpoint folder or Hub id, not scratch")
+
+
+def attach(net, init: str, r: int, alpha: float, dropout: float, targets, pad_id: int, seed: int):
+    """train.py --lora R on the model read from the checkpoint `init`: new adapters on it (frozen), or,
+    if it came with adapters (a LoRA run's checkpoint), those, if they are the ones asked for. Prints
+    what trains; returns net."""
+    if not hasattr(net, "adapter"):
+        base = init if is_hub_id(init) else os.path.abspath(init)  # found from any folder
+        apply_lora(net, base, r, alpha, dropout, targets, pad_rows(net, pad_id), seed=seed)
+    else:
+        ad, asked = net.adapter, dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+        if any(ad[k] != v for k, v in asked.items()):
+            raise ValueError(f"{init} holds LoRA adapters {({k: ad[k] for k in asked})}, not {asked}: pass its "
+                             f"flags, or merge it (python -m support.lora merge {init} MERGED) and pass --init MERGED")
+    if int(os.environ.get("RANK", 0)) == 0:
+        trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        print(f"LoRA r={r} alpha={alpha} on {' '.join(targets)}: {trained:,} trained parameters of "
+              f"{net.num_params():,}", flush=True)
     return net
 
 

@@ -4,7 +4,7 @@ and the checkpoint a --resume continues from, with one coherent log.
 
   RUN/.lock             flock'ed by the trainer for its whole life (pid and host inside); the OS
                         releases it when the process dies, however it dies, so no lock goes stale
-  RUN/step-XXXXXXX/     checkpoints (model.save_pretrained: built under .tmp-*, then renamed in)
+  RUN/step-XXXXXXX/     checkpoints (model.save_pretrained: built under .tmp-*, then swapped in)
   RUN/log.jsonl         one JSON record per line; cut back to the step a run resumes from
   RUN/discarded-*/      checkpoints moved aside by --discard-later or --fallback (never deleted)
 
@@ -13,11 +13,19 @@ generation_config.json for a diffusion model) plus train_state.pt (AdamW state; 
 primitives only, read with weights_only=True) and train_state.json (step, data position, the
 dataset's identity, the run's flags). Reading the model a run starts from (--init, or the
 checkpoint --resume continues) is here too: load_model.
+
+A run checks everything (its flags, data, tokenizer, the checkpoint it starts from, the checkpoint
+--resume picks) before RUN and its .lock are created: a refused run writes nothing (check_out,
+resume_from); only then does it take the lock and make RUN one history (sole_trainer, begin). A
+full disk, a read-only file system or a permission error while writing is one line naming the
+path and what to do (write_fault); the checkpoints saved before stay whole.
 """
+import errno
 import fcntl
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -36,36 +44,68 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from data.shards import check_tokenizer
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, load_sharded
 from support import lora
 from support.cli import atomic_write
+from support.flops import flops_per_token
 from support.hub import read_config, resolve
 from support.tokenizer import Tokenizer, tokenizer_paths
 
 STEP = re.compile(r"step-(\d{7})")
 
 
-def lock(out):
-    """Takes RUN/.lock (creating RUN) for as long as the returned file stays open. A second trainer on
-    the same folder stops at once, told who holds it."""
+def lock(out, flag="--out"):
+    """Takes RUN/.lock (creating RUN) for as long as the returned file stays open. A second run on the
+    same folder stops at once, told who holds it. flag: the tool's name for the folder in messages."""
     try:
         os.makedirs(out, exist_ok=True)
         f = open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
-        raise OSError(f"cannot write to --out {out} ({e.strerror}): choose a folder you can write to") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its pid yet"
-        f.close()
-        raise ValueError(f"{out} is in use by another trainer ({holder}): wait for it to end or stop it, "
-                         "or choose another --out") from None
+        raise OSError(f"cannot write to {flag} {out} ({e.strerror}): choose a folder you can write to") from None
+    _hold(f, out, flag)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     return f
+
+
+def _hold(f, out, flag, mode=fcntl.LOCK_EX):
+    """flock the open .lock file f (mode: exclusive, or shared to only look), or close it and say who holds it."""
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise ValueError(f"{out} is in use by another run ({holder}): wait for it to end or stop it, "
+                         f"or choose another {flag}") from None
+
+
+def check_out(out, flag="--out"):
+    """What lock() would refuse, found without writing anything: RUN is a file, or cannot be created
+    or written to, or another run holds its .lock (looked at with a shared lock, released at once)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{flag} {out} is a file: give a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a folder" if not os.path.isdir(existing) else "not writable"
+        raise OSError(f"cannot write to {flag} {out} ({existing} is {why}): choose a folder you can write to")
+    if os.path.exists(os.path.join(out, ".lock")):
+        with open(os.path.join(out, ".lock")) as f:
+            _hold(f, out, flag, fcntl.LOCK_SH)
+
+
+def write_fault(e: OSError, what: str) -> OSError:
+    """A failed write of `what` (a checkpoint, the log) as one line: the path, the cause, what to do."""
+    advice = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space (the disk quota is used up)",
+              errno.EROFS: "the file system is mounted read-only: make it writable",
+              errno.EACCES: "this user may not write there: fix the folder's permissions",
+              errno.EPERM: "this user may not write there: fix the folder's permissions"}.get(e.errno, "fix the cause")
+    return OSError(f"cannot write {what}: {e.strerror or e}; {advice}, then run again with --resume "
+                   "(the checkpoints saved before are whole)")
 
 
 def stop(signum, frame):
@@ -83,23 +123,28 @@ def watch_launcher(launcher, rank):
 
 @contextmanager
 def sole_trainer(out, rank, torchrun):
-    """The block runs as --out's one trainer: rank 0 holds RUN/.lock and removes what interrupted saves
-    left, before and after; SIGTERM unwinds like an error; under torchrun a worker whose launcher
-    died stops at once. Other ranks write nothing to --out."""
+    """The block runs as --out's one trainer once it has called the take() this yields (after every
+    check): rank 0 then holds RUN/.lock (creating RUN) and removes what interrupted saves left, and
+    again on the way out (RUN itself, if this run created it and left only the lock). SIGTERM unwinds
+    like an error; under torchrun a worker whose launcher died stops at once. Other ranks write nothing."""
     handlers = ({signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
                 if threading.current_thread() is threading.main_thread() else {})
-    held = None
-    try:
-        held = lock(out) if rank == 0 else None
+    held, created = [], not os.path.exists(out)
+
+    def take():
         if rank == 0:
+            held.append(lock(out))
             clean(out)
+    try:
         if torchrun:
             threading.Thread(target=watch_launcher, args=(os.getppid(), rank), daemon=True).start()
-        yield
+        yield take
     finally:
-        if held is not None:
+        if held:
             clean(out)
-            held.close()
+            if created and os.listdir(out) == [".lock"]:
+                shutil.rmtree(out)
+            held[0].close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
@@ -113,6 +158,24 @@ def checkpoints(out):
 def step_of(path):
     m = STEP.fullmatch(os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
+
+
+def restorable(out):
+    """{RUN/step-XXXXXXX: folder}: the checkpoints that clean() puts back. A save killed between the two
+    renames of checkpoint.save_checkpoint's fallback (no renameat2) leaves NAME absent, the finished
+    new folder `.tmp-NAME-x` and the previous one `.tmp-NAME-x-old`; the new one (else the old) is NAME."""
+    found = {}
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        m = re.fullmatch(r"\.tmp-(step-\d{7})-.+-old", name)
+        if m and not os.path.exists(os.path.join(out, m.group(1))):
+            new = os.path.join(out, name[:-len("-old")])
+            found[os.path.join(out, m.group(1))] = new if os.path.isdir(new) else os.path.join(out, name)
+    return found
+
+
+def located(path):
+    """Where the checkpoint `path` is now: itself, or the folder clean() will rename to it."""
+    return restorable(os.path.dirname(path)).get(path, path) if path else path
 
 
 def check_checkpoint_flags(resume, init):
@@ -141,16 +204,12 @@ def _remove(path):
 
 def clean(out):
     """Removes what interrupted saves left: save_pretrained's `.tmp-NAME-*` folders, pruned checkpoints
-    being deleted (`.old-*`) and atomic_write's `.tmp-*` files. One case is a checkpoint, not debris:
-    killed between its two renames, save_pretrained leaves NAME absent, the finished new folder
-    `.tmp-NAME-x` and the previous one `.tmp-NAME-x-old`; the new one (else the old) is put back."""
+    being deleted (`.old-*`) and atomic_write's `.tmp-*` files, after putting back the checkpoints
+    that are not debris (restorable)."""
     if not os.path.isdir(out):
         return
-    for name in os.listdir(out):
-        m = re.fullmatch(r"\.tmp-(step-\d{7})-.+-old", name)
-        if m and not os.path.exists(os.path.join(out, m.group(1))):
-            new = os.path.join(out, name[:-len("-old")])
-            os.rename(new if os.path.isdir(new) else os.path.join(out, name), os.path.join(out, m.group(1)))
+    for path, folder in restorable(out).items():
+        os.rename(folder, path)
     for name in os.listdir(out):
         if name.startswith((".tmp-", ".old-")):
             _remove(os.path.join(out, name))
@@ -202,21 +261,21 @@ def problem(path):
 
 
 def resume_point(out, resume, fallback, discard_later, check):
-    """The checkpoint folder to continue from (None: start from --init), after making --out one history:
-    later checkpoints than it are moved aside (--discard-later), unreadable latest ones too (--fallback).
-    check(path) may refuse the chosen checkpoint (raise) before anything is moved."""
-    found = checkpoints(out)
+    """(the checkpoint to continue from or None, later checkpoints to move aside, [(unreadable one, why)]),
+    found by reading only: after a refusal here nothing has changed. Later checkpoints than the chosen
+    one are refused unless --discard-later, unreadable latest ones unless --fallback; check(folder) may
+    refuse the chosen checkpoint first."""
+    found = sorted(checkpoints(out) + list(restorable(out)))
     if not resume:
         if found:
             raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
-        return None
+        return None, [], []
     candidates = found[::-1] if resume == "latest" else [resume]
     if not candidates:
-        print(f"--resume: no checkpoint in {out} yet; starting from --init", flush=True)
-        return None
+        return None, [], []
     bad = []
     for path in candidates:
-        if (why := problem(path)) is None:
+        if (why := problem(located(path))) is None:
             break
         bad.append((path, why))
     else:
@@ -224,44 +283,76 @@ def resume_point(out, resume, fallback, discard_later, check):
     if bad and not fallback:
         raise ValueError(f"{bad[0][1]}: pass --fallback to resume from {path}, the latest readable checkpoint "
                          f"(the unreadable ones are moved aside, not deleted), or repair the file")
-    check(path)
+    check(located(path))
     later = [p for p in found if step_of(p) > step_of(path)]
-    unreadable = [p for p, _ in bad]
-    if later and not discard_later and sorted(later) != sorted(unreadable):
+    if later and not discard_later and sorted(later) != sorted(p for p, _ in bad):
         raise ValueError(f"--resume {path}: {out} has later checkpoints ({', '.join(map(os.path.basename, later))}); "
                          "continuing from here would leave them as an abandoned second history. Pass "
                          "--discard-later to move them aside (into a discarded-* folder), or resume from the latest")
-    if later:
-        for p, why in bad:
-            print(f"warning: {why}; resuming from {path} instead (--fallback)", flush=True)
-        print(f"moved {', '.join(map(os.path.basename, later))} aside into {move_aside(later, out)}", flush=True)
-    return path
+    return path, later, bad
 
 
 def resume_from(args, identity, rank, ddp):
-    """(checkpoint, its step) to continue from, or (None, 0): rank 0 picks it (checked against this run's
-    flags and data first, then later or unreadable ones are moved aside); every rank gets its path."""
+    """(checkpoint, the folder it is in now (located), its step) to continue from, or (None, None, 0),
+    checked against this run's flags and data; nothing is written (begin moves what must go once the
+    run holds the lock). Rank 0 picks it; every rank gets its path."""
     choice = [None]
     if rank == 0:
         check = lambda path: check_resume(path, args, identity)  # noqa: E731
-        choice = [resume_point(args.out, args.resume, args.fallback, args.discard_later, check)]
+        choice = [resume_point(args.out, args.resume, args.fallback, args.discard_later, check)[0]]
+        if args.resume and choice[0] is None:
+            print(f"--resume: no checkpoint in {args.out} yet; starting from --init", flush=True)
     if ddp:
         dist.broadcast_object_list(choice, src=0)
-    return choice[0], check_resume(choice[0], args, identity) if choice[0] else 0
+    folder = located(choice[0])
+    return choice[0], folder, check_resume(folder, args, identity) if folder else 0
 
 
-def begin(out, step, keep_last):
-    """--out as one history up to `step`, once a run has checked everything: log.jsonl cut back to it,
-    checkpoints beyond the last --keep-last removed."""
-    prune(out, keep_last)
-    cut_log(os.path.join(out, "log.jsonl"), step)
+def begin(args, resume, start, rank):
+    """Rank 0, holding RUN's lock (clean() has run): RUN becomes one history up to step `start` of
+    `resume`, the checkpoint resume_from chose: later and unreadable ones moved aside (--discard-later,
+    --fallback), all but the last --keep-last pruned, log.jsonl cut back to `start`."""
+    if rank != 0:
+        return
+    path, later, bad = resume_point(args.out, args.resume, args.fallback, args.discard_later, lambda folder: None)
+    if path != resume:
+        raise ValueError(f"{args.out} changed while this run was being prepared (another run wrote to it): "
+                         "start this run again")
+    try:
+        if later:
+            for p, why in bad:
+                print(f"warning: {why}; resuming from {path} instead (--fallback)", flush=True)
+            print(f"moved {', '.join(map(os.path.basename, later))} aside into {move_aside(later, args.out)}",
+                  flush=True)
+        prune(args.out, args.keep_last)
+        cut_log(os.path.join(args.out, "log.jsonl"), start)
+    except OSError as e:
+        raise write_fault(e, f"the run folder {args.out}") from None
+
+
+def with_speed(record, args, net, world, device, seconds):
+    """A step's log record with its tokens/s and peak memory, and on CUDA its MFU (support/flops.py)."""
+    tokens = args.batch_size * args.seq_len * (2 if args.stage == "rm" else 1)
+    record.update(tokens_per_s=tokens / seconds)
+    if device.type == "cuda":
+        # a micro-batch runs the self-conditioning pass if any of its rows (under FSDP: any rank's) draws it
+        share = 1 - 0.5 ** (args.micro_batch_size * (world if args.fsdp else 1))
+        flops = flops_per_token(net.args, net.num_params(), args.seq_len, args.stage, self_condition=share)
+        record.update(mem_gb=torch.cuda.max_memory_allocated() / 2**30,
+                      mfu=flops * tokens / seconds / (args.peak_tflops * 1e12 * world))
+    else:
+        record.update(mem_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return record
 
 
 def append_log(out, record, rank):
     """One JSON record as a line of RUN/log.jsonl (rank 0's)."""
     if rank == 0:
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_fault(e, f"the log {os.path.join(out, 'log.jsonl')}") from None
 
 
 def cut_log(path, step):
@@ -290,14 +381,17 @@ def cut_log(path, step):
 
 
 def saved_tokenizer(args, meta, init_source):
-    """tokenizer.json ([PAD] included) and tokenizer_config.json for every checkpoint, from the
-    first of --tokenizer, the --init folder, or the data's own tokenizer that is at hand."""
+    """tokenizer.json ([PAD] included) and tokenizer_config.json for every checkpoint, from
+    --tokenizer (which must be there and be the data's), else the first of the --init folder or the
+    data's own tokenizer that is at hand."""
     sources = [s for s in (args.tokenizer, init_source, meta["tokenizer"]) if s]
     for src in sources:
         try:
             check_tokenizer(meta, src)
             tok, cfg_file = Tokenizer(src), tokenizer_paths(src)[1]
         except (FileNotFoundError, OSError):
+            if src == args.tokenizer:
+                raise
             continue
         cfg = json.loads(Path(cfg_file).read_text()) if cfg_file and os.path.isfile(cfg_file) else {}
         name = tok.tokenizer.id_to_token
@@ -369,14 +463,17 @@ def save_checkpoint(args, step, objective, net, opt, files, rank):
     if rank == 0:
         final = os.path.join(args.out, f"step-{step:07d}")  # replaced whole if a --resume saves it again
         extra = {**files, "train_state.pt": {"step": step, "optimizer": optim, "args": vars(args)}}
-        if hasattr(net, "adapter"):
-            lora.save_adapter(net, final, extra_files=extra, state=state)
-        else:
-            with torch.device("meta"):
-                full = Transformer(net.args)
-            full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
-            full.save_pretrained(final, extra_files=extra)
-        prune(args.out, args.keep_last)
+        try:
+            if hasattr(net, "adapter"):
+                lora.save_adapter(net, final, extra_files=extra, state=state)
+            else:
+                with torch.device("meta"):
+                    full = Transformer(net.args)
+                full.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
+                full.save_pretrained(final, extra_files=extra)
+            prune(args.out, args.keep_last)
+        except OSError as e:  # a full disk, a read-only file system: the save left nothing behind
+            raise write_fault(e, f"checkpoint {final}") from None
         print(f"saved {final}", flush=True)
     if dist.is_initialized():
         dist.barrier()
@@ -394,6 +491,55 @@ def load_optimizer(path, objective, opt, rank, ddp):
 
 # -----------------------------------------------------------------------------
 # The model a run starts from
+
+
+# what run_folder.checkpoint_kind finds, in words, and what to pass instead where a stage refuses it
+KINDS = dict(lm="a causal LM", diffusion="a diffusion LM (bidirectional, with a timestep embedding)",
+             reward="a reward model (a score head, no LM head)")
+INSTEAD = dict(lm="adapt it first (--stage adapt --init it) and pass that run's checkpoint",
+               diffusion="pass the causal LM it was adapted from, or scratch: made causal and without its timestep "
+               "embedding, it would be a new, untrained model under the old one's name",
+               reward="pass the causal LM it was trained from")
+
+
+def check_start(args, meta, folder, accepted):
+    """What a run starts from: `folder` (the checkpoint --resume continues), else --init, checked before
+    any weights are read: a --tokenizer must be the data's, and the checkpoint one of the `accepted`
+    kinds of --stage (by config.json alone), so that the config.json it saves says what was trained."""
+    init = folder or args.init
+    if init is None:
+        raise ValueError("--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset")
+    if args.tokenizer:
+        check_tokenizer(meta, args.tokenizer)  # names the path if nothing is there
+    kind = None if init == "scratch" else checkpoint_kind(init)
+    if kind is not None and kind not in accepted:
+        raise ValueError(f"--stage {args.stage} starts from scratch or from {' or '.join(KINDS[k] for k in accepted)}, "
+                         f"but {init} is {KINDS[kind]}: {INSTEAD[kind]}")
+    return init
+
+
+def read_shards(objective, net, device, seed):
+    """FSDP2: a model that load_model built on the meta device (net.checkpoint set), now sharded by
+    fully_shard: each rank reads its own rows (model.load_sharded); new LoRA adapters are drawn on the base."""
+    if getattr(net, "checkpoint", None):
+        objective.to_empty(device=device)
+        load_sharded(net, net.checkpoint, verbose=int(os.environ.get("RANK", 0)) == 0)
+        if hasattr(net, "adapter") and not lora.is_adapter(net.checkpoint):
+            lora.init_adapters(net, seed)
+
+
+def checkpoint_kind(init) -> str:
+    """What the checkpoint `init` (Hub id or folder; a LoRA adapter: what it adapts to) is, from its
+    config.json alone: "reward" (a score head), "diffusion" (a timestep embedding, or bidirectional
+    attention) or "lm" (a causal LM)."""
+    path = resolve(init)
+    if lora.is_adapter(path) and not os.path.exists(os.path.join(path, "config.json")):  # PEFT's own save
+        adapter = lora.read_adapter_config(path)
+        cfg = ModelArgs.from_hf(read_config(resolve(adapter["base_model_name_or_path"])),
+                                **({"head": "score"} if adapter.get("task_type") == "SEQ_CLS" else {}))
+    else:
+        cfg = ModelArgs.from_hf(read_config(path))
+    return "reward" if cfg.head == "score" else "diffusion" if cfg.timestep_embed or not cfg.causal else "lm"
 
 
 def grow_vocab(net, vocab_size):

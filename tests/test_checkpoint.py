@@ -5,7 +5,9 @@ steps, by an OSError there or by SIGKILL, leaves a complete checkpoint under its
 adds to the checkpoint it starts from begin as METHOD.md §7 and §10 say (timestep embedding 0, [PAD]
 the mean row, a new reward head from N(0, 0.02)).
 """
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from contextlib import contextmanager
 import pytest
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import train
@@ -50,7 +53,7 @@ def debris(folder):
 # -----------------------------------------------------------------------------
 # interrupting a real save at its k-th step
 
-RENAMES = [(os, "rename"), (os, "replace")]
+RENAMES = [(os, "rename"), (os, "replace"), (checkpoint, "exchange")]  # exchange: renameat2(RENAME_EXCHANGE)
 REMOVALS = [(shutil, "rmtree")]  # a kill before it leaves what it was to remove (an OSError there is ignored)
 WRITES = [(checkpoint, "write_json"), (torch, "save"), (safetensors.torch, "save_file")]  # save_pretrained's files
 
@@ -119,16 +122,24 @@ def interrupt_at(k, fault, work, points):
 # -----------------------------------------------------------------------------
 # a checkpoint saved over the previous one
 
-SAVE_STEPS = 12  # more than the steps of one save (6 writes, 2 renames, 1 rmtree): the last cases finish it
-BETWEEN_RENAMES = ("support/checkpoint.py save_checkpoint: a save stopped between its two renames leaves no "
-                   "checkpoint under its name (the previous one is at .tmp-NAME-x-old); only run_folder.clean "
-                   "puts it back, and only for a step-XXXXXXX folder")
+SAVE_STEPS = 14  # more than the steps of one save (6 writes, an exchange, 2 renames, 2 rmtrees): the last finish it
+BETWEEN_RENAMES = ("without renameat2, support/checkpoint.py save_checkpoint falls back to two renames: killed "
+                   "between them, a save leaves no checkpoint under its name (the previous one is at "
+                   ".tmp-NAME-x-old); only run_folder.clean puts it back, and only for a step-XXXXXXX folder")
+
+
+@pytest.fixture(params=["renameat2", "two renames"])
+def swap(request, monkeypatch):
+    """save_checkpoint as it runs on Linux (one renameat2 exchange), and where renameat2 is unavailable."""
+    if request.param == "two renames":
+        monkeypatch.setattr(checkpoint, "exchange", lambda a, b: False)
+    return request.param
 
 
 def save_over(tmp_path, path, k, fault):
     """Saves tiny(0) at path, then tiny(1) over it (2 shards, train_state.json and .pt as train.py
-    writes them), interrupted at its k-th write, rename or rmtree. Returns (finished, what, old, new):
-    the folder states of an uninterrupted save of each."""
+    writes them), interrupted at its k-th write, exchange, rename or rmtree. Returns (finished, what,
+    old, new): the folder states of an uninterrupted save of each."""
     def save(net, out):
         net.save_pretrained(str(out), max_shard_bytes=200_000,
                             extra_files={"train_state.json": {"step": 1}, "train_state.pt": {"w": torch.ones(3)}})
@@ -144,17 +155,21 @@ def save_over(tmp_path, path, k, fault):
 @pytest.mark.parametrize("k", range(1, SAVE_STEPS + 1))
 @pytest.mark.parametrize("fault", ["raise", "kill"])
 def test_a_checkpoint_saved_over_another_is_the_old_or_the_new_whatever_step_is_interrupted(tmp_path, fault, k,
-                                                                                            request):
+                                                                                            swap, request):
     """model.save_pretrained over an existing checkpoint, interrupted at its k-th step: the folder holds
-    the previous checkpoint bit for bit (or, past the last rename, the new one), and from_pretrained reads
-    it; an OSError leaves no .tmp-* folder behind. Enough k that the last saves are not interrupted."""
+    the previous checkpoint bit for bit (or, past the exchange or the last rename, the new one), and
+    from_pretrained reads it; an OSError leaves the previous one and no .tmp-* folder behind. Enough k
+    that the last saves are not interrupted. Where renameat2 is unavailable, a kill between the two
+    renames loses the name (strict xfail: the fallback's known gap)."""
     path = tmp_path / "saves" / "ckpt"
     finished, what, old, new = save_over(tmp_path, path, k, fault)
     if finished:
         assert folder_state(path) == new
         return
     assert k < SAVE_STEPS - 2, "raise SAVE_STEPS: the last cases must run a whole save"
-    if what.startswith("rename") and what.endswith(" ckpt"):  # the rename into place
+    if swap == "renameat2":
+        assert not what.startswith("rename"), what  # one exchange, no rename
+    if fault == "kill" and what.startswith("rename") and what.endswith(" ckpt"):  # the rename into place
         request.node.add_marker(pytest.mark.xfail(strict=True, reason=BETWEEN_RENAMES))
     assert folder_state(path) in (old, new), what
     if fault == "raise":
@@ -165,7 +180,8 @@ def test_a_checkpoint_saved_over_another_is_the_old_or_the_new_whatever_step_is_
 
 @pytest.mark.parametrize("k", range(1, SAVE_STEPS + 1))
 @pytest.mark.parametrize("fault", ["raise", "kill"])
-def test_a_step_folder_saved_over_another_is_the_old_or_the_new_once_the_run_folder_is_cleaned(tmp_path, fault, k):
+def test_a_step_folder_saved_over_another_is_the_old_or_the_new_once_the_run_folder_is_cleaned(tmp_path, fault, k,
+                                                                                                swap):
     """The same in a run folder, where the next trainer first runs run_folder.clean: step-0000002 then
     holds the previous checkpoint or the new one bit for bit (killed between the two renames: the
     finished new one), run_folder.problem finds it readable, and nothing else is left."""
@@ -403,3 +419,62 @@ def test_a_sharded_checkpoint_reads_back_tensor_by_tensor(tmp_path):
     assert torch.equal(torch.load(tmp_path / "train_state.pt", weights_only=True)["w"], torch.arange(5.0))
     assert sorted(os.listdir(tmp_path)) == sorted(files + ["model.safetensors.index.json", "config.json",
                                                            "train_state.json", "train_state.pt"])
+
+
+# -----------------------------------------------------------------------------
+# a full disk, as the libraries report it
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk with `room` bytes free: a write that does not fit raises ENOSPC, as os.write does."""
+
+    def __init__(self, room):
+        self.room = room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(b)
+        return len(b)
+
+
+def test_a_write_that_fails_for_lack_of_space_is_the_oserror_behind_it():
+    """On a full disk (seen on a full tmpfs) torch.save raises RuntimeError("... unexpected pos ...") with the
+    file's OSError as its context, safetensors a SafetensorError saying "os error 28", and a file's write()
+    an OSError naming no file: disk_errors raises each as OSError(errno, strerror, path); any other error
+    passes as it was."""
+    with pytest.raises(OSError) as caught:
+        with checkpoint.disk_errors("ckpt/train_state.pt"):
+            torch.save({"w": torch.ones(1000)}, io.BufferedWriter(FullDisk(100), 512))
+    assert isinstance(caught.value.__cause__, RuntimeError)  # what torch raised
+    assert (caught.value.errno, caught.value.strerror, caught.value.filename) == \
+        (errno.ENOSPC, "No space left on device", "ckpt/train_state.pt")
+    with pytest.raises(OSError) as caught:
+        with checkpoint.disk_errors("ckpt/model.safetensors"):
+            raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+    assert (caught.value.errno, caught.value.filename) == (errno.EROFS, "ckpt/model.safetensors")
+    with pytest.raises(OSError) as caught:
+        with checkpoint.disk_errors("ckpt/config.json"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")  # a file's write() or close(): no file named
+    assert (caught.value.errno, caught.value.filename) == (errno.EDQUOT, "ckpt/config.json")
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        with checkpoint.disk_errors("ckpt/x"):
+            raise RuntimeError("a bug")
+
+
+def test_a_save_that_runs_out_of_space_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """save_pretrained over a checkpoint, its train_state.pt on a full disk: an OSError(ENOSPC) naming that
+    file, the previous checkpoint bit for bit, and nothing else in its folder."""
+    def save(net):
+        net.save_pretrained(str(tmp_path / "ckpt"), extra_files={"train_state.pt": {"w": torch.ones(1000)}})
+    save(tiny(0))
+    old = folder_state(tmp_path / "ckpt")
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", **kw: io.BufferedWriter(FullDisk(100), 512)
+                        if str(path).endswith(".pt") else open(path, mode, **kw), raising=False)
+    with pytest.raises(OSError) as caught:
+        save(tiny(1))
+    assert caught.value.errno == errno.ENOSPC and os.path.basename(caught.value.filename) == "train_state.pt"
+    assert folder_state(tmp_path / "ckpt") == old and os.listdir(tmp_path) == ["ckpt"]

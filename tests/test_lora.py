@@ -286,20 +286,27 @@ def test_an_adapter_that_does_not_fit_is_refused_naming_why(tmp_path, edit, mess
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The tiny training datasets and an AR base without [PAD] (as Mistral: the run grows the row)."""
+    """The tiny training datasets and two bases without [PAD] (as Mistral: the run grows the row): an AR
+    model, which adapt and rm start from, and a diffusion model (bidirectional, a timestep embedding),
+    which sft starts from."""
     from train_runs import make_datasets
     root = tmp_path_factory.mktemp("lora_runs")
     data = make_datasets(str(root))
-    torch.manual_seed(0)
-    Transformer(preset("tiny", vocab_size=60)).init_weights().save_pretrained(str(root / "base"),
-                                                                              tokenizer_from=data["tok"])
-    return data, str(root / "base")
+    for seed, name, kind in ((0, "base", {}), (1, "diffusion", dict(timestep_embed=True, causal=False))):
+        torch.manual_seed(seed)
+        Transformer(preset("tiny", vocab_size=60, **kind)).init_weights().save_pretrained(str(root / name),
+                                                                                        tokenizer_from=data["tok"])
+    return data, str(root / "base"), str(root / "diffusion")
+
+
+def base_of(runs, stage):
+    """The base a stage's LoRA run adapts: sft the diffusion model, the others the AR model."""
+    return runs[2] if stage == "sft" else runs[1]
 
 
 def lora_run(runs, stage, out, **kw):
     from train_runs import run
-    data, base = runs
-    return run(stage, data, out, **{"init": base, "preset": None, "lora": 4, **kw})
+    return run(stage, runs[0], out, **{"init": base_of(runs, stage), "preset": None, "lora": 4, **kw})
 
 
 @pytest.mark.parametrize("stage, trained_whole, task", [
@@ -316,14 +323,15 @@ def test_each_stage_trains_adapters_on_a_frozen_base_and_saves_them_in_peft_layo
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "tokenizer.json", "train_state.pt",
             "train_state.json"} <= set(os.listdir(ckpt)) and "model.safetensors" not in os.listdir(ckpt)
     cfg = json.load(open(os.path.join(ckpt, "adapter_config.json")))
-    assert (cfg["base_model_name_or_path"], cfg["r"], cfg["lora_alpha"], cfg["task_type"]) == (runs[1], 4, 8.0, task)
+    assert (cfg["base_model_name_or_path"], cfg["r"], cfg["lora_alpha"], cfg["task_type"]) == \
+        (base_of(runs, stage), 4, 8.0, task)
     net = Transformer.from_pretrained(ckpt, verbose=False)
     trained = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trained - trained_whole == {n for n in trained if ".lora_" in n} and trained_whole <= trained
-    base = Transformer.from_pretrained(runs[1], verbose=False)
+    base = Transformer.from_pretrained(base_of(runs, stage), verbose=False)
     frozen = {n.replace(".base_layer", ""): p for n, p in net.named_parameters() if not p.requires_grad}
     for name, p in base.named_parameters():  # the base is untouched ([PAD]'s row aside, 60 of 61 rows)
-        if stage == "rm" and name == "lm_head.weight":  # a reward model has no LM head
+        if (stage == "rm" and name == "lm_head.weight") or name in trained_whole:  # no LM head; trains whole
             continue
         assert torch.equal(frozen[name][:len(p)], p), name
 
@@ -365,7 +373,7 @@ def test_sample_reads_a_lora_checkpoint_as_its_merged_model(runs, tmp_path, caps
 
 def test_lora_flags_that_cannot_work_are_refused_before_anything_is_written(runs, tmp_path):
     from train_runs import run
-    data, base = runs
+    data, base = runs[0], base_of(runs, "sft")
     with pytest.raises(ValueError, match="--lora adapts a pretrained model"):
         run("sft", data, tmp_path / "a", lora=4)
     with pytest.raises(ValueError, match="pass --lora R as well"):
@@ -381,7 +389,7 @@ def test_two_processes_train_the_same_adapters_as_one(runs, tmp_path, parallel):
     give the one-process run's losses and adapters."""
     from safetensors.torch import load_file
     from train_runs import WEIGHTS, losses, torchrun
-    data, base = runs
+    data, base = runs[0], base_of(runs, "adapt")
     ref = lora_run(runs, "adapt", tmp_path / "one", micro_batch_size=4)
     kw = dict(init=base, preset=None, lora=4, micro_batch_size=2 if parallel == "fsdp" else 1)
     if parallel == "fsdp":

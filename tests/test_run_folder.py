@@ -5,10 +5,13 @@ checkpoint with one coherent log, checkpoints in Hugging Face layout, and the mo
 from (a grown [PAD] row, FSDP2 ranks reading only their shards). Runs are tests/train_runs.py's.
 """
 import copy
+import errno
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +24,7 @@ import train
 from data.shards import open_dataset
 from model import Transformer, preset
 from support import lora, run_folder
+from support.cli import OutputFolder
 from support.run_folder import append_log, cut_log
 from support.tokenizer import Tokenizer as ModelTokenizer
 from train_runs import (ROOT, assert_same_weights, flags, losses, make_datasets, make_tokenizer, no_checkpoint,
@@ -90,13 +94,19 @@ def test_an_unreadable_latest_checkpoint_is_named_and_skipped_only_with_fallback
 # the model a run starts from
 
 
-def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path):
-    """Mistral has 32000 ids, the data 32001 ([PAD]): the new row starts as the mean of the others."""
+def test_an_ar_model_grows_a_pad_row_for_adaptation(data, tmp_path, monkeypatch):
+    """Mistral has 32000 ids, the data 32001 ([PAD]): the new row starts as the mean of the others (the
+    weights the run starts its first step from)."""
     torch.manual_seed(0)
     ar = Transformer(preset("tiny", vocab_size=60)).init_weights()
     ar.save_pretrained(str(tmp_path / "ar"), tokenizer_from=data["tok"])  # no [PAD] in it
-    run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar"), preset=None, max_steps=1, lr=0.0)
-    w = weights(tmp_path / "run", 1)
+    real, w = train.train, {}
+
+    def spy(args, run):  # the run's weights before its first step
+        w.update(copy.deepcopy(run.net.state_dict()))
+        real(args, run)
+    monkeypatch.setattr(train, "train", spy)
+    run("adapt", data, tmp_path / "run", init=str(tmp_path / "ar"), preset=None, max_steps=1)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         old = getattr(ar.model.embed_tokens if "embed" in name else ar.lm_head, "weight").detach()
         assert w[name].shape == (61, 64)
@@ -193,12 +203,65 @@ def test_a_second_trainer_on_the_same_out_stops_at_once_and_a_dead_ones_lock_is_
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ValueError, match=rf"in use by another trainer \(pid {holder.pid} on .+\)"):
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid} on .+\)"):
             run("ar", data, tmp_path, max_steps=1)
     finally:
         holder.kill()  # SIGKILL: no cleanup code runs, the OS releases the lock
         holder.wait()
     assert len(run("ar", data, tmp_path, max_steps=1)["train"]) == 1
+
+
+def test_the_lock_serves_every_tool_and_names_its_flag(tmp_path):
+    """run_folder.lock guards the output folder of every tool (support.cli.OutputFolder: --output of
+    eval.sweep, --out of the data scripts): its messages say "another run" and name the tool's flag;
+    check_out finds the same refusals without writing anything."""
+    out, host = tmp_path / "out", socket.gethostname()
+    held = run_folder.lock(str(out), "--output")
+    try:
+        busy = (f"{out} is in use by another run (pid {os.getpid()} on {host}): wait for it to end or stop it, "
+                "or choose another --output")
+        before = (out / ".lock").read_bytes()
+        for attempt in (lambda: run_folder.lock(str(out), "--output"),
+                        lambda: run_folder.check_out(str(out), "--output"),
+                        lambda: OutputFolder(out, "--output").__enter__()):
+            with pytest.raises(ValueError) as caught:
+                attempt()
+            assert str(caught.value) == busy
+        assert (out / ".lock").read_bytes() == before and os.listdir(out) == [".lock"]
+        with pytest.raises(ValueError, match=r"choose another --out$"):  # the default flag
+            run_folder.lock(str(out))
+    finally:
+        held.close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError) as caught:
+        run_folder.lock(str(tmp_path / "file" / "out"), "--output")
+    assert str(caught.value) == (f"cannot write to --output {tmp_path}/file/out (Not a directory): choose a folder you "
+                                 "can write to")
+    with pytest.raises(OSError) as caught:
+        run_folder.check_out(str(tmp_path / "file" / "out" / "deeper"), "--output")
+    assert str(caught.value) == (f"cannot write to --output {tmp_path}/file/out/deeper ({tmp_path}/file is not a "
+                                 "folder): choose a folder you can write to")
+    assert sorted(os.listdir(tmp_path)) == ["file", "out"]
+
+
+def test_a_run_folder_changed_between_the_checks_and_the_lock_is_refused(data, tmp_path, monkeypatch):
+    """The checkpoint a run resumes from is chosen before --out is locked (so that a refusal writes
+    nothing) and chosen again under the lock: a checkpoint that appeared in between (another run) stops
+    the run before it moves or writes anything but its lock."""
+    run("ar", data, tmp_path, max_steps=3, save_every=1, stop_at=1)
+    real = train.prepare
+
+    def prepare_then_another_run_saves(*args):
+        prepared = real(*args)
+        shutil.copytree(tmp_path / "step-0000001", tmp_path / "step-0000002")
+        return prepared
+    monkeypatch.setattr(train, "prepare", prepare_then_another_run_saves)
+    log = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match=f"^{tmp_path} changed while this run was being prepared .another run wrote "
+                                         "to it.: start this run again$"):
+        run("ar", data, tmp_path, max_steps=3, save_every=1, resume=True)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl", "step-0000001", "step-0000002"]
+    assert (tmp_path / "log.jsonl").read_text() == log
 
 
 def test_leftovers_of_interrupted_saves_are_removed_and_a_torn_log_line_dropped(data, tmp_path, capsys):
@@ -352,6 +415,17 @@ def test_log_jsonl_cut_back_to_a_step_keeps_each_record_as_written(tmp_path, cap
         assert path.read_text() == "".join(json.dumps(r) + "\n" for r in kept), step
         assert [json.loads(line) for line in path.read_text().splitlines()] == kept
     assert "dropped a torn last line" in capsys.readouterr().out
+
+
+def test_a_log_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch):
+    """append_log on a full disk or a read-only file system: one line naming log.jsonl and what to do."""
+    def full(path, mode="r", **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_folder, "open", full, raising=False)
+    with pytest.raises(OSError) as caught:
+        append_log(str(tmp_path), dict(step=1, loss=2.0), 0)
+    assert str(caught.value) == (f"cannot write the log {tmp_path}/log.jsonl: No space left on device; free space on "
+                                 "that disk, then run again with --resume (the checkpoints saved before are whole)")
 
 
 def test_train_state_and_weights_read_back_as_the_run_had_them(data, tmp_path, monkeypatch):

@@ -8,14 +8,19 @@ mask, noise, self-conditioning coin) come from three streams restated here from 
 the coin decides its loss. Models are model.preset("tiny"), datasets a few hundred random tokens
 written with data.shards (tests/train_runs.py), everything on CPU in fp32.
 """
+import errno
 import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from torch.testing import assert_close
 
@@ -23,10 +28,11 @@ import tess2
 import train
 from data.shards import open_dataset
 from model import Transformer, preset
+from support import checkpoint, run_folder
 from support.cli import run_cli
 from test_fused_loss import loss_by_hand
 from train_runs import (ROOT, TIGHT, WEIGHTS, assert_same_weights, flags, losses, make_data, make_datasets,
-                        no_checkpoint, run, torchrun, weights)
+                        make_tokenizer, no_checkpoint, run, torchrun, tree, weights)
 
 
 @pytest.fixture(scope="module")
@@ -266,10 +272,9 @@ def test_one_step_is_adamw_on_the_loss_written_out(data, tmp_path, weighting):
     over all their targets (token weighting). A normalisation error in train.py cannot hide."""
     kw = dict(max_steps=1, schedule="constant", warmup_steps=0, grad_clip=0, micro_batch_size=2,
               loss_weighting=weighting)
-    run("adapt", data, tmp_path / "init", lr=0.0, **kw)  # lr 0: its step-1 weights are the initial ones
     log = run("adapt", data, tmp_path / "step", lr=1e-2, **kw)
-    net = Transformer.from_pretrained(str(tmp_path / "init" / "step-0000001"))
     args = train.parse_args(flags("adapt", data, "unused", **kw))
+    net = train.build_model(args, open_dataset(data["tokens"]).meta, "scratch", torch.device("cpu"))[0]  # its start
     rows = per_sequence_losses(net, args, open_dataset(data["tokens"]), [0, 1, 2, 3])
     if weighting == "sequence":
         loss = sum(total / count for total, count in rows) / 4
@@ -345,50 +350,281 @@ def test_a_non_finite_loss_stops_before_the_update(data, tmp_path):
     bad.save_pretrained(str(tmp_path / "nan"), tokenizer_from=data["tok"])
     with pytest.raises(FloatingPointError, match="stopped before the optimizer step and saved nothing"):
         run("ar", data, tmp_path / "run", init=str(tmp_path / "nan"), save_every=1)
-    assert no_checkpoint(tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # the run created --out and left nothing in it: it is removed
 
 
-def user_errors(data, tmp):
-    """(case, argv of train.py, exit status, a phrase of its one-line message)."""
-    (tmp / "a_file").write_text("")
-    run_folder = tmp / "run"
-    os.makedirs(run_folder / "step-0000004")
-    return [
-        ("--seq-len 0", dict(seq_len=0), 2, "argument --seq-len: must be a positive integer, got 0"),
-        ("--seq-len 1", dict(seq_len=1), 2, "--seq-len 1: a row needs BOS and at least one target"),
-        ("--save-every 0", dict(save_every=0), 2, "argument --save-every: must be a positive integer"),
-        ("--max-steps 0", dict(max_steps=0), 2, "argument --max-steps: must be a positive integer"),
-        ("--batch-size 0", dict(batch_size=0), 2, "argument --batch-size: must be a positive integer"),
-        ("--keep-last -1", dict(keep_last=-1), 2, "argument --keep-last: must be 0 or a positive integer"),
-        ("--epochs 0", dict(epochs=0, max_steps=None), 2, "--epochs 0.0 must be positive"),
-        ("--lr nan", dict(lr="nan"), 2, "--lr nan must be a finite number"),
-        ("batch not a multiple", dict(batch_size=3, micro_batch_size=2), 2, "--batch-size 3 must be a multiple"),
-        ("--device cuda without CUDA", dict(device="cuda"), 2, "no CUDA device is visible here: pass --device cpu"),
-        ("--fsdp without torchrun", dict(fsdp=True), 2, "launch with torchrun"),
-        ("scratch without --preset", dict(preset=None), 2, "--init scratch needs --preset"),
-        ("--init missing", dict(init=str(tmp / "nowhere")), 2, "no checkpoint folder"),
-        ("--init a run folder", dict(init=str(run_folder)), 2,
-         f"is a run folder: pass one of its checkpoints, e.g. {run_folder}/step-0000004"),
-        ("--resume not a step folder", dict(resume=str(tmp)), 2, "expected no value (--out's latest checkpoint) or a step-XXXXXXX"),
-        ("--out unwritable", dict(out=str(tmp / "a_file" / "run")), 2, "cannot write to --out"),
-        ("--data missing", dict(data=str(tmp / "nowhere")), 2, "no dataset folder"),
-        ("--data of another kind", dict(stage="sft", data=data["tokens"]), 2, "--stage sft trains on spans data"),
-        ("--seq-len beyond the model", dict(seq_len=2048), 2, "--seq-len 2048 is beyond"),
+@pytest.fixture(scope="module")
+def made(data, tmp_path_factory):
+    """What the refusals below start from: a tiny checkpoint of each kind with the data's tokenizer
+    (61 ids), a run folder of an ar run stopped at step 2 of 3 (step-0000001, step-0000002, log.jsonl,
+    .lock), a file, another tokenizer and a dataset made with it."""
+    root = tmp_path_factory.mktemp("made")
+    kinds = dict(lm={}, diffusion=dict(timestep_embed=True, causal=False), reward=dict(head="score"))
+    for name, kw in kinds.items():
+        torch.manual_seed(0)
+        net = Transformer(preset("tiny", vocab_size=61, **kw)).init_weights()
+        net.save_pretrained(str(root / name), tokenizer_from=data["tok"])
+    run("ar", data, root / "run", max_steps=3, save_every=1, stop_at=2)
+    (root / "a_file").write_text("mine")
+    (root / "broken").mkdir()
+    (root / "broken" / "meta.json").write_text("{not json")
+    make_tokenizer(str(root / "other_tok"), words=40)
+    make_data(str(root), "tokens", tok_dir=str(root / "other_tok"))
+    return root
+
+
+def run_copy(made, tmp, name, damage=None):
+    """A copy of the made run folder at tmp/name (step-0000002's `damage` file truncated), its .lock
+    naming a run that has ended elsewhere (a run that took the lock would write its own pid there)."""
+    out = shutil.copytree(made / "run", tmp / name)
+    (out / ".lock").write_text("pid 1 on another-host\n")
+    if damage:
+        path = out / "step-0000002" / damage
+        path.write_bytes(path.read_bytes()[:-100])
+    return out
+
+
+STARTS = {"adapt": "a causal LM or a diffusion LM (bidirectional, with a timestep embedding)",
+          "sft": "a diffusion LM (bidirectional, with a timestep embedding)",
+          "rm": "a causal LM or a reward model (a score head, no LM head)", "ar": "a causal LM"}
+IS = dict(lm="a causal LM: adapt it first (--stage adapt --init it) and pass that run's checkpoint",
+          diffusion="a diffusion LM (bidirectional, with a timestep embedding): pass the causal LM it was adapted "
+          "from, or scratch: made causal and without its timestep embedding, it would be a new, untrained model "
+          "under the old one's name",
+          reward="a reward model (a score head, no LM head): pass the causal LM it was trained from")
+
+
+def refusals(data, made, tmp, held):
+    """(case, stage, flags, the message after "train.py: error: "; one ending in "..." is its beginning).
+    --out is tmp/out unless a case names one; `held` collects the locks a case holds."""
+    out, new = {}, str(tmp / "out")
+    for name in ("plain", "batch", "later", "data", "held"):
+        out[name] = run_copy(made, tmp, name)
+    out["unreadable"] = run_copy(made, tmp, "unreadable", damage="model.safetensors")
+    held.append(run_folder.lock(str(out["held"])))
+    lm, diffusion, reward = (str(made / k) for k in ("lm", "diffusion", "reward"))
+    refused = lambda stage, kind, path: (f"--stage {stage} starts from scratch or from {STARTS[stage]}, but "  # noqa
+                                         f"{path} is {IS[kind]}")
+    cases = [
+        # each numeric flag in its declared range
+        ("--seq-len 0", "ar", dict(seq_len=0), "--seq-len must be a whole number >= 2, got 0"),
+        ("--seq-len 1", "ar", dict(seq_len=1), "--seq-len must be a whole number >= 2, got 1"),
+        ("--batch-size 0", "ar", dict(batch_size=0), "--batch-size must be a positive integer, got 0"),
+        ("--micro-batch-size 0", "ar", dict(micro_batch_size=0),
+         "--micro-batch-size must be a positive integer, got 0"),
+        ("--max-steps 0", "ar", dict(max_steps=0), "--max-steps must be a positive integer, got 0"),
+        ("--max-steps 1e20", "ar", dict(max_steps="1e20"),
+         "--max-steps must be a positive integer below 2**63, got 1e20"),
+        ("--stop-at 2.5", "ar", dict(stop_at=2.5), "--stop-at must be a positive integer, got 2.5"),
+        ("--save-every 0", "ar", dict(save_every=0), "--save-every must be a positive integer, got 0"),
+        ("--save-every 1e20", "ar", dict(save_every="1e20"),
+         "--save-every must be a positive integer below 2**63, got 1e20"),
+        ("--log-every 0", "ar", dict(log_every=0), "--log-every must be a positive integer, got 0"),
+        ("--eval-batches 0", "ar", dict(eval_batches=0), "--eval-batches must be a positive integer, got 0"),
+        ("--keep-last -1", "ar", dict(keep_last=-1), "--keep-last must be 0 or a positive integer, got -1"),
+        ("--warmup-steps -1", "ar", dict(warmup_steps=-1), "--warmup-steps must be 0 or a positive integer, got -1"),
+        ("--eval-every x", "ar", dict(eval_every="x"), "--eval-every must be 0 or a positive integer, got x"),
+        ("--epochs 0", "ar", dict(epochs=0, max_steps=None), "--epochs must be a finite number > 0, got 0"),
+        ("--lr 0", "ar", dict(lr=0), "--lr must be a finite number > 0, got 0"),
+        ("--lr -0.001", "ar", dict(lr="-0.001"), "--lr must be a finite number > 0, got -0.001"),
+        ("--lr nan", "ar", dict(lr="nan"), "--lr must be a finite number > 0, got nan"),
+        ("--grad-clip -1", "ar", dict(grad_clip=-1), "--grad-clip must be a finite number >= 0, got -1"),
+        ("--weight-decay -5", "ar", dict(weight_decay=-5), "--weight-decay must be a finite number >= 0, got -5"),
+        ("--adam-betas 0.9 1", "ar", dict(adam_betas=[0.9, 1]), "--adam-betas must be a number in [0, 1), got 1"),
+        ("--adam-betas -0.1 0.999", "ar", dict(adam_betas=[-0.1, 0.999]),
+         "--adam-betas must be a number in [0, 1), got -0.1"),
+        ("--seed -1", "ar", dict(seed=-1), "--seed must be a whole number in [0, 2**63), got -1"),
+        ("--seed 2**70", "ar", dict(seed=2**70), f"--seed must be a whole number in [0, 2**63), got {2**70}"),
+        ("--lora 0", "ar", dict(lora=0, init=lm, preset=None), "--lora must be a positive integer, got 0"),
+        ("--lora-alpha 0", "ar", dict(lora=4, lora_alpha=0, init=lm, preset=None),
+         "--lora-alpha must be a finite number > 0, got 0"),
+        ("--lora-dropout 1", "ar", dict(lora=4, lora_dropout=1, init=lm, preset=None),
+         "--lora-dropout must be a number in [0, 1), got 1"),
+        ("--peak-tflops 0", "ar", dict(peak_tflops=0), "--peak-tflops must be a finite number > 0, got 0"),
+        ("--schedule steep", "ar", dict(schedule="steep"),
+         "argument --schedule: invalid choice: 'steep' (choose from 'constant', 'linear', 'cosine')"),
+        # flags against each other and the machine
+        ("--lora-alpha without --lora", "ar", dict(lora_alpha=8),
+         "--lora-alpha and --lora-dropout set LoRA's adapters: pass --lora R as well"),
+        ("--lora from scratch", "ar", dict(lora=4),
+         "--lora adapts a pretrained model: pass --init a checkpoint folder or Hub id, not scratch"),
+        ("--fsdp without torchrun", "ar", dict(fsdp=True),
+         "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N"),
+        ("scratch without --preset", "ar", dict(preset=None), "--init scratch needs --preset (e.g. tiny, small)"),
+        ("no --init", "ar", dict(init=None, preset=None),
+         "--init is required: a Hub id, a checkpoint folder, or 'scratch' with --preset"),
+        ("batch not a multiple", "ar", dict(batch_size=3, micro_batch_size=2),
+         "--batch-size 3 must be a multiple of processes (1) x --micro-batch-size (2)"),
+        # --out
+        ("--out unwritable", "ar", dict(out=made / "a_file" / "run"),
+         f"cannot write to --out {made}/a_file/run ({made}/a_file is not a folder): choose a folder you can write to"),
+        ("--out a file", "ar", dict(out=made / "a_file"), f"--out {made}/a_file is a file: give a folder"),
+        ("--out held by another run", "ar", dict(out=out["held"], resume=True),
+         f"{out['held']} is in use by another run (pid {os.getpid()} on {socket.gethostname()}): wait for it to "
+         "end or stop it, or choose another --out"),
+        # --init and --resume
+        ("--init missing", "ar", dict(init=tmp / "nowhere", preset=None),
+         f"no checkpoint folder {tmp}/nowhere: pass an existing folder, a Hub id, or 'scratch' with --preset"),
+        ("--init a run folder", "ar", dict(init=made / "run", preset=None),
+         f"{made}/run has no config.json: it is a run folder: pass one of its checkpoints, e.g. "
+         f"{made}/run/step-0000002"),
+        ("--resume not a step folder", "ar", dict(resume=tmp),
+         f"--resume {tmp}: expected no value (--out's latest checkpoint) or a step-XXXXXXX checkpoint folder"),
+        ("checkpoints without --resume", "ar", dict(out=out["plain"]),
+         f"{out['plain']} already holds checkpoints: pass --resume to continue, or another --out"),
+        ("--resume with another --batch-size", "ar", dict(out=out["batch"], resume=True, max_steps=3, batch_size=8),
+         f"--resume {out['batch']}/step-0000002: it was trained with --batch-size 4, this run asks for 8: pass "
+         "--batch-size 4, or start a new --out"),
+        ("--resume before later checkpoints", "ar", dict(out=out["later"], resume=out["later"] / "step-0000001",
+                                                        max_steps=3),
+         f"--resume {out['later']}/step-0000001: {out['later']} has later checkpoints (step-0000002); continuing "
+         "from here would leave them as an abandoned second history. Pass --discard-later to move them aside "
+         "(into a discarded-* folder), or resume from the latest"),
+        ("--resume an unreadable checkpoint", "ar", dict(out=out["unreadable"], resume=True, max_steps=3),
+         f"{out['unreadable']}/step-0000002/model.safetensors is unreadable (..."),
+        ("--resume on other data", "ar", dict(out=out["data"], resume=True, max_steps=3, data=data["val"]),
+         f"--resume {out['data']}/step-0000002: it was trained on --data {os.path.realpath(data['tokens'])}, "
+         "this run's --data differs (..."),
+        # the checkpoint a stage starts from (STAGES' init), by its config.json
+        ("adapt from a reward model", "adapt", dict(init=reward, preset=None), refused("adapt", "reward", reward)),
+        ("sft from a causal LM", "sft", dict(init=lm, preset=None), refused("sft", "lm", lm)),
+        ("sft from a reward model", "sft", dict(init=reward, preset=None), refused("sft", "reward", reward)),
+        ("rm from a diffusion LM", "rm", dict(init=diffusion, preset=None), refused("rm", "diffusion", diffusion)),
+        ("ar from a diffusion LM", "ar", dict(init=diffusion, preset=None), refused("ar", "diffusion", diffusion)),
+        ("ar from a reward model", "ar", dict(init=reward, preset=None), refused("ar", "reward", reward)),
+        # the data and the tokenizer
+        ("--data missing", "ar", dict(data=tmp / "nowhere"), f"no dataset folder at {tmp}/nowhere: run a prepare ..."),
+        ("--data malformed", "ar", dict(data=made / "broken"), f"{made}/broken/meta.json is not valid JSON (..."),
+        ("--data of another kind", "sft", dict(data=data["tokens"]),
+         f"--stage sft trains on spans data, but {data['tokens']} holds 'tokens' data"),
+        ("--val-data of another tokenizer", "ar", dict(val_data=made / "tokens-0"),
+         f"{made}/tokens-0 was tokenized with {made}/other_tok, the training data with {data['tok']}: prepare both "
+         "with the same tokenizer"),
+        ("--tokenizer missing", "ar", dict(tokenizer=tmp / "no_tok"),
+         f"no tokenizer folder or file '{tmp}/no_tok' (and it is not a Hub repo id like 'hamishivi/tess2')"),
+        ("--tokenizer another vocabulary", "ar", dict(tokenizer=made / "other_tok"),
+         f"the data was tokenized with {data['tok']} (61 ids) but the tokenizer at {made}/other_tok differs "
+         "(44 ids, other tokens): prepare the data again with --tokenizer pointing at the model's tokenizer"),
+        ("--seq-len beyond the model", "ar", dict(seq_len=2048),
+         "--seq-len 2048 is beyond what the model attends over (1024, max_position_embeddings / sliding_window): "
+         "lower --seq-len"),
     ]
+    if not torch.cuda.is_available():
+        cases.append(("--device cuda without CUDA", "ar", dict(device="cuda"),
+                      "--device cuda, but no CUDA device is visible here: pass --device cpu (or auto)"))
+    return [(case, stage, {"out": new, **kw}, message) for case, stage, kw, message in cases]
 
 
-def test_every_user_error_is_one_line_and_a_non_zero_exit(data, tmp_path, capsys):
-    """Each case: no traceback, `train.py: error: ...` as the last line of stderr, exit status 2."""
-    for case, kw, status, phrase in user_errors(data, tmp_path):
-        out, stage = kw.pop("out", str(tmp_path / "out")), kw.pop("stage", "ar")
-        with pytest.raises(SystemExit) as stop:
-            run_cli(train.main, "train.py", flags(stage, data, out, **kw))
+def test_a_refused_run_is_one_line_exit_status_2_and_writes_nothing(data, made, tmp_path, capsys, monkeypatch):
+    """Every refusal of train.py, each numeric flag out of its range among them: exit status 2, stderr
+    one line `train.py: error: ...` (the message as written here) without a traceback, and --out as it
+    was: absent, or byte for byte what it held (hidden .lock included); its lock was never taken (which
+    would create it, and write this process's pid)."""
+    held, locked = [], []
+    try:
+        cases = refusals(data, made, tmp_path, held)
+        real_lock = run_folder.lock
+        monkeypatch.setattr(run_folder, "lock", lambda *args: (locked.append(args), real_lock(*args))[1])
+        for case, stage, kw, message in cases:
+            before = tree(kw["out"])
+            with pytest.raises(SystemExit) as stop:
+                run_cli(train.main, "train.py", flags(stage, data, **kw))
+            err = capsys.readouterr().err
+            assert stop.value.code == 2, case
+            assert err.count("\n") == 1 and err.startswith("train.py: error: "), (case, err)
+            got = err.removeprefix("train.py: error: ").rstrip("\n")
+            assert got.startswith(message[:-3]) if message.endswith("...") else got == message, (case, got)
+            assert tree(kw["out"]) == before and locked == [], case
+    finally:
+        for handle in held:
+            handle.close()
+    assert len(cases) >= 55
+
+
+# -----------------------------------------------------------------------------
+# what each stage starts from and what its checkpoint says
+
+
+DIFFUSION, REWARD, CAUSAL = ("MistralForDiffusionLM", True, False), ("MistralForSequenceClassification", False, True), \
+    ("MistralForCausalLM", False, True)
+
+
+@pytest.mark.parametrize("stage, start, saved", [
+    ("adapt", "scratch", DIFFUSION), ("adapt", "lm", DIFFUSION), ("adapt", "diffusion", DIFFUSION),
+    ("sft", "scratch", DIFFUSION), ("sft", "diffusion", DIFFUSION),
+    ("rm", "scratch", REWARD), ("rm", "lm", REWARD), ("rm", "reward", REWARD),
+    ("ar", "scratch", CAUSAL), ("ar", "lm", CAUSAL)])
+def test_each_stage_starts_from_the_kinds_it_accepts_and_saves_a_config_of_what_it_trained(data, made, tmp_path,
+                                                                                          stage, start, saved):
+    """Every checkpoint kind a stage accepts (the others are refused above) trains one step, and the
+    saved config.json names the architecture trained: diffusion stages a bidirectional model with a
+    timestep embedding, rm a causal model with one score, ar a causal LM; from_pretrained reads it so."""
+    init = dict(init="scratch") if start == "scratch" else dict(init=made / start, preset=None)
+    run(stage, data, tmp_path, max_steps=1, **init)
+    cfg = json.loads((tmp_path / "step-0000001" / "config.json").read_text())
+    assert (cfg["architectures"][0], cfg["timestep_embed"], cfg["causal"]) == saved
+    assert cfg.get("num_labels") == (1 if saved == REWARD else None)
+    args = Transformer.from_pretrained(str(tmp_path / "step-0000001"), verbose=False).args
+    assert (args.architecture, args.timestep_embed, args.causal) == saved
+
+
+# -----------------------------------------------------------------------------
+# the machine's faults while saving
+
+
+SAVE_POINTS = [(tempfile, "mkdtemp"), (checkpoint, "write_json"), (safetensors.torch, "save_file"), (torch, "save"),
+               (os, "rename")]  # a new checkpoint's folder, its 6 files (4 JSON), its move into place
+ADVICE = {errno.ENOSPC: "free space on that disk",
+          errno.EROFS: "the file system is mounted read-only: make it writable",
+          errno.EACCES: "this user may not write there: fix the folder's permissions"}
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_disk_or_a_read_only_or_forbidden_folder_while_saving_is_one_line(data, made, tmp_path, capsys,
+                                                                                 monkeypatch, code):
+    """The save of step 3 (the made run resumed) fails with OSError(code) at its k-th step, for every k:
+    creating its folder, each of its files (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json, train_state.json, train_state.pt), moving it into place. Each time: exit
+    status 2, one line naming the checkpoint and what to do, no traceback; --out holds what it held,
+    byte for byte, but its lock's pid and the log's new record of step 3 (a --resume cuts it), and nothing
+    partial; then --resume continues from step 2 to the end."""
+    k, message = 0, (f"cannot write checkpoint {tmp_path}/out{{k}}/step-0000003: {os.strerror(code)}; {ADVICE[code]}, "
+                     "then run again with --resume (the checkpoints saved before are whole)")
+    this_run = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()  # what the run's lock says
+    while True:
+        k += 1
+        out = run_copy(made, tmp_path, f"out{k}")
+        before, calls = tree(out), [0]
+
+        def failing(real):
+            def wrapper(*args, **kw):
+                calls[0] += 1
+                if calls[0] == k:
+                    raise OSError(code, os.strerror(code), str(args[0]) if args else None)
+                return real(*args, **kw)
+            return wrapper
+        for module, name in SAVE_POINTS:
+            monkeypatch.setattr(module, name, failing(getattr(module, name)))
+        try:
+            run_cli(train.main, "train.py", flags("ar", data, out, resume=True, max_steps=3, save_every=1))
+            finished = True
+        except SystemExit as stop:
+            finished = False
+            assert stop.code == 2, k
+        finally:
+            monkeypatch.undo()
         err = capsys.readouterr().err
-        assert stop.value.code == status, case
-        assert "Traceback" not in err, case
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("train.py: error:") and phrase in last, (case, last)
-        assert no_checkpoint(tmp_path / "out"), case
+        if finished:
+            break
+        assert err == f"train.py: error: {message.format(k=k)}\n", (k, err)
+        after = tree(out)
+        assert after["log.jsonl"].startswith(before["log.jsonl"]) and b'"step": 3' in after["log.jsonl"], k
+        assert after == {**before, "log.jsonl": after["log.jsonl"], ".lock": this_run}, k
+    assert k - 1 == 8  # the folder, 6 files, the move
+    log = run("ar", data, tmp_path / "out1", resume=True, max_steps=3, save_every=1)
+    assert [r["step"] for r in log["train"]] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path / "out1")) == [".lock", "log.jsonl", "step-0000001", "step-0000002",
+                                                      "step-0000003"]
 
 
 def test_the_data_scripts_report_user_errors_as_one_line(data, tmp_path, capsys):

@@ -68,7 +68,8 @@ STAGE_DATA = dict(adapt="tokens", sft="spans", rm="pairs", ar="tokens")
 
 
 def flags(stage, datasets, out, **kw):
-    """Command-line flags of a tiny run; keyword arguments add or replace flags."""
+    """Command-line flags of a tiny run; keyword arguments add or replace flags (a list: a flag of several
+    values, True: a switch, None or False: left out)."""
     base = dict(stage=stage, init="scratch", preset="tiny", data=datasets[STAGE_DATA[stage]], out=str(out),
                 seq_len=24, batch_size=4, micro_batch_size=1, max_steps=4, lr=3e-3, schedule="linear",
                 warmup_steps=1, device="cpu", save_every=1000)
@@ -76,6 +77,8 @@ def flags(stage, datasets, out, **kw):
     for k, v in {**base, **kw}.items():
         if v is True:
             argv.append("--" + k.replace("_", "-"))
+        elif isinstance(v, (list, tuple)):
+            argv += ["--" + k.replace("_", "-"), *map(str, v)]
         elif v is not None and v is not False:
             argv += ["--" + k.replace("_", "-"), str(v)]
     return argv
@@ -127,3 +130,19 @@ def assert_same_weights(a, b, **tol):
 
 def no_checkpoint(out):
     return not os.path.exists(out) or not [d for d in os.listdir(out) if "step-" in d]
+
+
+def tree(path):
+    """{relative path: bytes (None for a folder)} of everything at path, hidden files included; None if
+    nothing is there. Two equal trees are byte for byte the same."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path):
+        return {".": open(path, "rb").read()}
+    found = {}
+    for folder, dirs, files in os.walk(path):
+        for d in dirs:
+            found[os.path.relpath(os.path.join(folder, d), path)] = None
+        for f in files:
+            found[os.path.relpath(os.path.join(folder, f), path)] = open(os.path.join(folder, f), "rb").read()
+    return found
