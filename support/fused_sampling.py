@@ -1,13 +1,18 @@
 """
-Exact fast twins of the reverse process's projection and re-noising, used by sample.py. A student
-may skip this file: each function names the definition in tess2.py that it equals, and
-tests/test_fused_sampling.py proves them equal.
+Exact fast twins of the reverse process's projection and re-noising, and the parts of sample.step
+that only save work, used by sample.py. A student may skip this file: each function names the
+definition in tess2.py that it equals, and tests/test_fused_sampling.py and tests/test_shed.py
+prove them equal.
 
+- compiled_predict: tess2.predict through torch.compile (--compile).
 - project_fast: tess2.project (nucleus sampling, Eq. 5) without sorting the vocabulary in the
   common case.
-- span_positions, project_spans, renoise_spans_: the projection (Eq. 5) and the re-noising (Eq. 4,
-  tess2.renoise) at span positions only, row by row from each row's generator: predict reads S
-  only at span positions, so (B, L, V) work elsewhere would be thrown away.
+- span_positions, project_spans, renoise_spans_, renoise_ddim_spans_, renoise_rows_: the projection
+  (Eq. 5) and the re-noising (Eq. 4, tess2.renoise; Eq. D1-D2, tess2.renoise_ddim) at span positions
+  only, row by row from each row's generator: predict reads S only at span positions, so (B, L, V)
+  work elsewhere would be thrown away.
+- shed_tails, trailing_pad, shed_points, normal_prefix_: rows that stop computing their settled
+  [PAD] tail (sample.start's shed), and still draw the dense run's noise for the positions they shed.
 """
 import dataclasses
 import functools
@@ -183,7 +188,8 @@ def _normal_prefix_cpu_(x, total: int, generator, chunk: int = 1 << 22):
     normals in aligned blocks of 16 (Box-Muller), and, where the count is not a multiple of 16,
     redraws the last 16 values from 16 more words. So the first n V values are those of the blocks
     that cover them, and what remains of the draw is words to skip: int32 random_ takes one a value,
-    about 4x faster than normal_ (bench/bench_shed.py). tests/test_shed.py holds it to the whole draw."""
+    without normal_'s arithmetic (bench/bench_shed.py: 1.5 ms a step where the whole draw takes 2.2 ms).
+    tests/test_shed.py holds it to the whole draw."""
     n, V = x.shape
     covered = -(-n * V // 16) * 16  # the whole blocks that hold the kept values (V >= 16: within the draw)
     if covered == n * V:

@@ -189,17 +189,17 @@ def test_start_refuses_an_unknown_sampler_and_shedding_without_pad():
 
 @pytest.mark.parametrize("V_, total, n", [(4096, 10, 3), (17, 7, 6), (33, 64, 33), (16, 5, 1), (32001, 3, 2)])
 def test_a_prefix_of_the_noise_is_the_whole_draws_and_leaves_the_generator_where_it_does(V_, total, n):
-    """normal_prefix_ (both ways: skipping words on the CPU, and the whole draw) against the whole
-    (total, V) draw: its first n rows bit for bit and the next draw equal. Counts of values that are
-    not multiples of 16 (V = 17, 33, 32001) check the CPU kernel's blocks of 16 and its redrawn tail."""
-    whole_g = torch.Generator().manual_seed(7)
-    whole = torch.empty(total, V_).normal_(generator=whole_g)
-    after = torch.rand(5, generator=whole_g)
-    for f in (normal_prefix_, _normal_prefix_cpu_, lambda x, t, g: x.copy_(torch.empty(t, V_).normal_(generator=g)[:n])):
-        g = torch.Generator().manual_seed(7)
-        x = torch.empty(n, V_)
+    """normal_prefix_ (both ways: skipping words, for fp32 on the CPU, and the whole draw, taken here
+    for fp64) against the whole (total, V) draw: its first n rows bit for bit and the next draw equal.
+    Counts of values that are not multiples of 16 (V = 17, 33, 32001) check the CPU kernel's blocks of
+    16 and its redrawn tail."""
+    ways = ((torch.float32, normal_prefix_), (torch.float32, _normal_prefix_cpu_), (torch.float64, normal_prefix_))
+    for dtype, f in ways:
+        whole_g, g = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        whole = torch.empty(total, V_, dtype=dtype).normal_(generator=whole_g)
+        x = torch.empty(n, V_, dtype=dtype)
         f(x, total, g)
-        assert torch.equal(x, whole[:n]) and torch.equal(torch.rand(5, generator=g), after)
+        assert torch.equal(x, whole[:n]) and torch.equal(torch.rand(5, generator=g), torch.rand(5, generator=whole_g))
 
 
 def test_re_noising_and_projecting_a_shed_row_draws_what_the_dense_row_draws():

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import tess2
 from model import Transformer, preset
 from tess2 import (add_noise, alpha_bar, alpha_bars, diffusion_loss, predict, prefix_mask,
-                   random_segmentation, renoise, renoise_ddim, row_generators, row_noise, row_noise_, simplex, t5_span_mask,
-                   ul2_mask)
+                   random_segmentation, renoise, renoise_ddim, row_generators, row_noise, row_noise_, simplex,
+                   t5_span_mask, ul2_mask)
 
 K = 5.0  # simplex value k (§1)
 T = 5000  # training timesteps (§2)
