@@ -50,8 +50,9 @@ class Denoising:
     S: torch.Tensor  # (B, L, V) the noisy simplex at span positions (0 elsewhere: predict never reads it)
     logits: torch.Tensor | None  # (B, L, V) the last (guided) prediction: the next step's self-conditioning
     best: torch.Tensor  # (B, L) its argmax at span positions, ids elsewhere: each row's current text
+    settled: torch.Tensor  # (B, L) int: for how many steps each position has been in its row's trailing [PAD]
     keys: list  # the caller's name for each row (diffuse: its index in the batch)
-    lengths: list  # each row's own length: the positions after it are padding, masked out of attention
+    lengths: list  # each row's own length: the positions after it (padding, its shed tail) are masked out of attention
     where: list  # each row's span positions (fused_sampling.span_positions)
     generators: list  # each row's generator: all its noise and nucleus draws, in order
     steps: list  # each row's number of diffusion steps N
@@ -59,19 +60,30 @@ class Denoising:
     top_p: list  # each row's projection: nucleus top-p, or None for argmax (paper Eq. 5)
     early_exit: list  # each row's M: it stops once its argmax is unchanged for M steps (None: never)
     stable: list  # for how many steps each row's argmax has been unchanged
+    sampler: list  # each row's re-noising: "stochastic" (fresh noise, Eq. 4) or "ddim" (implied noise, Eq. D1-D2)
+    shed: list  # each row's M: it sheds the trailing [PAD] that has been settled for M steps (None: never)
+    pad_id: list  # each row's [PAD] token (None: never sheds)
+    tails: list  # each row's shed tokens (its text after its length; span positions, whose noise it still draws)
 
 
-def start(ids, span_mask, seeds, vocab_size, steps=100, top_p=0.99, early_exit=None, lengths=None, keys=None):
-    """A batch before its first step: S = k eps at span positions (alpha_bar = 0), row b's eps the
-    first draw of a generator seeded by seeds[b]. ids (B, L), span_mask (B, L); steps, top_p and
-    early_exit hold for every row (rows with other settings: start them apart and `join`)."""
+def start(ids, span_mask, seeds, vocab_size, steps=100, top_p=0.99, early_exit=None, lengths=None, keys=None,
+          sampler="stochastic", shed=None, pad_id=None):
+    """A batch before its first step: S = k eps at span positions (alpha_bar = 0), row b's eps the first draw
+    of a generator seeded by seeds[b]. ids (B, L), span_mask (B, L); steps, top_p, early_exit, sampler and shed
+    hold for every row (rows with other settings: start them apart and `join`). sampler: "stochastic" (fresh noise
+    each step, as released) or "ddim" (the noise implied by the prediction, METHOD.md §9). shed M: a row stops
+    computing its trailing [PAD] (pad_id) once settled for M steps (None: never)."""
+    if sampler not in ("stochastic", "ddim") or shed is not None and (pad_id is None or shed < 1):
+        raise ValueError(f"sampler {sampler!r}: 'stochastic' or 'ddim'; shed {shed}: None or >= 1, with a pad_id")
     B, L = ids.shape
     generators, where = tess2.row_generators(seeds, ids.device), fused_sampling.span_positions(span_mask)
     S = fused_sampling.renoise_spans_(torch.zeros(B, L, vocab_size, device=ids.device), ids, [0.0] * B,
                                       generators, where)
-    return Denoising(ids, span_mask, S, None, ids.clone(), list(range(B) if keys is None else keys),
-                     list(lengths or [L] * B), where, generators, [steps] * B, [0] * B, [top_p] * B,
-                     [early_exit] * B, [0] * B)
+    each = lambda x: [x] * B  # noqa: E731
+    return Denoising(ids, span_mask, S, None, ids.clone(), torch.zeros_like(ids, dtype=torch.int32),
+                     list(range(B) if keys is None else keys), list(lengths or each(L)), where, generators,
+                     each(steps), each(0), each(top_p), each(early_exit), each(0), each(sampler), each(shed),
+                     each(pad_id), each(ids.new_zeros(0)))
 
 
 def leave(state, ended):
@@ -96,16 +108,6 @@ def join(state, other):
                 torch.cat([widen(mine), widen(theirs)]))
 
 
-@functools.cache
-def compiled_predict():
-    """--compile: tess2.predict as one graph (fullgraph: a graph break is an error). The default mode,
-    not "reduce-overhead": its CUDA graphs overwrite a step's logits at the next replay while they are
-    the next step's self-conditioning input (they would need a (B, L, V) clone each step), and record a
-    graph per batch shape, which changes as rows leave and join; a large model's step is bound by its
-    matrix products, where CUDA graphs save little."""
-    return torch.compile(tess2.predict, fullgraph=True)
-
-
 def predict_rows(model, state, guide=None, compiled=False):
     """Each row's prediction at its timestep (Eq. 7-8; guided, Eq. 9-11, by guide(logits, state)),
     its argmax and early exit's count, into the state; each row has taken one more step."""
@@ -113,7 +115,7 @@ def predict_rows(model, state, guide=None, compiled=False):
     t = torch.tensor([(N - 1 - n) / N for N, n in zip(state.steps, state.taken)], device=dev)  # (B,) i / N
     key_mask = None if min(state.lengths) == L else \
         torch.arange(L, device=dev) < torch.tensor(state.lengths, device=dev)[:, None]  # (B, L) real positions
-    predict = compiled_predict() if compiled else tess2.predict
+    predict = fused_sampling.compiled_predict() if compiled else tess2.predict
     logits = predict(model, state.ids, state.span_mask, state.S, t, state.logits, key_padding_mask=key_mask)
     if guide is not None:
         logits = guide(logits, state)  # guided logits feed the projection and the next self-conditioning
@@ -128,39 +130,37 @@ def predict_rows(model, state, guide=None, compiled=False):
 
 @torch.no_grad()
 def step(model, state, guide=None, on_step=None, compiled=False):
-    """Every row of the batch one diffusion step on (§9), in place: its prediction at timestep i / N;
-    then, after its last step (i = 0) or an early exit, it leaves, and every other row gets S_{i-1} =
-    sqrt(alpha_bar_{i-1}) S_hat + sqrt(1 - alpha_bar_{i-1}) k eps from its projection S_hat (Eq. 4-5).
-    Early exit M: a row stops once its argmax is unchanged for M steps, from half of its steps on
-    (predictions settle late: bench/bench_early_exit.py). on_step(state) sees every row's prediction
-    before the finished rows leave. Returns them, [(key, tokens (L,), steps taken)]: the argmax of the
-    final (guided) logits at span positions, ids elsewhere (released: the argmax, not the last sample)."""
+    """Every row of the batch one diffusion step on (§9), in place: its prediction at timestep i / N; after its
+    last step (i = 0) or an early exit (argmax unchanged for M steps, from half of its steps on: bench_early_exit.py)
+    it leaves; the others shed settled tails and get S_{i-1} from their projections (Eq. 4-5, or D1-D2). on_step(state)
+    sees every prediction before the finished rows leave. Returns them, [(key, tokens (n,) of the row's n positions,
+    steps taken)]: the final (guided) argmax at span positions (released: not the last sample), ids elsewhere, tail."""
     predict_rows(model, state, guide, compiled)
     if on_step is not None:
         on_step(state)
     ended = [b for b, (n, N, m, s) in enumerate(zip(state.taken, state.steps, state.early_exit, state.stable))
              if n == N or (m is not None and s >= m and 2 * n >= N)]
-    finished = [(state.keys[b], state.best[b], state.taken[b]) for b in ended]
+    finished = [(state.keys[b], torch.cat([state.best[b, :state.lengths[b]], state.tails[b]]), state.taken[b])
+                for b in ended]
     if ended:
         leave(state, ended)
-    if state.keys:  # the rows that go on: S_{i-1} from the projection, i - 1 = N - 1 - taken
-        tokens = fused_sampling.project_spans(state.logits, state.best, state.where, state.top_p, state.generators)
-        schedule = {N: tess2.alpha_bars(N).tolist() for N in set(state.steps)}  # alpha_bar(i / N), i = 0..N-1
-        alpha_bar = [schedule[N][N - 1 - n] for N, n in zip(state.steps, state.taken)]
-        fused_sampling.renoise_spans_(state.S, tokens, alpha_bar, state.generators, state.where)
+    if state.keys:
+        fused_sampling.shed_tails(state)
+        fused_sampling.renoise_rows_(state)
     return finished
 
 
 def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None, lengths=None,
-            on_step=None, compiled=False):
-    """The reverse process on one batch: `step` until every row is done. ids (B, L) context tokens,
-    span_mask (B, L), seeds: one int per row; lengths: each row's own (default L). top_p None: argmax
-    (paper Eq. 5), else nucleus (released 0.99). Returns tokens (B, L), as `step`, and steps_used (B,)."""
-    state = start(ids, span_mask, seeds, model.args.vocab_size, steps, top_p, early_exit, lengths)
+            on_step=None, compiled=False, sampler="stochastic", shed=None, pad_id=None):
+    """The reverse process on one batch, `step` until every row is done: ids (B, L) context tokens, span_mask
+    (B, L), seeds one int per row, lengths each row's own (default L), top_p None for argmax (paper Eq. 5), else
+    nucleus (released 0.99); sampler, shed, pad_id: see `start`. Returns tokens (B, L), as `step`, and steps_used."""
+    state = start(ids, span_mask, seeds, model.args.vocab_size, steps, top_p, early_exit, lengths, None, sampler,
+                  shed, pad_id)
     tokens, steps_used = ids.clone(), torch.full((len(seeds),), steps, dtype=torch.long)
     while state.keys:
         for b, row, n in step(model, state, guide, on_step, compiled):
-            tokens[b], steps_used[b] = row, n
+            tokens[b, :len(row)], steps_used[b] = row, n
     return tokens, steps_used
 
 

@@ -250,6 +250,18 @@ def renoise(tokens, eps, alpha_bar_prev, k: float = SIMPLEX_VALUE):
     return add_noise(tokens, eps, alpha_bar_prev, k)
 
 
+def renoise_ddim(tokens, S_t, alpha_bar_t, alpha_bar_prev, k: float = SIMPLEX_VALUE):
+    """The deterministic sampler's re-noising (METHOD.md §9, Eq. D1-D2; not in the paper): the noise
+    implied by S_t and the projection S_hat = simplex(tokens) instead of fresh noise, as DDIM does:
+      (D1) eps_hat = (S_t - sqrt(alpha_bar_t) S_hat) / (sqrt(1 - alpha_bar_t) k)
+      (D2) S_{t-1} = sqrt(alpha_bar_{t-1}) S_hat + sqrt(1 - alpha_bar_{t-1}) k eps_hat  (Eq. 4 with eps_hat)
+    alpha_bar_t: the level S_t was made at (0 for the first S, pure noise). tokens (B, L), S_t (B, L, V),
+    alpha_bar_t and alpha_bar_prev (B,) -> S_{t-1} (B, L, V)."""
+    ab = alpha_bar_t.to(S_t.dtype).view(-1, 1, 1)  # (B, 1, 1)
+    eps_hat = (S_t - ab.sqrt() * simplex(tokens, S_t.size(-1), k, S_t.dtype)) / ((1 - ab).sqrt() * k)  # D1
+    return renoise(tokens, eps_hat, alpha_bar_prev, k)  # D2
+
+
 # -----------------------------------------------------------------------------
 # Reward guidance (§10; Sec. 3.4, Eq. 9-11)
 

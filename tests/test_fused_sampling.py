@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import tess2
 from support import fused_sampling
-from support.fused_sampling import _nucleus, project_fast, project_spans, renoise_spans_, span_positions
+from support.fused_sampling import (_nucleus, project_fast, project_spans, renoise_ddim_spans_, renoise_spans_,
+                                    span_positions)
 
 V = 32001  # Mistral's vocabulary plus [PAD]
 
@@ -403,6 +404,22 @@ def test_renoising_on_span_positions_draws_each_rows_span_in_order_and_leaves_th
     twin = tess2.renoise(tokens, eps, torch.tensor(alpha_bar))  # the definition, on the whole rows
     torch.testing.assert_close(out[span], twin[span], rtol=1e-6, atol=1e-5)
     assert torch.equal(out[~span], before[~span])
+
+
+def test_deterministic_renoising_on_span_positions_is_tess2_renoise_ddim():
+    """renoise_ddim_spans_ (c S + d S_hat in S's buffer) equals the definition at span positions, with the
+    first step's alpha_bar_t = 0, for the rows asked (a run and gaps); the rest of S is left as it was.
+    Tolerance: the same three products of fp32 values (|S| <= ~30) associated otherwise, a few ulps."""
+    g = torch.Generator().manual_seed(3)
+    tokens, S = torch.randint(30, (3, 7), generator=g), 5 * torch.randn(3, 7, 30, generator=g)
+    span = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    a_t, a_prev = [0.0, 0.45, 0.3], [0.1, 0.7, 0.5]
+    before = S.clone()
+    out = renoise_ddim_spans_(S, tokens, a_t, a_prev, span_positions(span), rows=[0, 1])
+    assert out.data_ptr() == S.data_ptr()
+    twin = tess2.renoise_ddim(tokens, before, torch.tensor(a_t), torch.tensor(a_prev))
+    torch.testing.assert_close(out[:2][span[:2]], twin[:2][span[:2]], rtol=1e-6, atol=1e-5)
+    assert torch.equal(out[:2][~span[:2]], before[:2][~span[:2]]) and torch.equal(out[2], before[2])  # row 2: not asked
 
 
 def test_project_spans_draws_each_rows_span_from_its_generator_or_takes_its_argmax():

@@ -128,13 +128,15 @@ def alpha_bar_formula(s):
     return f(s) / f(0.0)
 
 
-def reverse_process_by_hand(model, ids, span, seed, N, top_p):
+def reverse_process_by_hand(model, ids, span, seed, N, top_p, ddim=False):
     """§9 written out for one row, nothing from sample.py: S = k eps; for i = N-1..0: logits =
     predict(S, i/N, previous logits); S_hat from the projection (argmax or nucleus, drawn from the
     row's generator); S = sqrt(ab(i-1)) S_hat + sqrt(1 - ab(i-1)) k eps'. Output: argmax of the last
     logits on the span. Noise exists only where the model reads S, the span positions: the generator
     draws the first eps for them (n_span, V), then per step the nucleus, then eps' for them; S at
-    context positions is never read (predict takes the clean tokens there) and is left 0."""
+    context positions is never read (predict takes the clean tokens there) and is left 0.
+    ddim: eps' is not drawn but implied (Eq. D1): eps' = (S - sqrt(ab(i)) S_hat) / (sqrt(1 - ab(i)) k),
+    with ab = 0 at the first step (S = k eps was made at pure noise)."""
     g = torch.Generator().manual_seed(seed)
     K, V = tess2.SIMPLEX_VALUE, model.args.vocab_size
     n = int(span.sum())
@@ -153,8 +155,12 @@ def reverse_process_by_hand(model, ids, span, seed, N, top_p):
             proj = ids.clone()
             proj[span] = tess2.project(logits[span][None], top_p, g)[0]
         a = alpha_bar_formula((i - 1) / N)
-        eps = torch.empty(n, V).normal_(generator=g)
         S_hat = 2 * K * torch.nn.functional.one_hot(proj[span], V).float() - K  # (n, V)
+        if ddim:
+            a_now = 0.0 if i == N - 1 else alpha_bar_formula(i / N)
+            eps = (S[span] - math.sqrt(a_now) * S_hat) / (math.sqrt(1 - a_now) * K)
+        else:
+            eps = torch.empty(n, V).normal_(generator=g)
         S = torch.zeros(1, ids.shape[1], V)
         S[span] = math.sqrt(a) * S_hat + math.sqrt(1 - a) * K * eps
     return torch.where(span, logits.argmax(-1), ids)
@@ -200,8 +206,64 @@ def test_each_check_of_the_written_out_process_has_power(sharp, tok, monkeypatch
         mp.setattr(tess2, "alpha_bars", lambda N: torch.cat([real_alpha_bars(N)[1:], torch.zeros(1)]))
         assert not torch.equal(run(), expected)
     with monkeypatch.context() as mp:  # re-noise from the argmax
-        mp.setattr(fused_sampling, "project_spans", lambda logits, best, where, top_p, g: logits.argmax(-1))
+        mp.setattr(fused_sampling, "project_spans", lambda logits, best, where, top_p, g, draws: logits.argmax(-1))
         assert not torch.equal(run(), expected)
+
+
+@pytest.mark.parametrize("top_p", [None, 0.6])
+def test_the_deterministic_sampler_is_the_one_written_out(sharp, tok, top_p):
+    """sampler="ddim": the written-out loop with the implied noise, for rows of two lengths and an
+    infilling row. Catches fresh noise, the implied noise taken as if S were pure noise at every step,
+    and, at the first step, at alpha_bar_{N-1} instead of 0: each changes the tokens here."""
+    b = batch(tok, ["the cat", "write a sonnet about the sea"], length=10)
+    tokens, _ = sample.diffuse(sharp, b.ids, b.span_mask, [11, 12], steps=6, top_p=top_p, lengths=b.lengths,
+                               sampler="ddim")
+    for r in range(2):
+        n = b.lengths[r]
+        expected = reverse_process_by_hand(sharp, b.ids[r:r + 1, :n], b.span_mask[r:r + 1, :n], 11 + r, 6, top_p,
+                                           ddim=True)
+        assert torch.equal(tokens[r, :n], expected[0]), r
+        assert not torch.equal(expected[0], reverse_process_by_hand(sharp, b.ids[r:r + 1, :n],
+                                                                    b.span_mask[r:r + 1, :n], 11 + r, 6, top_p))
+    gaps = batch(tok, ["the cat <mask:3> on the mat <mask:2> sea"], chat=False)
+    tokens, _ = sample.diffuse(sharp, gaps.ids, gaps.span_mask, [4], steps=6, top_p=top_p, sampler="ddim")
+    assert torch.equal(tokens, reverse_process_by_hand(sharp, gaps.ids, gaps.span_mask, 4, 6, top_p, ddim=True))
+    real, first = fused_sampling.renoise_ddim_spans_, float(tess2.alpha_bars(6)[5])
+    for wrong in (lambda S, x, now, then, *a: real(S, x, [0.0] * len(now), then, *a),  # as if S were pure noise
+                  lambda S, x, now, then, *a: real(S, x, [first if v == 0 else v for v in now], then, *a)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused_sampling, "renoise_ddim_spans_", wrong)
+            tokens, _ = sample.diffuse(sharp, b.ids[:1], b.span_mask[:1], [11], steps=6, top_p=top_p, sampler="ddim")
+        assert not torch.equal(tokens[0, :b.lengths[0]], reverse_process_by_hand(
+            sharp, b.ids[:1, :b.lengths[0]], b.span_mask[:1, :b.lengths[0]], 11, 6, top_p, ddim=True)[0])
+
+
+def test_the_deterministic_sampler_draws_its_noise_once(sharp, tok):
+    """With argmax the generator is never drawn from after `start` (its k eps); with nucleus only the
+    projection's uniforms are, one per span position and step: the generator after each step is a
+    fresh one that drew (n_span, V) normals and then n_span uniforms per step before."""
+    b = batch(tok, ["write a sonnet about the sea"], length=9)
+    n = int(b.span_mask.sum())
+    for top_p in (None, 0.6):
+        state = sample.start(b.ids, b.span_mask, [5], V, steps=6, top_p=top_p, sampler="ddim")
+        g = torch.Generator().manual_seed(5)
+        torch.empty(n, V).normal_(generator=g)
+        assert torch.equal(state.generators[0].get_state(), g.get_state())
+        while state.keys:
+            sample.step(sharp, state)
+            if state.keys and top_p is not None:
+                torch.rand(n, generator=g)
+            if state.keys:
+                assert torch.equal(state.generators[0].get_state(), g.get_state()), top_p
+
+
+@pytest.mark.parametrize("options", [dict(sampler="ddim"), dict(shed=2), dict(sampler="ddim", shed=1)])
+def test_the_same_seed_gives_the_same_text_with_either_sampler_and_shedding(sharp, tok, options):
+    b = batch(tok, ["the cat", "write a sonnet about the sea"], length=10)
+    run = lambda seeds: sample.diffuse(sharp, b.ids, b.span_mask, seeds, steps=6, lengths=b.lengths,  # noqa: E731
+                                       pad_id=tok.pad_id, **options)[0]
+    assert torch.equal(run([1, 2]), run([1, 2]))
+    assert not torch.equal(run([1, 2]), run([3, 4]))
 
 
 def test_the_output_is_the_argmax_of_the_final_logits_not_the_last_nucleus_sample(tok):
@@ -676,7 +738,7 @@ def test_the_compiled_step_equals_eager_without_graph_breaks():
     S, t = 5 * torch.randn(2, 12, 512, generator=g), torch.rand(2, generator=g)
     prev = 3 * torch.randn_like(S)
     real = torch.arange(ids.shape[1]) < torch.tensor([12, 9])[:, None]  # rows of their own length
-    step = sample.compiled_predict()
+    step = fused_sampling.compiled_predict()
     with torch.no_grad():
         for kw in (dict(prev_logits=prev, key_padding_mask=real), dict(prev_logits=None)):
             torch.testing.assert_close(step(m, ids, span, S, t, **kw), tess2.predict(m, ids, span, S, t, **kw),

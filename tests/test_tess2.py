@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import tess2
 from model import Transformer, preset
 from tess2 import (add_noise, alpha_bar, alpha_bars, diffusion_loss, predict, prefix_mask,
-                   random_segmentation, renoise, row_generators, row_noise, row_noise_, simplex, t5_span_mask,
+                   random_segmentation, renoise, renoise_ddim, row_generators, row_noise, row_noise_, simplex, t5_span_mask,
                    ul2_mask)
 
 K = 5.0  # simplex value k (§1)
@@ -160,6 +160,35 @@ def test_renoise_is_the_forward_process_from_the_projected_tokens():
     S_hat = 2 * K * F.one_hot(tokens, 32).float() - K
     expected = a.sqrt()[:, None, None] * S_hat + (1 - a).sqrt()[:, None, None] * K * eps
     torch.testing.assert_close(renoise(tokens, eps, a), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_the_deterministic_renoising_uses_the_noise_implied_by_the_prediction():
+    """Eq. D1-D2 (METHOD.md §9) written out: eps_hat = (S_t - sqrt(a_t) S_hat) / (sqrt(1 - a_t) k),
+    S_{t-1} = sqrt(a_prev) S_hat + sqrt(1 - a_prev) k eps_hat; S_t itself is never changed."""
+    g = torch.Generator().manual_seed(1)
+    S_t, tokens = 4 * torch.randn(2, 5, 32, generator=g), torch.randint(32, (2, 5), generator=g)
+    a_t, a_prev = torch.tensor([0.2, 0.6]), torch.tensor([0.3, 0.9])
+    S_hat = 2 * K * F.one_hot(tokens, 32).float() - K
+    eps_hat = (S_t - a_t.sqrt()[:, None, None] * S_hat) / ((1 - a_t).sqrt()[:, None, None] * K)
+    expected = a_prev.sqrt()[:, None, None] * S_hat + (1 - a_prev).sqrt()[:, None, None] * K * eps_hat
+    before = S_t.clone()
+    torch.testing.assert_close(renoise_ddim(tokens, S_t, a_t, a_prev), expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(S_t, before)
+
+
+def test_the_implied_noise_is_the_noise_that_made_s_t_when_the_projection_is_its_token():
+    """S_t = forward process of tokens with eps at a_t: re-noised deterministically to a_prev, it is the
+    forward process of the same tokens with the same eps (DDIM's eps_hat = eps); from pure noise
+    (a_t = 0, the first step) eps_hat = S_t / k whatever the projection."""
+    g = torch.Generator().manual_seed(2)
+    eps, tokens = torch.randn(3, 4, 16, generator=g), torch.randint(16, (3, 4), generator=g)
+    a_t, a_prev = torch.tensor([0.1, 0.5, 0.0]), torch.tensor([0.4, 0.95, 0.2])
+    S_t = add_noise(tokens, eps, a_t)
+    torch.testing.assert_close(renoise_ddim(tokens, S_t, a_t, a_prev), add_noise(tokens, eps, a_prev),
+                               rtol=1e-5, atol=1e-5)
+    other = torch.randint(16, (3, 4), generator=g)
+    torch.testing.assert_close(renoise_ddim(other, S_t, a_t, a_prev)[2], add_noise(other, S_t / K, a_prev)[2],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_row_noise_depends_only_on_the_rows_seed():
