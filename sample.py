@@ -13,7 +13,6 @@ has its own generator, timestep, step count and projection, and attends only to 
 of a run, sampled with seed + j, gives the same text whatever else is in its batch, and rows can
 leave (early exit) or join (`join`) between steps.
 """
-import argparse
 import dataclasses
 import functools
 import json
@@ -27,9 +26,10 @@ import torch
 import tess2
 from model import ModelArgs, Transformer
 from support import fused_sampling, views
-from support.cli import run_cli
+from support.cli import ArgumentParser, eta_flag, number, run_cli, seed_flag
 from support.hub import is_hub_id, read_config, read_json, resolve
-from support.prompts import GUIDANCE_ETA, Settings, decode_row, given, plan, read_prompts, settings_for
+from support.prompts import (GUIDANCE_ETA, SAMPLERS, Settings, decode_row, empty_answer, given, plan,
+                             process_device, processes, prompt_text, read_prompts, settings_for, spread)
 from support.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the default checkpoints are found from here
@@ -140,14 +140,18 @@ def step(model, state, guide=None, on_step=None, compiled=False):
         on_step(state)
     ended = [b for b, (n, N, m, s) in enumerate(zip(state.taken, state.steps, state.early_exit, state.stable))
              if n == N or (m is not None and s >= m and 2 * n >= N)]
-    finished = [(state.keys[b], torch.cat([state.best[b, :state.lengths[b]], state.tails[b]]), state.taken[b])
-                for b in ended]
+    finished = [(state.keys[b], row_tokens(state, b), state.taken[b]) for b in ended]
     if ended:
         leave(state, ended)
     if state.keys:
         fused_sampling.shed_tails(state)
         fused_sampling.renoise_rows_(state)
     return finished
+
+
+def row_tokens(state, b):
+    """Row b's current text, (n,) for its n positions: its argmax over its length, then its shed tail."""
+    return torch.cat([state.best[b, :state.lengths[b]], state.tails[b]])
 
 
 def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None, lengths=None,
@@ -245,7 +249,8 @@ def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None)
         watch = None if on_step is None else functools.partial(on_step, batch)
         t0 = time.perf_counter()
         tokens, steps_used = diffuse(model, ids, span_mask, batch.seeds, s.steps, s.top_p, guide, s.early_exit,
-                                     batch.lengths, watch, s.compile)
+                                     batch.lengths, watch, s.compile, s.sampler, s.shed,
+                                     tokenizer.pad_id if s.shed else None)
         seconds = time.perf_counter() - t0
         for b, (prompt, n) in enumerate(zip(batch.prompts, batch.lengths)):
             g = decode_row(tokenizer, prompt, tokens[b, :n].tolist(), batch.span_mask[b, :n].tolist(), batch.ends[b])
@@ -256,15 +261,21 @@ def run(model, tokenizer, batches, s: Settings, reward_model=None, on_step=None)
 
 def generate(model, tokenizer, prompts, *, reward_model=None, reward_tokenizer=None, details=False, record=False,
              **settings):
-    """A response to each prompt (a str or list of str) -> list[str]; with details=True (or record=True)
-    a list of Generation: text, tokens, steps used, seconds and, if record, the per-step predictions
-    and confidences. settings: Settings fields (steps=, top_p=, length=, seed=, eta=, ...) over the
+    """A response to each prompt -> list[str]; with details=True (or record=True) a list of Generation:
+    text, tokens, steps used, seconds and, if record, the per-step predictions and confidences. A prompt
+    is a str or a chat, a list of {"role", "content"} messages ending with the user's (rendered in the
+    chat template, every turn: support/prompts.encode_prompt); prompts: one prompt or a list of them.
+    settings: Settings fields (steps=, top_p=, length=, seed=, eta=, shed=, sampler=, ...) over the
     model's generation_config.json (support/prompts.settings_for; None: the checkpoint's, but
     top_p=None: argmax). Prompt j is sampled with seed + j."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    one = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+    prompts = [prompts] if one else list(prompts)
     s = settings_for(getattr(model, "generation_config", None), model.args.max_length, **settings)
     if s.eta and reward_model is None:
         raise ValueError(f"eta = {s.eta} needs a reward model: pass reward_model (--reward-model)")
+    if record and s.shed:
+        raise ValueError("record=True keeps every position's prediction at every step, but shed stops computing "
+                         "some of them: pass shed=None to record")
     check_pair(model.args, tokenizer, reward_model.args if reward_model is not None else None, reward_tokenizer)
     recorder = views.Recorder() if record else None
     gens = run(model, tokenizer, plan(tokenizer, prompts, s, model.args), s, reward_model, recorder)
@@ -289,54 +300,73 @@ def checkpoint_dir(name, flag, default):
 
 
 def pick_device(name):
+    """The torch device a --device flag names: cpu, or cuda (cuda:N) where this machine has it."""
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device: use cpu or cuda (cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: sampling runs on cpu or cuda")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"--device {name}: a CPU has no index: use cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA GPU visible to PyTorch; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return dev
 
 
 def parse_args(argv=None):
-    """The flags; those named as Settings fields default to None: the checkpoint's (support/prompts.py)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Infilling: write <mask:N> in a "
-                                "prompt for a gap of N tokens; the prompt is then used as written (no chat template). "
-                                "Flags left out take the checkpoint's generation_config.json, else the released "
-                                "evaluation's defaults (rows of 2048 positions, 100 steps, top-p 0.99).")
-    arg = p.add_argument
+    """The flags, each number in its declared range (support.cli); those named as Settings fields
+    default to None: the checkpoint's (support/prompts.py)."""
+    p = ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0].strip(), epilog="Infilling: write "
+                       "<mask:N> in a prompt for a gap of N tokens; the prompt is then used as written (no chat "
+                       "template). Flags left out take the checkpoint's generation_config.json, else the released "
+                       "evaluation's defaults (rows of 2048 positions, 100 steps, top-p 0.99). Under torchrun "
+                       "--nproc_per_node N the batches are spread over N processes; the first prints and writes.")
+    arg, positive = p.add_argument, number(int, lo=1)
     arg("--model", default=DEFAULT_MODEL, help=f"diffusion model: checkpoint directory or Hub id (default: "
         f"{DEFAULT_MODEL} of this repository)")
     arg("--prompt", action="append", help="a prompt (repeat for several); <mask:N> marks a gap")
-    arg("--prompts-file", help="one prompt per line (.jsonl: a JSON string or {\"prompt\": ...} per line)")
+    arg("--prompts-file", help="one prompt per line (.jsonl: a JSON string, {\"prompt\": ...} or a chat "
+        "{\"messages\": [{\"role\", \"content\"}, ...]} per line)")
     arg("--no-chat", dest="chat", action="store_const", const=False, help="no Tulu chat template around prompts")
-    arg("--steps", type=int, help="diffusion steps N")
-    arg("--length", type=int, help="positions to generate after each prompt (instead of --total-length)")
-    arg("--total-length", type=int, help="every row's length, prompt + region (released evaluation: 2048)")
+    arg("--steps", type=positive, help="diffusion steps N")
+    arg("--length", type=number(int, lo=0), help="positions to generate after each prompt (instead of "
+        "--total-length; 0 with <mask:N> gaps: only the gaps)")
+    arg("--total-length", type=positive, help="every row's length, prompt + region (released evaluation: 2048)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--top-p", type=float, help="nucleus sampling projection (released default 0.99)")
+    g.add_argument("--top-p", type=number(float, lo=0, hi=1, lo_open=True),
+                   help="nucleus sampling projection (released default 0.99)")
     g.add_argument("--argmax", action="store_true", help="argmax projection (paper Eq. 5)")
+    arg("--sampler", choices=SAMPLERS, help="re-noising: stochastic (fresh noise each step, as released; the "
+        "default) or ddim (the noise implied by the prediction: deterministic given the first noise)")
+    arg("--shed", type=positive, metavar="M", help="a row stops computing its trailing [PAD] once it has been "
+        "settled for M steps (default: never)")
     arg("--reward-model", help="reward model for guidance: checkpoint directory or Hub id")
-    arg("--eta", type=float, help=f"guidance step size (default {GUIDANCE_ETA} with --reward-model; --eta alone "
+    arg("--eta", type=eta_flag, help=f"guidance step size (default {GUIDANCE_ETA} with --reward-model; --eta alone "
         f"guides with {DEFAULT_REWARD_MODEL} of this repository)")
-    arg("--guidance-steps", type=int, help="gradient-ascent steps per diffusion step (released default 1)")
-    arg("--tau", type=float, help="softmax temperature of the reward model's input (default 1)")
+    arg("--guidance-steps", type=positive, help="gradient-ascent steps per diffusion step (released default 1)")
+    arg("--tau", type=number(float, lo=0, lo_open=True), help="softmax temperature of the reward model's input "
+        "(default 1)")
     arg("--no-guidance-ckpt", dest="guidance_ckpt", action="store_const", const=False,
         help="keep reward-model activations (default: recompute them only where they would not fit in memory)")
-    arg("--early-exit", type=int, help="stop a row once its argmax is unchanged for this many steps")
-    arg("--seed", type=int, help="prompt j is sampled with seed + j (default 0)")
-    arg("--batch-size", type=int, help="prompts per batch (default 8)")
-    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    arg("--early-exit", type=positive, help="stop a row once its argmax is unchanged for this many steps")
+    arg("--seed", type=seed_flag, help="prompt j is sampled with seed + j (default 0)")
+    arg("--batch-size", type=positive, help="prompts per batch (default 8)")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (under torchrun: "
+        "each process's own GPU)")
     arg("--dtype", choices=["float32", "bfloat16", "float16"],
         help="weights and logits (default: bfloat16 on cuda, float32 on cpu)")
-    arg("--threads", type=int, help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
+    arg("--threads", type=positive, help="CPU threads (default: 1 for models under 50M parameters, else all cores)")
     arg("--compile", action="store_const", const=True, help="torch.compile the model pass of each step")
     arg("--show", action="store_true", help="redraw the current text each step on stderr, shaded by confidence")
     arg("--html", help="write a page with the confidence of every position at every step")
     arg("--json", action="store_true", help="print one JSON object per prompt")
     a = p.parse_args(argv)
+    if a.length is not None and a.total_length is not None:
+        p.error("--length and --total-length both set the length of a row: give one (--length N: N positions "
+                "after each prompt; --total-length L: rows of L positions)")
     a.overrides = given(a)
     return a
 
@@ -344,10 +374,8 @@ def parse_args(argv=None):
 def prepare(a):
     """Everything the command line can check before loading weights: prompts, paths, configs,
     tokenizers, settings and every batch. Returns what main needs to load and run."""
-    if a.threads is not None and a.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {a.threads}")
     Settings(**a.overrides).check()  # the flags' own values, before anything is read
-    device = pick_device(a.device)
+    device = pick_device(process_device(a.device))
     prompts = (a.prompt or []) + (read_prompts(a.prompts_file) if a.prompts_file else [])
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT or --prompts-file FILE")
@@ -364,11 +392,16 @@ def prepare(a):
     check_pair(args, tok, rm_args, rm_tok)
     gen_file = os.path.join(path, "generation_config.json")
     gen_cfg = read_json(gen_file, "generation config") if os.path.exists(gen_file) else None
-    s = settings_for(gen_cfg, args.max_length, **a.overrides)
+    s = settings_for(gen_cfg, args.max_length, gen_file, **a.overrides)
+    if a.html and s.shed:
+        raise ValueError(f"--html records every position at every step, but shedding (--shed {s.shed}"
+                         f"{'' if a.shed else ', from ' + gen_file}) stops computing some of them: leave out one")
     return device, prompts, path, rm_path, tok, s, plan(tok, prompts, s, args)
 
 
 def main(argv=None):
+    """Under torchrun the batches are spread over the processes (support.prompts.spread: each batch
+    keeps its seeds); the first process prints every answer, in prompt order, and writes --html."""
     a = parse_args(argv)
     device, prompts, path, rm_path, tok, s, batches = prepare(a)
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -376,24 +409,33 @@ def main(argv=None):
     model, rm = load(path), load(rm_path) if rm_path else None
     if device.type == "cpu":  # small models run fastest on one thread (BENCHMARKS.md, "Threads")
         torch.set_num_threads(a.threads or (1 if model.num_params() < 50e6 else os.cpu_count()))
-    watch = views.Watcher(tok, a.show)
-    recorder = views.Recorder(watch) if a.html else None
-    out = []
-    for batch in batches:
+    first = processes()[0] == 0
+    watch = views.Watcher(tok, a.show) if first else None
+
+    def sample_batch(batch):  # -> its Generations, with their traces (CPU tensors) for --html
+        recorder = views.Recorder(watch) if a.html else None
         gens = run(model, tok, [batch], s, rm, recorder or watch)
-        watch.end()
-        for g in gens:
-            if not g.tokens or not g.text.strip():
-                print(f"sample.py: note: prompt {len(out)} got an empty answer (the model ended it at once)",
-                      file=sys.stderr)
-            print(json.dumps(dict(prompt=g.prompt, text=g.text, tokens=g.tokens, steps_used=g.steps_used,
-                                  seconds=round(g.seconds, 3))) if a.json else g.text + "\n" * (len(prompts) > 1),
-                  flush=True)
-            out.append(g)
-    if a.html:
-        recorder.attach(out)
-        views.write_html(a.html, tok, out)
+        if watch is not None:
+            watch.end()
+        return recorder.attach(gens) if recorder else gens
+
+    out = []
+    for _, gens in spread(batches, sample_batch):
+        for j, g in enumerate(gens if first else (), len(out)):
+            print_answer(g, j, a.json, len(prompts) > 1)
+        out += gens
+    if a.html and first:
+        views.write_html(a.html, tok, [dataclasses.replace(g, prompt=prompt_text(g.prompt)) for g in out])
     return out
+
+
+def print_answer(g, j, as_json: bool, several: bool):
+    """Prompt j's answer on stdout (its text, or a JSON object), and a note on stderr if it is empty."""
+    note = empty_answer(g)
+    if note:
+        print(f"sample.py: note: prompt {j} got an empty answer: {note}", file=sys.stderr)
+    print(json.dumps(dict(prompt=g.prompt, text=g.text, tokens=g.tokens, steps_used=g.steps_used,
+                          seconds=round(g.seconds, 3))) if as_json else g.text + "\n" * several, flush=True)
 
 
 if __name__ == "__main__":

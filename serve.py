@@ -77,7 +77,7 @@ class Engine:
     One thread runs one batch (sample.Denoising, keyed by (handle, row of its request)): each
     iteration, cancelled requests' rows leave it, waiting requests join it while their rows fit in
     max_batch, and sample.step moves every row one diffusion step on, each at its own timestep with
-    its own seed, steps, top_p, early exit and length. A row attends only to itself and draws from
+    its own seed, steps, top_p, early exit, length, sampler and shedding. A row attends only to itself and draws from
     its own generator, so its answer is the one sample.py gives it, whatever else runs beside it."""
 
     def __init__(self, model, tokenizer, reward_model=None, max_batch=8, max_queue=64):
@@ -183,7 +183,8 @@ class Engine:
             self.running.append(handle)  # from here on, a failure ends it with the batch's others
             b, s, dev = handle.batch, handle.settings, self.device
             rows = sample.start(b.ids.to(dev), b.span_mask.to(dev), b.seeds, self.model.args.vocab_size, s.steps,
-                                s.top_p, s.early_exit, b.lengths, keys=[(handle, r) for r in range(len(b.prompts))])
+                                s.top_p, s.early_exit, b.lengths, [(handle, r) for r in range(len(b.prompts))],
+                                s.sampler, s.shed, self.tok.pad_id if s.shed else None)
             if state is None:
                 state = rows
             else:
@@ -245,12 +246,13 @@ class Engine:
                 handle.publish(Step(n, steps, [self.draft(handle.batch, r, state, b) for b, r in rows]))
 
     def draft(self, batch, r, state, b):
-        """Row r of a request, row b of the batch -> its Draft: the answer if it stopped here."""
+        """Row r of a request, row b of the batch -> its Draft: the answer if it stopped here. A row that
+        has shed its tail has no prediction there: its answer (cut at EOS, [PAD] dropped) lies before it."""
         n, end = batch.lengths[r], batch.ends[r]
-        row, span = state.best[b, :n].tolist(), batch.span_mask[r, :n].tolist()
+        row, span = sample.row_tokens(state, b).tolist(), batch.span_mask[r, :n].tolist()
         g = decode_row(self.tok, batch.prompts[r], row, span, end)
         where = answer_positions(row, span, end, self.tok.eos_id, self.tok.pad_id)
-        conf = views.confidence(state.logits[b:b + 1, :n])[0].tolist()  # (n,) top-1 probability
+        conf = views.confidence(state.logits[b:b + 1, :state.lengths[b]])[0].tolist()  # top-1 probability
         return Draft(r, g.text, g.tokens, [round(conf[i], 4) for i in where])
 
     def answer(self, batch, r, tokens, steps_used) -> Answer:

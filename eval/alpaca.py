@@ -32,7 +32,7 @@ import torch
 
 import sample
 from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, output_folder, pick_device,
-                          request_key, sample_answers)
+                          request_key, sample_answers, sampling_flags)
 from support.cli import ArgumentParser, atomic_write, eta_flag, number, replace_files, run_cli, seed_flag
 from support.prompts import given, plan, processes, settings_for
 
@@ -118,6 +118,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=number(float, lo=0, hi=1, lo_open=True),
                    help="nucleus projection (default: the checkpoint's)")
     p.add_argument("--argmax", action="store_true")
+    sampling_flags(p)
     p.add_argument("--batch-size", type=positive, help="default: the checkpoint's")
     p.add_argument("--seed", type=seed_flag, help="instruction j is sampled with seed + j (default: the checkpoint's)")
     p.add_argument("--annotators-config", help="alpaca_eval judge: a config name (e.g. alpaca_eval_gpt4) or YAML path")
@@ -147,7 +148,7 @@ def prepare(a):
     sample.check_pair(model.args, model.tokenizer, reward and reward.args, reward and reward.tokenizer)
     device, dtype = pick_device(a.device)
     items = read_prompts(a.prompts)[:a.limit]  # the Hub's, without --prompts: fetched once the rest is checked
-    s = settings_for(model.generation_config, model.args.max_length, **dict(given(a), chat=True))
+    s = settings_for(model.generation_config, model.args.max_length, model.config_file, **dict(given(a), chat=True))
     plan(model.tokenizer, [item["instruction"] for item in items], s, model.args)  # every row fits, or a message
     return items, model, reward, device, getattr(torch, a.dtype) if a.dtype else dtype
 

@@ -74,7 +74,7 @@ from model import ModelArgs, Transformer
 from support.cli import (ArgumentParser, OutputFolder, atomic_write, eta_flag, file_identity, number, replace_files,
                          run_cli, seed_flag)
 from support.hub import read_config, read_json
-from support.prompts import GUIDANCE_ETA, Settings, process_device, processes, settings_for, spread
+from support.prompts import GUIDANCE_ETA, SAMPLERS, Settings, process_device, processes, settings_for, spread
 from support.tokenizer import Tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -107,6 +107,11 @@ class Checkpoint:
         return cls(path, ModelArgs.from_hf(read_config(path)), Tokenizer(path),
                    read_json(gen, "generation config") if os.path.exists(gen) else None)
 
+    @property
+    def config_file(self) -> str:
+        """Its generation_config.json (named in a message about a bad value there)."""
+        return os.path.join(self.path, "generation_config.json")
+
     def identity(self) -> dict:
         """What its files hold (support.cli.file_identity): weights, config and tokenizer."""
         return file_identity(self.path)
@@ -123,16 +128,18 @@ def check_scorer(scorer: Checkpoint, name: str):
 
 
 def pick_device(name: str | None):
-    """(device, default dtype) for a --device flag (None: cuda if there is a GPU, else cpu); under
-    torchrun "cuda" is each process's own GPU."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = sample.pick_device(process_device(name))
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise ValueError(f"--device {name}: a CPU has no index: use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                         f"numbered from 0")
+    """(device, default dtype) for a --device flag (None: cuda if there is a GPU, else cpu), checked by
+    sample.pick_device; under torchrun "cuda" is each process's own GPU."""
+    device = sample.pick_device(process_device(name or ("cuda" if torch.cuda.is_available() else "cpu")))
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def sampling_flags(p):
+    """--sampler and --shed, as sample.py has them (default: the checkpoint's, else stochastic and never)."""
+    p.add_argument("--sampler", choices=SAMPLERS, help="re-noising: stochastic (fresh noise each step, as released) "
+                   "or ddim (the noise implied by the prediction) (default: the checkpoint's, else stochastic)")
+    p.add_argument("--shed", type=number(int, lo=1), metavar="M", help="a row stops computing its trailing [PAD] "
+                   "once settled for M steps (default: the checkpoint's, else never)")
 
 
 def output_folder(path: str, flag: str = "--output"):
@@ -240,11 +247,6 @@ def task_manager(builtin: bool = True):
     ~15k task configs takes 15-30 s)."""
     from lm_eval.tasks import TaskManager
     return TaskManager(include_path=TASKS_DIR, include_defaults=builtin)
-
-
-def ours(names) -> bool:
-    """Whether every task name is one of eval/tasks/*.yaml."""
-    return all(os.path.exists(os.path.join(TASKS_DIR, f"{n}.yaml")) for n in names)
 
 
 def ours(names) -> bool:
@@ -463,7 +465,7 @@ class TESS2(LM):
                  batch_size=None, top_p=None, argmax: bool = False, seed=None, chat=None, length: int = MAX_GEN_TOKS,
                  total_length=None, guidance_steps=None, tau=None, mc_samples: int = 8, device=None, dtype=None,
                  output=None, model=None, tokenizer=None, reward=None, reward_tok=None, progress_every: float = 10.0,
-                 max_batch_size=None):
+                 max_batch_size=None, sampler=None, shed=None):
         super().__init__()  # max_batch_size: passed by lm-eval, unused (batches are --batch-size rows)
         dev, default_dtype = pick_device(device)
         dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or default_dtype
@@ -484,6 +486,7 @@ class TESS2(LM):
         flags = dict(steps=number(int, steps), batch_size=number(int, batch_size), seed=number(int, seed),
                      chat=None if chat is None else bool(chat), total_length=number(int, total_length),
                      guidance_steps=number(int, guidance_steps), tau=number(float, tau), eta=number(float, eta),
+                     sampler=sampler, shed=number(int, shed),
                      **({"top_p": None} if argmax else {"top_p": number(float, top_p)} if top_p is not None else {}))
         # the checkpoint's settings, then the flags; requests give their own length (max_gen_toks)
         self.sampling = settings_for(getattr(self.model, "generation_config", None), self.max_len,
@@ -517,7 +520,7 @@ class TESS2(LM):
         s = self.sampling
         return dict(self.produced_by, steps=s.steps, top_p=s.top_p, seed=s.seed, chat=s.chat,
                     total_length=s.total_length, batch_size=s.batch_size, eta=s.eta if self.reward else None,
-                    guidance_steps=s.guidance_steps, tau=s.tau)
+                    guidance_steps=s.guidance_steps, tau=s.tau, sampler=s.sampler, shed=s.shed)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched sample.generate. Requests are sorted by (max_gen_toks, prompt length) so a batch
@@ -561,7 +564,7 @@ class TESS2(LM):
                                 batch_size=len(prompts), chat=s.chat, total_length=s.total_length,
                                 length=None if s.total_length else length, reward_model=self.reward,
                                 reward_tokenizer=self.reward_tok, eta=s.eta if self.reward else None,
-                                guidance_steps=s.guidance_steps, tau=s.tau)
+                                guidance_steps=s.guidance_steps, tau=s.tau, sampler=s.sampler, shed=s.shed)
         seconds = time.perf_counter() - t0
         return [dict(key=k, context=c, max_gen_toks=n, until=u, raw=text, seconds=seconds)
                 for k, (c, n, u), text in zip(keys, batch, texts)]
@@ -730,6 +733,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=number(float, lo=0, hi=1, lo_open=True),
                    help="nucleus projection (default: the checkpoint's; released: 0.99)")
     p.add_argument("--argmax", action="store_true", help="project by argmax (paper Eq. 5)")
+    sampling_flags(p)
     p.add_argument("--total-length", type=positive, help="pad every row to this length (the released "
                                                          "evaluation: 2048)")
     p.add_argument("--no-chat", dest="chat", action="store_const", const=False,
@@ -802,7 +806,7 @@ def main(argv=None):
         lm = TESS2(pretrained=model.path, reward_model=reward and reward.path, eta=a.eta, steps=a.steps,
                    batch_size=a.batch_size, top_p=a.top_p, argmax=a.argmax, seed=a.seed, chat=a.chat,
                    total_length=a.total_length, guidance_steps=a.guidance_steps, mc_samples=a.mc_samples,
-                   device=a.device, dtype=a.dtype, output=a.output)
+                   device=a.device, dtype=a.dtype, output=a.output, sampler=a.sampler, shed=a.shed)
         res = evaluate(lm, tasks, manager, a.output, a.limit, a.num_fewshot, a.bootstrap_iters)
     if processes()[0] == 0:
         from lm_eval.utils import make_table

@@ -38,7 +38,7 @@ import torch
 
 import sample
 from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, check_scorer, output_folder,
-                          pick_device, request_key, sample_answers)
+                          pick_device, request_key, sample_answers, sampling_flags)
 from eval.metrics import distinct_n, perplexity, unigram_entropy
 from support.cli import (ArgumentParser, atomic_write, eta_flag, fingerprint, number, read_marker, replace_files,
                          run_cli, seed_flag)
@@ -112,6 +112,7 @@ def common_flags(p):
     p.add_argument("--top-p", type=number(float, lo=0, hi=1, lo_open=True),
                    help="nucleus projection (default: the checkpoint's)")
     p.add_argument("--argmax", action="store_true")
+    sampling_flags(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, help="Tulu template around prompts (default: "
                    "the checkpoint's: tuned models use it; the paper's adaptation metrics, on adapted models, do not)")
     p.add_argument("--batch-size", type=positive)
@@ -140,7 +141,8 @@ def prepare(a, steps=None, eta=None, guided=False):
     device, dtype = pick_device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else dtype
     flags = {k: v for k, v in given(a).items() if k not in ("steps", "eta")}
-    settings = settings_for(model.generation_config, model.args.max_length, steps=steps, eta=eta, **flags)
+    settings = settings_for(model.generation_config, model.args.max_length, model.config_file, steps=steps, eta=eta,
+                            **flags)
     plan(model.tokenizer, [r["prompt"] for r in records], settings, model.args)  # every row fits, or a message
     return types.SimpleNamespace(records=records, model=model, scorer=scorer, reward=reward, device=device,
                                  dtype=dtype, settings=settings, flags=flags)

@@ -5,7 +5,8 @@ checkpoint's generation_config.json, else the released evaluation's, then what a
 gives.
 
 A row is BOS + the prompt in the Tulu chat template (context: clean tokens that never change) +
-a generation region (span). `<mask:N>` in a prompt is a gap of N span positions (infilling).
+a generation region (span). A prompt is a text or a chat of several turns (a list of messages);
+`<mask:N>` in a text is a gap of N span positions (infilling).
 Under torchrun the batches of a run are spread over its processes (spread), prompt j keeping its
 seed + j.
 """
@@ -32,6 +33,15 @@ GAP = re.compile(r"<mask:([^>]*)>")
 GUIDANCE_ETA = 0.25  # eta when a reward model is given and eta is not: the paper's best for TESS 2 v0.1 (Table 3a)
 
 
+SAMPLERS = ("stochastic", "ddim")  # re-noising: fresh noise (Eq. 4, released) or the implied noise (METHOD.md §9)
+SEED_LIMIT = 2**63  # seeds are int64; prompt j's seed + j stays inside a generator's range (below 2**64)
+
+
+def flag_name(field: str) -> str:
+    """How a command line names a Settings field: --total-length."""
+    return "--" + field.replace("_", "-")
+
+
 @dataclass
 class Settings:
     steps: int = 100  # N
@@ -48,35 +58,59 @@ class Settings:
     guidance_ckpt: bool | None = None  # recompute reward-model blocks in the guidance backward (None: if
     # what it keeps would not fit in the device's free memory, sample.recompute_reward_model)
     compile: bool = False  # torch.compile the model pass of each step (sample.compiled_predict)
+    shed: int | None = None  # a row stops computing its trailing [PAD] once settled this many steps (None: never)
+    sampler: str = "stochastic"  # re-noising: "stochastic" (fresh noise, as released) or "ddim" (deterministic)
 
-    def check(self):
-        """Refuse impossible values with the flag to fix."""
-        for name, low in (("steps", 1), ("length", 0), ("total_length", 1), ("batch_size", 1),
-                          ("guidance_steps", 1), ("early_exit", 1)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p} (for argmax: --argmax, top_p=None)")
-        if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"--eta must be a finite number >= 0, got {self.eta}")
-        if not (math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"--tau must be a finite number > 0 (it divides the logits), got {self.tau}")
+    def check(self, name=flag_name):
+        """Refuse impossible values, each named by name(field): the flag to fix (default), or a file's key."""
+        for field, low in (("steps", 1), ("length", 0), ("total_length", 1), ("batch_size", 1),
+                           ("guidance_steps", 1), ("early_exit", 1), ("shed", 1)):
+            value = getattr(self, field)
+            if value is not None and not (whole(value) and value >= low):
+                raise ValueError(f"{name(field)} must be a whole number of at least {low}, got {value!r}")
+        if not (whole(self.seed) and 0 <= self.seed < SEED_LIMIT):
+            raise ValueError(f"{name('seed')} must be a whole number in [0, 2**63), got {self.seed!r}")
+        if self.top_p is not None and not (finite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"{name('top_p')} must be in (0, 1], got {self.top_p!r} "
+                             "(for argmax: --argmax, top_p=None)")
+        if self.eta is not None and not (finite(self.eta) and self.eta >= 0):
+            raise ValueError(f"{name('eta')} must be a finite number >= 0, got {self.eta!r}")
+        if not (finite(self.tau) and self.tau > 0):
+            raise ValueError(f"{name('tau')} must be a finite number > 0 (it divides the logits), got {self.tau!r}")
+        for field in ("chat", "compile", "guidance_ckpt"):
+            value = getattr(self, field)
+            if not isinstance(value, bool) and not (field == "guidance_ckpt" and value is None):
+                raise ValueError(f"{name(field)} must be true or false, got {value!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"{name('sampler')} must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         return self
 
 
-def settings_for(generation_config: dict | None, max_len: int, **overrides) -> Settings:
+def whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def settings_for(generation_config: dict | None, max_len: int, where: str = "the checkpoint's generation_config.json",
+                 **overrides) -> Settings:
     """A checkpoint's settings: its generation_config.json (written by train.py) or, without one (the
     released hamishivi/tess2), the released evaluation's (rows of 2048 positions, 100 steps, top-p 0.99);
     the total length at most what the model reads; then overrides (flags, or generate's keywords).
     An override of None leaves the field to the checkpoint, except top_p=None: argmax. Giving
-    `length` alone drops the default total length, so that the rows are prompt + length."""
+    `length` alone drops the default total length, so that the rows are prompt + length. A bad value
+    of the file is blamed on it (`where`, its path, and the key), one of an override on its flag."""
     fields = {f.name for f in dataclasses.fields(Settings)}
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {sorted(fields)}")
+    if generation_config is not None and not isinstance(generation_config, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(generation_config).__name__}")
     overrides = {k: v for k, v in overrides.items() if v is not None or k == "top_p"}
     base = {k: v for k, v in (generation_config or {}).items() if k in fields}
+    Settings(**{k: v for k, v in base.items() if k not in overrides}).check(lambda field: f"{where}: {field}")
     if "length" in overrides and "total_length" not in overrides:
         base["total_length"] = None
     if "total_length" in overrides and "length" not in overrides:
@@ -98,8 +132,9 @@ def given(flags) -> dict:
 
 
 def read_prompts(path):
-    """One prompt per line; in a .jsonl file, a JSON string or {"prompt": ...} per line (--prompts-file).
-    A file without a prompt is refused, by its name."""
+    """One prompt per line; in a .jsonl file, a JSON string, {"prompt": ...} or a chat {"messages": [{"role",
+    "content"}, ...]} (a prompt of several turns) per line (--prompts-file). A file without a prompt is
+    refused, by its name."""
     if os.path.isdir(path):
         raise ValueError(f"--prompts-file {path} is a directory: pass a text file, one prompt per line")
     try:
@@ -113,19 +148,51 @@ def read_prompts(path):
         raise ValueError(f"--prompts-file {path} holds no prompt (it is empty or blank): write one prompt per line")
     if not path.endswith(".jsonl"):
         return [line for _, line in lines]
-    prompts = []
-    for n, line in lines:
+    return [json_prompt(path, n, line) for n, line in lines]
+
+
+def json_prompt(path, n, line):
+    """The prompt of line n of a .jsonl prompts file: a string, or a chat's list of messages."""
+    expected = "each line is a JSON string, {\"prompt\": ...} or {\"messages\": [...]}"
+    try:
+        o = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); {expected}") from None
+    if isinstance(o, dict) and "messages" in o:
         try:
-            o = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); each line is a JSON string or "
-                             "{\"prompt\": ...}") from None
-        if isinstance(o, dict) and isinstance(o.get("prompt"), str):
-            o = o["prompt"]
-        if not isinstance(o, str):
-            raise ValueError(f"{path}, line {n}: expected a JSON string or an object with a \"prompt\" string")
-        prompts.append(o)
-    return prompts
+            check_chat(o["messages"])
+        except ValueError as e:
+            raise ValueError(f"{path}, line {n}: {e}") from None
+        return o["messages"]
+    if isinstance(o, dict) and isinstance(o.get("prompt"), str):
+        o = o["prompt"]
+    if not isinstance(o, str):
+        raise ValueError(f"{path}, line {n}: expected a JSON string or an object with a \"prompt\" string "
+                         "or a \"messages\" list")
+    return o
+
+
+def is_chat(prompt) -> bool:
+    """Whether a prompt is a chat (a list of messages) rather than a text."""
+    return isinstance(prompt, list)
+
+
+def check_chat(messages):
+    """A chat to answer: data.chat's messages (roles system, user, assistant; string contents), the
+    last the user's. `<mask:N>` in a chat is refused: infilling takes a prompt as written."""
+    data.chat.check_messages(messages)
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the last message is the {messages[-1]['role']}'s: a chat to answer ends with a user message")
+    if any(GAP.search(m["content"]) for m in messages):
+        raise ValueError("a chat's messages cannot hold <mask:N> gaps: infilling uses a prompt as written, "
+                         "a text with the template written out")
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as a person reads it: the text, or a chat's turns in the template's role markers."""
+    if not is_chat(prompt):
+        return prompt
+    return "".join(f"<|{m['role']}|>\n{m['content'].strip()}\n" for m in prompt)
 
 
 # -----------------------------------------------------------------------------
@@ -169,12 +236,17 @@ def encode_pieces(tokenizer, pieces: list[str]) -> list[list[int]]:
     return [encoding.ids[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = True, placeholder: int = 0, max_len: int | None = None):
+def encode_prompt(tokenizer, prompt, chat: bool = True, placeholder: int = 0, max_len: int | None = None):
     """One prompt -> (ids, span) lists: BOS + the prompt, stripped and in the Tulu chat template
-    "<|user|>\\n{prompt}\\n<|assistant|>\\n" as in training (§8) unless chat=False. `<mask:N>`
-    marks a gap of N span positions (filled with `placeholder`, never read); such a prompt is used
-    exactly as written, spaces and newlines next to a gap included (encode_pieces), never templated
-    (write the template out to infill an answer)."""
+    "<|user|>\\n{prompt}\\n<|assistant|>\\n" as in training (§8) unless chat=False. A chat (a list of
+    {"role", "content"} messages, the last the user's) is always templated, every turn as in training
+    (data.chat.encode_chat_prompt). `<mask:N>` in a text marks a gap of N span positions (filled with
+    `placeholder`, never read); such a prompt is used exactly as written, spaces and newlines next to a
+    gap included (encode_pieces), never templated (write the template out to infill an answer)."""
+    if is_chat(prompt):
+        check_chat(prompt)
+        ids = data.chat.encode_chat_prompt(tokenizer, prompt)
+        return ids, [False] * len(ids)
     parts = GAP.split(prompt)  # text, N, text, N, ..., text
     if len(parts) == 1:
         ids = data.chat.encode_prompt(tokenizer, prompt) if chat else [tokenizer.bos_id] + tokenizer.encode(prompt)
@@ -190,7 +262,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True, placeholder: int = 
 
 @dataclass
 class Batch:
-    prompts: list
+    prompts: list  # texts, or chats (lists of messages)
     ids: torch.Tensor  # (B, L) context tokens; span and padding positions hold a placeholder
     span_mask: torch.Tensor  # (B, L) bool: positions to generate
     lengths: list  # each row's own length; positions beyond it are padding, masked out of attention
@@ -242,7 +314,7 @@ def plan(tokenizer, prompts, s: Settings, args: ModelArgs) -> list[Batch]:
 
 @dataclass
 class Generation:
-    prompt: str
+    prompt: str | list  # a text, or a chat's messages
     text: str  # the generated text; for a prompt with gaps, the whole document filled in
     tokens: list  # generated ids: the gaps, then the region cut at the first EOS, [PAD] dropped
     steps_used: int = 0

@@ -1,8 +1,9 @@
 """
 serve.py's HTTP side that a student may skip: the events the Engine publishes for a request,
-OpenAI's request bodies read and checked, chats rendered in the Tulu template, answers written back
-as OpenAI's JSON and Server-Sent Events, and Api, the Starlette app over an Engine (OpenAI's
-endpoints, /health and the page). Nothing here touches the model; serve.py's Engine does.
+OpenAI's request bodies read and checked (a chat's messages become the prompt that sample.generate
+takes for a chat, rendered by support/prompts.encode_prompt), answers written back as OpenAI's JSON
+and Server-Sent Events, and Api, the Starlette app over an Engine (OpenAI's endpoints, /health and
+the page). Nothing here touches the model; serve.py's Engine does.
 
 Every mistake in a request is an ApiError, answered in OpenAI's error format
 {"error": {"message", "type", "param", "code"}}.
@@ -22,9 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-import data.chat
 from support import views
-from support.prompts import GAP
+from support.prompts import GAP, SAMPLERS, check_chat, gap_size
 
 MAX_BODY = 1 << 20  # bytes: a request body is JSON text, never a file
 MAX_STEPS = 10_000  # steps beyond this are a typo (the released evaluation takes 100), not a request to honour
@@ -51,10 +51,11 @@ class Busy(Exception):
 
 @dataclass
 class ApiRequest:
-    """What a chat or completion request asks for, checked: the prompts as rendered text (each is one
-    row of sample.py's, with no further template), the Settings fields it overrides, and how to answer."""
+    """What a chat or completion request asks for, checked: the prompts (a completion's texts, used as
+    written; a chat's messages, rendered in the chat template as sample.generate renders a chat), the
+    Settings fields it overrides, and how to answer."""
     kind: str  # "chat" or "completion"
-    prompts: list  # rendered prompt texts, each repeated n times: row j is prompt j // n, seed + j
+    prompts: list  # prompts, each repeated n times: row j is prompt j // n, seed + j
     n: int
     overrides: dict  # Settings fields (steps, top_p, length, total_length, seed, eta, guidance_steps, ...)
     stop: list = field(default_factory=list)
@@ -206,7 +207,7 @@ def texts(value, name, allow_list=True):
 
 
 # -----------------------------------------------------------------------------
-# Chat: messages in the Tulu template (METHOD.md §8)
+# Chat: OpenAI's messages -> the chat prompt of support/prompts.encode_prompt (the Tulu template, §8)
 
 
 def content_text(message, j):
@@ -220,24 +221,23 @@ def content_text(message, j):
     return content
 
 
-def render_chat(messages):
-    """OpenAI messages -> the prompt text of a row, in the Tulu chat template:
-    <|system|>\\n{s}\\n<|user|>\\n{u}\\n<|assistant|>\\n{a}</s>\\n ... <|user|>\\n{u}\\n<|assistant|>\\n.
-    One user message renders as sample.py's chat prompt exactly (data.chat.format_prompt of the text
-    stripped), so that a request and `python sample.py --prompt` give the same row. The checkpoints
-    here were tuned on single turns; earlier turns are context as the template writes them."""
+def chat_prompt(messages):
+    """OpenAI messages -> the chat a row is made of: [{"role", "content"}] with string contents, which
+    support/prompts.encode_prompt renders in the Tulu template, every turn as in training, as it does
+    for sample.generate and a --prompts-file chat (one user message: exactly sample.py --prompt)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
-    turns = []
+    chat = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{j}] must be an object whose role is system, user or assistant",
                            "messages")
-        turns.append((m["role"], content_text(m, j).strip()))
-    if turns[-1][0] != "user":
-        raise ApiError(400, "the last message must be the user's: the model answers it", "messages")
-    head = "".join(f"<|{role}|>\n{text}" + ("</s>\n" if role == "assistant" else "\n") for role, text in turns[:-1])
-    return head + data.chat.format_prompt(turns[-1][1])
+        chat.append({"role": m["role"], "content": content_text(m, j)})
+    try:
+        check_chat(chat)
+    except ValueError as e:
+        raise ApiError(400, str(e), "messages") from None
+    return chat
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def render_chat(messages):
 
 
 COMMON = {"model", "max_tokens", "seed", "top_p", "n", "stream", "stream_options", "stop", "user",
-          "steps", "eta", "guidance_steps", "argmax", "early_exit", "total_length"}
+          "steps", "eta", "guidance_steps", "argmax", "early_exit", "total_length", "shed", "sampler"}
 
 
 def check_fields(body, kind):
@@ -265,7 +265,11 @@ def diffusion_settings(body, max_length, reward_model):
          "guidance_steps": whole(body, "guidance_steps", 1, MAX_GUIDANCE_STEPS),
          "early_exit": whole(body, "early_exit", 1, MAX_STEPS),
          "total_length": whole(body, "total_length", 1, max_length),
-         "eta": number(body, "eta", 0.0, 1e6)}
+         "eta": number(body, "eta", 0.0, 1e6), "shed": whole(body, "shed", 1, MAX_STEPS)}
+    if body.get("sampler") is not None and body["sampler"] not in SAMPLERS:
+        raise ApiError(400, f"'sampler' must be one of {', '.join(SAMPLERS)}, got {json.dumps(body['sampler'])[:80]}",
+                       "sampler")
+    s["sampler"] = body.get("sampler")
     tokens = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     s["length"] = whole(body, tokens, 1, max_length)
     s["top_p"] = number(body, "top_p", 0.0, 1.0, low_open=True)
@@ -300,9 +304,13 @@ def stream_fields(body, request: ApiRequest):
 
 
 def check_gaps(prompts, max_length, param):
-    """<mask:N> gaps fit in the model: a row's gap positions are laid out before its length is checked."""
+    """Each <mask:N> gap is well formed (support.prompts.gap_size) and the gaps fit in the model: a row's
+    gap positions are laid out before its length is checked."""
     for prompt in prompts:
-        sizes = [int(n) if len(n) < 8 else max_length + 1 for n in GAP.findall(prompt) if n.isdigit()]
+        try:
+            sizes = [gap_size(spec, prompt, max_length) for spec in GAP.findall(prompt)]
+        except ValueError as e:
+            raise ApiError(400, str(e), param) from None
         if sum(sizes) > max_length:
             raise ApiError(400, f"the <mask:N> gaps of a prompt ask for {sum(sizes)} positions, more than the "
                            f"model reads ({max_length})", param)
@@ -319,8 +327,9 @@ def parse_request(body: dict, kind: str, model_name: str, max_length: int, max_b
                        "(GET /v1/models)", "model", code="model_not_found")
     if kind == "chat" and not chat_template:
         raise ApiError(400, "this checkpoint has no chat template: use /v1/completions", "messages")
-    prompts = [render_chat(body["messages"])] if kind == "chat" else texts(body["prompt"], "prompt")
-    check_gaps(prompts, max_length, "messages" if kind == "chat" else "prompt")
+    prompts = [chat_prompt(body["messages"])] if kind == "chat" else texts(body["prompt"], "prompt")
+    if kind == "completion":
+        check_gaps(prompts, max_length, "prompt")
     n = whole(body, "n", 1, max_batch, default=1)
     if n * len(prompts) > max_batch:
         raise ApiError(400, f"{len(prompts)} prompts x n = {n} make {n * len(prompts)} rows, but a request "

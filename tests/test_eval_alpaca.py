@@ -95,6 +95,9 @@ def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
                                                          "details")}
     cfg, n = model.generation_config, model.args.max_length
     assert settings_for(cfg, n, **sampling) == settings_for(cfg, n, chat=True) and kw["seed"] == 0
+    seen.clear()
+    alpaca.main(["--prompts", str(prompts), "--output", str(tmp_path / "o"), "--sampler", "ddim", "--shed", "5"])
+    assert seen and {(kw["sampler"], kw["shed"]) for _, kw in seen} == {("ddim", 5)}
 
 
 # -----------------------------------------------------------------------------

@@ -136,6 +136,19 @@ def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
     assert settings_for(cfg, model.args.max_length).total_length == 160
 
 
+def test_the_sampler_and_shed_flags_reach_sample_generate(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(intrinsic.sample, "generate", lambda m, t, prompts, **kw: seen.append(kw) or
+                        [SimpleNamespace(text="some words", tokens=[5])] * len(prompts))
+    intrinsic.main(["--prompts", write_prompts(tmp_path), "--output", str(tmp_path / "out"), "--sampler", "ddim",
+                    "--shed", "4"])
+    assert seen and {(kw["sampler"], kw["shed"]) for kw in seen} == {("ddim", 4)}
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())  # and the key of the results
+    seen.clear()
+    intrinsic.main(["--prompts", write_prompts(tmp_path), "--output", str(tmp_path / "out"), "--sampler", "ddim"])
+    assert seen and json.loads((tmp_path / "out" / "metrics.json").read_text())["fingerprint"] != metrics["fingerprint"]
+
+
 # -----------------------------------------------------------------------------
 # Refused runs: one line, exit status 2, no output changed
 
@@ -175,6 +188,9 @@ REFUSED = [  # (flags, a phrase of the message); {name} is a path of the `inputs
     (["--eta", "-1"], "--eta must be a finite number >= 0, got -1"),
     (["--eta", "1e39"], "--eta must be a finite number >= 0, got 1e39, over float32's largest"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    (["--shed", "0"], "--shed must be a positive integer, got 0"),
+    (["--shed", "1e20"], "--shed must be a positive integer below 2**63, got 1e20"),
     (["--scorer", SHIPPED], f"--scorer {SHIPPED} is a MistralForDiffusionLM: perplexity is measured under a causal"),
     (["--scorer", "{rm}"], "is a MistralForSequenceClassification: perplexity is measured under a causal"),
     (["--model", "{rm}"], "the model is a MistralForSequenceClassification, not a diffusion model"),

@@ -388,6 +388,19 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_sampler_and_shed_flags_reach_the_model(tmp_path, monkeypatch):
+    given = {}
+
+    def spy(**kw):
+        given.update(kw)
+        raise ValueError("the spy stops here")
+    monkeypatch.setattr(harness, "TESS2", spy)
+    with pytest.raises(ValueError, match="the spy stops here"):
+        harness.main(["--tasks", "tess2_squad", "--output", str(tmp_path / "o"), "--sampler", "ddim", "--shed", "3"])
+    assert (given["sampler"], given["shed"]) == ("ddim", 3)
+    assert not (tmp_path / "o").exists()  # a run that fails before its first result leaves no folder
+
+
 def test_an_unknown_task_is_named(tmp_path, capsys, monkeypatch):
     from support.cli import run_cli
     ours_only = harness.task_manager
@@ -429,18 +442,20 @@ def test_sampling_settings_left_out_are_the_checkpoints(monkeypatch, tok):
     generation_config.json (as in sample.py), those given override them."""
     a = harness.parse_args(["--tasks", "tess2_squad", "--output", "o"])
     assert all(getattr(a, k) is None for k in ("steps", "top_p", "seed", "batch_size", "chat", "eta",
-                                               "guidance_steps", "total_length"))
+                                               "guidance_steps", "total_length", "sampler", "shed"))
     torch.manual_seed(0)
     m = Transformer(preset("tiny", vocab_size=tok.vocab_size, timestep_embed=True, causal=False)).init_weights()
-    m.generation_config = {"steps": 3, "top_p": 0.5, "chat": False, "seed": 4, "guidance_steps": 2}
-    for lm_args, expected in (({}, (3, 0.5, False, 4, 2)),
-                              (dict(steps=7, argmax=True, chat=True, seed=1), (7, None, True, 1, 2))):
+    m.generation_config = {"steps": 3, "top_p": 0.5, "chat": False, "seed": 4, "guidance_steps": 2, "shed": 6}
+    for lm_args, expected in (({}, (3, 0.5, False, 4, 2, "stochastic", 6)),
+                              (dict(steps=7, argmax=True, chat=True, seed=1, sampler="ddim", shed="2"),
+                               (7, None, True, 1, 2, "ddim", 2))):
         stub = Stub({"x": "y"})
         monkeypatch.setattr(harness.sample, "generate", stub)
         lm = harness.TESS2(model=m, tokenizer=tok, progress_every=0, **lm_args)
         assert lm.generate_until([Request("x", {"until": ["\n"], "max_gen_toks": 8})]) == ["y"]
         kw = stub.calls[0][1]
-        assert (kw["steps"], kw["top_p"], kw["chat"], kw["seed"], kw["guidance_steps"]) == expected
+        assert (kw["steps"], kw["top_p"], kw["chat"], kw["seed"], kw["guidance_steps"], kw["sampler"],
+                kw["shed"]) == expected
         assert kw["length"] == 8 and kw["total_length"] is None
 
 

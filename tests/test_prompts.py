@@ -84,6 +84,71 @@ def test_a_prompts_file_is_lines_or_json_lines(tmp_path):
         read_prompts(str(tmp_path / "none.txt"))
 
 
+def test_a_bad_value_of_the_checkpoints_file_is_blamed_on_it_and_an_override_on_its_flag():
+    where = "m/generation_config.json"
+    for config, words in (({"steps": 0}, "steps must be a whole number of at least 1, got 0"),
+                          ({"shed": 0}, "shed must be a whole number of at least 1, got 0"),
+                          ({"seed": -1}, "seed must be a whole number in [0, 2**63), got -1"),
+                          ({"eta": "x"}, "eta must be a finite number >= 0, got 'x'"),
+                          ({"sampler": "euler"}, "sampler must be one of stochastic, ddim, got 'euler'"),
+                          ({"compile": 1}, "compile must be true or false, got 1")):
+        with pytest.raises(ValueError, match=f"^{re.escape(where)}: {re.escape(words)}"):
+            settings_for(config, 1024, where, **{k: None for k in config})  # None: no override
+        field = next(iter(config))
+        with pytest.raises(ValueError, match=f"^--{field}"):  # the flag, not the file
+            settings_for({}, 1024, where, **config)
+    assert settings_for({"steps": 0, "sampler": "x"}, 1024, where, steps=3, sampler="ddim").steps == 3  # overridden
+    with pytest.raises(ValueError, match=f"^{re.escape(where)} must hold a JSON object, got list"):
+        settings_for([1], 1024, where)
+    s = settings_for({"sampler": "ddim", "shed": 4}, 1024)
+    assert (s.sampler, s.shed) == ("ddim", 4) and (Settings().sampler, Settings().shed) == ("stochastic", None)
+
+
+# Chats: BOS 0, EOS 1; "<|user|>" is <|, user, |> (4, 6, 5), "<|assistant|>" (4, 7, 5); "system" is <unk> 3
+U, A, S = [4, 6, 5], [4, 7, 5], [4, 3, 5]
+
+
+def test_a_chat_of_several_turns_is_laid_out_as_in_training(tok):
+    """Every turn in the template, every reply followed by EOS, then the assistant header: the row's context."""
+    one = [{"role": "user", "content": " the cat \n"}]
+    assert encode_prompt(tok, one) == ([0, *U, 8, 10, *A], [False] * 9)
+    assert encode_prompt(tok, one)[0] == encode_prompt(tok, "the cat")[0]  # one turn: exactly a text prompt's row
+    two = one + [{"role": "assistant", "content": "a mat"}, {"role": "user", "content": "write a sonnet"}]
+    assert encode_prompt(tok, two)[0] == [0, *U, 8, 10, *A, 9, 13, 1, *U, 14, 9, 15, *A]
+    three = [{"role": "system", "content": "sat on"}] + two + [{"role": "assistant", "content": "the sonnet"},
+                                                              {"role": "user", "content": "a cat"}]
+    ids, span = encode_prompt(tok, three, chat=False)  # a chat is a chat: templated whatever `chat` says
+    assert ids == [0, *S, 11, 12, *U, 8, 10, *A, 9, 13, 1, *U, 14, 9, 15, *A, 8, 15, 1, *U, 9, 10, *A]
+    assert not any(span)
+    b = make_batch(tok, [two, "the cat"], Settings(total_length=None, length=2), 1024, tok.pad_id)
+    assert b.ends == [21, 9] and b.lengths == [23, 11] and b.span_mask.sum(1).tolist() == [2, 2]
+
+
+def test_a_chat_prompt_is_checked_and_shown_in_its_turns(tok):
+    for bad, words in (([{"role": "assistant", "content": "a"}], "a chat starts with a user message"),
+                       ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                        "the last message is the assistant's"),
+                       ([{"role": "user", "content": "the <mask:2>"}], "cannot hold <mask:N> gaps"),
+                       ([{"role": "user"}], "message 1 needs a \"content\" string")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            encode_prompt(tok, bad)
+    chat = [{"role": "user", "content": " the cat "}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "b"}]
+    assert prompts.prompt_text(chat) == "<|user|>\nthe cat\n<|assistant|>\na\n<|user|>\nb\n"
+    assert prompts.prompt_text("the cat") == "the cat"
+
+
+def test_a_jsonl_prompts_file_may_hold_chats(tmp_path):
+    chat = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "b"}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps("c") + "\n")
+    assert read_prompts(str(tmp_path / "p.jsonl")) == [chat, "c"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps("c") + "\n" + json.dumps({"messages": chat[:2]}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}, line 2: the last message is the "
+                                                   "assistant's")):
+        read_prompts(str(tmp_path / "bad.jsonl"))
+
+
 def test_the_guidance_step_size_without_eta_is_the_papers():
     assert prompts.GUIDANCE_ETA == 0.25 and Settings().eta is None
 

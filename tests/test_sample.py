@@ -8,6 +8,7 @@ a "model" that always predicts a fixed text and a reward model that likes one to
 import html
 import json
 import os
+import re
 import math
 import subprocess
 import sys
@@ -81,11 +82,11 @@ class FixedText(nn.Module):
                 self.lm_head.weight[second[1:], torch.arange(L - 1)] = 9.0
 
     def hidden_states(self, embeds, t=None, key_padding_mask=None):
-        B, L, _ = embeds.shape
-        early = self.switch and float(t.max()) > 0.5
-        h = torch.zeros(B, L, 2 * L)
-        h[:, torch.arange(L), torch.arange(L) + L * early] = 1.0
-        return h  # (B, L, D = 2L)
+        B, L, _ = embeds.shape  # L: the target's length, or less for a row that has shed its tail
+        early, D = self.switch and float(t.max()) > 0.5, self.lm_head.in_features
+        h = torch.zeros(B, L, D)
+        h[:, torch.arange(L), torch.arange(L) + D // 2 * early] = 1.0
+        return h  # (B, L, D = 2 x the target's length)
 
 
 class LikesToken(nn.Module):
@@ -432,6 +433,129 @@ def test_no_flag_re_declares_a_sampling_default():
     assert a.overrides == dict(chat=False, top_p=None, compile=True, guidance_ckpt=False, steps=3)
 
 
+def spy_steps(monkeypatch):
+    """Each sample.step call's rows as (sampler, shed, pad_id, length), recorded before the step."""
+    seen, real = [], sample.step
+
+    def step(model, state, *args, **kw):
+        seen.append([(state.sampler[b], state.shed[b], state.pad_id[b], state.lengths[b])
+                     for b in range(len(state.keys))])
+        return real(model, state, *args, **kw)
+    monkeypatch.setattr(sample, "step", step)
+    return seen
+
+
+def test_sampler_and_shed_reach_the_reverse_process_from_keywords_and_the_checkpoint(tok, monkeypatch):
+    """A row whose last 3 positions are [PAD] from the first step sheds them after step M = 2."""
+    prompt, fixed, answer = fixed_text_setup(tok)
+    L = len(fixed.target)
+    seen = spy_steps(monkeypatch)
+    assert sample.generate(fixed, tok, [prompt], steps=6, length=8, sampler="ddim", shed=2) == ["the sea is love"]
+    assert [rows[0] for rows in seen] == [("ddim", 2, tok.pad_id, L)] * 2 + [("ddim", 2, tok.pad_id, L - 3)] * 4
+    seen.clear()
+    sample.generate(fixed, tok, [prompt], steps=3, length=8)  # the defaults: stochastic, never sheds
+    assert [rows[0] for rows in seen] == [("stochastic", None, None, L)] * 3
+    fixed.generation_config = {"sampler": "ddim", "shed": 1}
+    for keywords, expected in (({}, ("ddim", 1)), (dict(sampler="stochastic"), ("stochastic", 1)),
+                               (dict(shed=2, sampler=None), ("ddim", 2))):
+        seen.clear()
+        sample.generate(fixed, tok, [prompt], steps=3, length=8, **keywords)
+        assert seen[0][0][:2] == expected, keywords
+
+
+def test_the_sampler_and_shed_flags_give_generates_answer(ckpt, model, tok, capsys, monkeypatch):
+    assert sample.parse_args(["--prompt", "x", "--sampler", "ddim", "--shed", "3"]).overrides == dict(
+        sampler="ddim", shed=3)
+    seen = spy_steps(monkeypatch)
+    argv = ["--model", ckpt, "--prompt", "the cat", "--prompt", "a dog", "--steps", "4", "--length", "6", "--json"]
+    sample.main(argv + ["--sampler", "ddim", "--shed", "3"])
+    assert {row[:3] for rows in seen for row in rows} == {("ddim", 3, tok.pad_id)}
+    got = [json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()]
+    want = sample.generate(model, tok, ["the cat", "a dog"], steps=4, length=6, sampler="ddim", shed=3, details=True)
+    assert got == [g.tokens for g in want]
+    sample.main(argv)
+    assert [json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()] != got
+
+
+CHAT = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"},
+        {"role": "user", "content": "the sea"}]
+
+
+def test_generate_takes_a_chat_as_one_prompt_laid_out_as_in_training(model, tok, monkeypatch):
+    rows, real = [], sample.start
+    monkeypatch.setattr(sample, "start", lambda ids, *a, **k: rows.append(ids.tolist()) or real(ids, *a, **k))
+    one = sample.generate(model, tok, CHAT, steps=3, length=5, seed=2, details=True)
+    both = sample.generate(model, tok, ["write a sonnet", CHAT], steps=3, length=5, seed=1, details=True)
+    assert len(one) == 1 and one[0].prompt == CHAT and both[1].prompt == CHAT
+    assert one[0].tokens == both[1].tokens  # prompt j has seed + j, a chat as any prompt
+    # BOS, <|user|> the cat <|assistant|> a dog EOS, <|user|> the sea <|assistant|>, then 5 generated positions
+    assert rows[0][0][:20] == [0, 4, 6, 5, 8, 10, 4, 7, 5, 9, 11, 1, 4, 6, 5, 8, 15, 4, 7, 5]
+    assert len(rows[0][0]) == 25
+
+
+def test_a_prompts_file_chat_reaches_the_outputs(ckpt, model, tok, tmp_path, capsys):
+    prompts, page = tmp_path / "p.jsonl", tmp_path / "page.html"
+    prompts.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"prompt": "the cat"}) + "\n")
+    sample.main(["--model", ckpt, "--prompts-file", str(prompts), "--steps", "3", "--length", "5", "--seed", "2",
+                 "--json", "--html", str(page)])
+    outputs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in outputs] == [CHAT, "the cat"]
+    assert outputs[0]["tokens"] == sample.generate(model, tok, CHAT, steps=3, length=5, seed=2, details=True)[0].tokens
+    assert html.escape("<|user|>\nthe cat\n<|assistant|>\na dog\n<|user|>\nthe sea\n") in page.read_text()
+
+
+SPY = """
+import json, os, sys
+import sample
+real = sample.run
+def run(model, tok, batches, *args, **kwargs):  # records which process sampled which batch (by its seeds)
+    with open(os.path.join(os.environ["SPY_DIR"], "rank" + os.environ.get("RANK", "0")), "a") as f:
+        f.write(json.dumps([b.seeds for b in batches]) + "\\n")
+    return real(model, tok, batches, *args, **kwargs)
+sample.run = run
+sample.run_cli(sample.main, "sample.py", sys.argv[1:])
+"""
+
+
+def run_sample(tmp_path, name, argv, processes):
+    """sample.py ARGV (through SPY) alone or under torch.distributed.run -> (stdout, {rank: batches' seeds})."""
+    spy, calls = tmp_path / "spy.py", tmp_path / f"calls-{name}"
+    spy.write_text(SPY)
+    calls.mkdir()
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+                                 if processes > 1 else [])
+    env = dict(os.environ, SPY_DIR=str(calls), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    done = subprocess.run(launch + [str(spy), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout, {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in calls.iterdir()}
+
+
+@pytest.mark.slow
+def test_torchrun_spreads_the_prompts_and_the_first_process_writes_the_one_process_output(ckpt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in ["the cat", "a dog", {"messages": CHAT},
+                                                               "write a sonnet", "the sea"]))
+    flags = ["--model", ckpt, "--prompts-file", str(prompts), "--steps", "3", "--length", "4", "--batch-size", "2",
+             "--seed", "5", "--json"]
+    alone, alone_calls = run_sample(tmp_path, "alone", flags + ["--html", str(tmp_path / "one.html")], 1)
+    two, two_calls = run_sample(tmp_path, "two", flags + ["--html", str(tmp_path / "two.html")], 2)
+    assert alone_calls == {"rank0": [[[5, 6]], [[7, 8]], [[9]]]}  # the batch at prompt j: seeds from seed + j
+    assert two_calls == {"rank0": [[[5, 6]], [[9]]], "rank1": [[[7, 8]]]}  # each batch sampled once, by one process
+    drop_seconds = lambda out: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                                for line in out.splitlines()]
+    assert drop_seconds(two) == drop_seconds(alone) and len(drop_seconds(alone)) == 5
+    assert [r["prompt"] for r in drop_seconds(two)] == ["the cat", "a dog", CHAT, "write a sonnet", "the sea"]
+    page = lambda name: re.sub(r"[0-9.]+ s\)", "", (tmp_path / name).read_text())  # noqa: E731  (wall times aside)
+    assert page("two.html") == page("one.html")
+    text, _ = run_sample(tmp_path, "text", flags[:-1], 2)
+    assert text == "".join(r["text"] + "\n\n" for r in drop_seconds(alone))
+
+
+def test_recording_every_step_refuses_shedding(model, tok):
+    with pytest.raises(ValueError, match="record=True keeps every position's prediction at every step, but shed"):
+        sample.generate(model, tok, ["the cat"], steps=2, length=4, shed=1, record=True)
+
+
 def test_the_shipped_model_carries_short_rows(tok):
     s = prompting.settings_for(read_json(os.path.join(ROOT, sample.DEFAULT_MODEL, "generation_config.json")), 1024)
     assert s.total_length <= 256 and s.guidance_steps == 1
@@ -543,18 +667,28 @@ def bad_checkpoints(root, ckpt):
 
 
 def test_user_mistakes_are_one_message_with_what_to_do(ckpt, capsys, tmp_path, monkeypatch):
+    """Each case: exit status 2, one line `sample.py: error: ...` naming the cause, no traceback, and
+    nothing written (no --json line on stdout, no --html page)."""
     made, run = bad_checkpoints(tmp_path, ckpt)
     files = {"missing": tmp_path / "nope.txt", "dir": tmp_path, "latin1": tmp_path / "p.txt",
-             "badjson": tmp_path / "bad.jsonl", "noprompt": tmp_path / "np.jsonl"}
+             "badjson": tmp_path / "bad.jsonl", "noprompt": tmp_path / "np.jsonl", "empty": tmp_path / "empty.txt",
+             "blank": tmp_path / "blank.jsonl", "assistant": tmp_path / "assistant.jsonl",
+             "chatgap": tmp_path / "chatgap.jsonl", "superscript": tmp_path / "sup.txt"}
     files["latin1"].write_bytes("caf\xe9\n".encode("latin-1"))
     files["badjson"].write_text('"ok"\n\n{"prompt": "x"\n')
     files["noprompt"].write_text('{"text": "x"}\n')
+    files["empty"].write_text("")
+    files["blank"].write_text("\n  \n")
+    files["assistant"].write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    files["chatgap"].write_text(json.dumps({"messages": [{"role": "user", "content": "the <mask:2> cat"}]}) + "\n")
+    files["superscript"].write_text("To be <mask:\u00b3> be\n")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     m = ["--model", ckpt, "--prompt", "the cat"]
+    f = lambda name: ["--model", ckpt, "--prompts-file", str(files[name])]  # noqa: E731
     cases = [  # (argv, phrase of the message)
         (["--model", str(tmp_path / "none"), "--prompt", "x"], "no checkpoint directory"),
         (["--model", str(run), "--prompt", "x"], "training run folder: pass one of its checkpoints"),
@@ -565,29 +699,89 @@ def test_user_mistakes_are_one_message_with_what_to_do(ckpt, capsys, tmp_path, m
         (["--model", "someone/not-cached", "--prompt", "x"], "could not be fetched from the Hugging Face Hub"),
         (m + ["--device", "meta"], "sampling runs on cpu or cuda"),
         (m + ["--device", "nonsense"], "is not a device"),
-        (["--model", ckpt, "--prompts-file", str(files["missing"])], "does not exist"),
-        (["--model", ckpt, "--prompts-file", str(files["dir"])], "is a directory"),
-        (["--model", ckpt, "--prompts-file", str(files["latin1"])], "is not UTF-8"),
-        (["--model", ckpt, "--prompts-file", str(files["badjson"])], "line 3: not JSON"),
-        (["--model", ckpt, "--prompts-file", str(files["noprompt"])], "line 1: expected a JSON string"),
-        (m + ["--eta", "nan"], "--eta must be a finite number >= 0"),
-        (m + ["--eta", "-1"], "--eta must be a finite number >= 0"),
-        (m + ["--tau", "0"], "--tau must be a finite number > 0"),
-        (m + ["--tau", "-1"], "--tau must be a finite number > 0"),
-        (m + ["--steps", "0"], "--steps must be a whole number of at least 1"),
-        (m + ["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (m + ["--device", "cpu:5"], "sample.py: error: --device cpu:5: a CPU has no index: use cpu"),
+        (f("missing"), "does not exist"),
+        (f("dir"), "is a directory"),
+        (f("latin1"), "is not UTF-8"),
+        (f("badjson"), "line 3: not JSON"),
+        (f("noprompt"), "line 1: expected a JSON string"),
+        (f("empty"), f"--prompts-file {files['empty']} holds no prompt (it is empty or blank)"),
+        (f("blank"), f"--prompts-file {files['blank']} holds no prompt (it is empty or blank)"),
+        (f("assistant"), f"{files['assistant']}, line 1: a chat starts with a user message"),
+        (f("chatgap"), f"{files['chatgap']}, line 1: a chat's messages cannot hold <mask:N> gaps"),
+        (f("superscript") + ["--no-chat"], "'\u00b3' is not a number written in the digits 0-9"),
+        (m + ["--eta", "nan"], "sample.py: error: --eta must be a finite number >= 0, got nan"),
+        (m + ["--eta", "-1"], "sample.py: error: --eta must be a finite number >= 0, got -1"),
+        (m + ["--eta", "1e39"], "sample.py: error: --eta must be a finite number >= 0, got 1e39, over float32's"),
+        (m + ["--tau", "0"], "sample.py: error: --tau must be a finite number > 0, got 0"),
+        (m + ["--tau", "-1"], "sample.py: error: --tau must be a finite number > 0, got -1"),
+        (m + ["--steps", "0"], "sample.py: error: --steps must be a positive integer, got 0"),
+        (m + ["--steps", "1e20"], "sample.py: error: --steps must be a positive integer below 2**63, got 1e20"),
+        (m + ["--steps", "2.5"], "sample.py: error: --steps must be a positive integer, got 2.5"),
+        (m + ["--seed", str(2**70)], f"sample.py: error: --seed must be a whole number in [0, 2**63), got {2**70}"),
+        (m + ["--seed", "-1"], "sample.py: error: --seed must be a whole number in [0, 2**63), got -1"),
+        (m + ["--top-p", "0"], "sample.py: error: --top-p must be a number in (0, 1], got 0"),
+        (m + ["--top-p", "1.5"], "sample.py: error: --top-p must be a number in (0, 1], got 1.5"),
+        (m + ["--top-p", "0.5", "--argmax"], "sample.py: error: argument --argmax: not allowed with argument --top-p"),
+        (m + ["--threads", "0"], "sample.py: error: --threads must be a positive integer, got 0"),
+        (m + ["--batch-size", "0"], "sample.py: error: --batch-size must be a positive integer, got 0"),
+        (m + ["--guidance-steps", "0"], "sample.py: error: --guidance-steps must be a positive integer, got 0"),
+        (m + ["--early-exit", "0"], "sample.py: error: --early-exit must be a positive integer, got 0"),
+        (m + ["--total-length", "0"], "sample.py: error: --total-length must be a positive integer, got 0"),
+        (m + ["--length", "-1"], "sample.py: error: --length must be 0 or a positive integer, got -1"),
+        (m + ["--shed", "0"], "sample.py: error: --shed must be a positive integer, got 0"),
+        (m + ["--sampler", "euler"], "sample.py: error: argument --sampler: invalid choice: 'euler'"),
+        (m + ["--length", "4", "--total-length", "20"],
+         "sample.py: error: --length and --total-length both set the length of a row: give one"),
         (m + ["--length", "0"], "leaves nothing to generate"),
-        (m + ["--threads", "0"], "--threads must be at least 1"),
         (m + ["--html", str(tmp_path / "no-dir" / "x.html")], "cannot write a file there"),
+        (m + ["--shed", "2", "--length", "4", "--html", str(tmp_path / "shed.html")],
+         "sample.py: error: --html records every position at every step, but shedding (--shed 2) stops computing"),
         (["--model", ckpt, "--prompt", "the <mask:-1> cat", "--no-chat"], "a gap is <mask:N>"),
         (["--model", ckpt], "no prompt"),
     ]
     if not torch.cuda.is_available():
         cases.append((m + ["--device", "cuda"], "no CUDA GPU"))
+        cases.append((m + ["--device", "cuda:1"], "no CUDA GPU"))
+    page = tmp_path / "page.html"
     for argv, phrase in cases:
-        err = cli_error(argv, capsys)
+        argv = argv + ["--json"] + ([] if "--html" in argv else ["--html", str(page)])
+        with pytest.raises(SystemExit) as e:
+            sample.run_cli(sample.main, "sample.py", argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and "Traceback" not in err, (argv, err)
         assert err.startswith("sample.py: error: ") and phrase in err, (argv, err)
         assert len(err.strip().splitlines()) == 1, err
+        assert out == "" and not page.exists() and not (tmp_path / "shed.html").exists(), argv
+
+
+def test_a_bad_generation_config_is_blamed_on_its_file_and_key(tmp_path, tok, capsys):
+    """Not on a flag the user never gave; a flag that overrides the bad value makes it harmless."""
+    bad = write_checkpoint(tmp_path / "m")
+    config = os.path.join(bad, "generation_config.json")
+    for values, words in (({"steps": 0}, "steps must be a whole number of at least 1, got 0"),
+                          ({"top_p": "high"}, "top_p must be in (0, 1], got 'high' (for argmax: --argmax, top_p=None)"),
+                          ({"sampler": "euler"}, "sampler must be one of stochastic, ddim, got 'euler'"),
+                          ({"chat": "yes"}, "chat must be true or false, got 'yes'")):
+        with open(config, "w") as f:
+            json.dump({"total_length": 20, **values}, f)
+        err = cli_error(["--model", bad, "--prompt", "the cat"], capsys)
+        assert err == f"sample.py: error: {config}: {words}\n"
+        m = Transformer.from_pretrained(bad, verbose=False)
+        with pytest.raises(ValueError, match=f"^the checkpoint's generation_config.json: {re.escape(words)}$"):
+            sample.generate(m, tok, ["the cat"])
+    with open(config, "w") as f:
+        json.dump({"total_length": 20, "steps": 0}, f)
+    assert sample.main(["--model", bad, "--prompt", "the cat", "--steps", "2", "--json"])[0].steps_used == 2
+
+
+def test_an_empty_answer_is_noted_with_what_the_model_produced(ckpt, capsys, monkeypatch):
+    newlines = prompting.Generation("the cat", "\n\n", [9, 9])
+    monkeypatch.setattr(sample, "run", lambda *a, **k: [newlines])
+    sample.main(["--model", ckpt, "--prompt", "the cat", "--length", "3"])
+    out, err = capsys.readouterr()
+    assert err == "sample.py: note: prompt 0 got an empty answer: the model produced only newlines: 2 tokens, " \
+                  "'\\n\\n'\n" and out == "\n\n\n"
 
 
 def test_cli_refuses_a_missing_default_model_and_reward_model(ckpt, capsys, monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ import collections
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -205,6 +206,38 @@ def test_argmax_and_top_p_reach_the_reverse_process(server, client, oracle):
     assert got.choices[0].message.content == oracle([want], seed=1, top_p=0.5, **QUICK)[0]
 
 
+def test_a_multi_turn_chat_is_the_prompt_generate_takes(server, client, oracle):
+    """Every turn in the template as in training (data.chat.encode_chat_prompt), as sample.generate
+    renders a list of messages: the same answer, and the prompt's tokens laid out literally."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Hamlet?"},
+                {"role": "assistant", "content": "A prince."}, {"role": "user", "content": "Of where?"}]
+    got = client.chat.completions.create(model=name(server), messages=messages, seed=3, max_tokens=24,
+                                         extra_body={"steps": 12})
+    assert got.choices[0].message.content == oracle([messages], seed=3, **QUICK)[0]
+    assert got.choices[0].message.content != oracle(["Of where?"], seed=3, **QUICK)[0]  # the earlier turns count
+    tok = Tokenizer(MODEL)  # BOS, the turns up to the reply, its EOS, the last user turn, the assistant header
+    layout = ([tok.bos_id] + tok.encode("<|system|>\nBe brief.\n<|user|>\nWho is Hamlet?\n<|assistant|>\nA prince.")
+              + [tok.eos_id] + tok.encode("\n<|user|>\nOf where?\n<|assistant|>\n"))
+    assert got.usage.prompt_tokens == len(layout) == 1 + 36 + 1 + 20
+
+
+def test_the_sampler_and_shedding_reach_the_reverse_process(server, client, oracle):
+    """The shipped model's answers here end in [PAD] by the second step: rows of 96 positions shed their tail
+    (to 27 positions, for this seed), as sample.generate's do; the diffusion stream shows the rows that shed."""
+    sea, extra = [{"role": "user", "content": "Speak of the sea."}], {"steps": 12, "total_length": 96}
+    want = oracle(["Speak of the sea."], steps=12, max_tokens=None, total_length=96, seed=6, sampler="ddim", shed=2)
+    assert want != oracle(["Speak of the sea."], steps=12, max_tokens=None, total_length=96, seed=6)
+    got = client.chat.completions.create(model=name(server), messages=sea, seed=6,
+                                         extra_body={**extra, "sampler": "ddim", "shed": 2})
+    assert [got.choices[0].message.content] == want
+    c, r = server.open_stream("/v1/chat/completions", {"messages": sea, "seed": 6, **extra, "sampler": "ddim",
+                                                       "shed": 2, "stream_options": {"diffusion": True}})
+    steps = list(events(r))
+    c.close()
+    assert steps[-2]["step"] == 12 and steps[-2]["choices"][0]["text"] == want[0]
+    assert steps[-1]["choices"][0]["message"]["content"] == want[0]
+
+
 def test_stop_strings_cut_the_answer_and_finish_reason_says_why(server, client, oracle):
     messages = [{"role": "user", "content": BRUTUS}]
     want = oracle([BRUTUS], seed=1, **QUICK)[0]
@@ -367,6 +400,13 @@ BAD = [  # (body, status, param)
     ({**CHAT, "messages": "hi"}, 400, "messages"),
     ({**CHAT, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
     ({**CHAT, "messages": [{"role": "user", "content": 3}]}, 400, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}, 400,
+     "messages"),  # the model answers the user: the last message is theirs
+    ({**CHAT, "messages": [{"role": "user", "content": "To be <mask:3> be"}]}, 400, "messages"),  # no gaps in a chat
+    ({**CHAT, "sampler": "euler"}, 400, "sampler"),
+    ({**CHAT, "sampler": 1}, 400, "sampler"),
+    ({**CHAT, "shed": 0}, 400, "shed"),
+    ({**CHAT, "shed": "2"}, 400, "shed"),
     ({k: v for k, v in CHAT.items() if k != "messages"}, 400, "messages"),
 ]
 
@@ -385,6 +425,14 @@ def test_the_stock_client_sees_the_errors_as_its_own_exceptions(server, client):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="wrong", max_retries=0).models.list()
     assert [m.id for m in client.models.list()] == ["tess2-shakespeare"]
+
+
+def test_a_bad_gap_in_a_completion_is_named_by_its_cause(server):
+    for prompt, words in (("To be <mask:\u00b3> be", "'\u00b3' is not a number written in the digits 0-9"),
+                          ("To be <mask:0> be", "a gap of 0 tokens leaves nothing to fill"),
+                          ("To be <mask:5000> be", "a gap of 5000 tokens is longer than the 1024 positions")):
+        status, error = server.post("/v1/completions", {"prompt": prompt, **QUICK})
+        assert status == 400 and error["error"]["param"] == "prompt" and words in error["error"]["message"], error
 
 
 def test_keys_sizes_and_paths(server):
@@ -515,13 +563,21 @@ def test_bad_flags_end_in_one_line_and_status_2(capsys):
 # Pieces
 
 
-def test_chats_render_in_the_tulu_template():
-    one = [{"role": "user", "content": "  Who is Hamlet?\n"}]
-    assert serving.render_chat(one) == "<|user|>\nWho is Hamlet?\n<|assistant|>\n"  # as sample.py --prompt
+def test_chat_messages_become_the_chat_prompt_that_generate_takes():
     many = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": [{"type": "text", "text": "Hail."}]}, {"role": "user", "content": "Who?"}]
-    assert serving.render_chat(many) == ("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHail.</s>\n"
-                                         "<|user|>\nWho?\n<|assistant|>\n")
+            {"role": "assistant", "content": [{"type": "text", "text": "Hail"}, {"type": "text", "text": "."}]},
+            {"role": "user", "content": "  Who?\n"}]
+    assert serving.chat_prompt(many) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                         {"role": "assistant", "content": "Hail."},
+                                         {"role": "user", "content": "  Who?\n"}]  # stripped when encoded
+    for bad, words in (([{"role": "assistant", "content": "hi"}], "a chat starts with a user message"),
+                       ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                        "the last message is the assistant's"),
+                       ([{"role": "user", "content": "a <mask:2>"}], "cannot hold <mask:N> gaps"),
+                       ([{"role": "tool", "content": "a"}], "role is system, user or assistant")):
+        with pytest.raises(serving.ApiError, match=re.escape(words)) as e:
+            serving.chat_prompt(bad)
+        assert e.value.status == 400 and e.value.param == "messages"
 
 
 def test_answer_positions_are_where_decode_row_takes_its_tokens():

@@ -29,7 +29,8 @@ def calls(monkeypatch):
     made = []
 
     def generate(model, tok, prompts, steps, eta, details, length, **kw):
-        made.append(dict(prompts=prompts, steps=steps, eta=eta, length=length, model=model.args.hidden_size))
+        made.append(dict(prompts=prompts, steps=steps, eta=eta, length=length, model=model.args.hidden_size,
+                         sampler=kw.get("sampler"), shed=kw.get("shed")))
         return [SimpleNamespace(text=f"{p} then {length}", tokens=tok.encode(f" then {length}")) for p in prompts]
     monkeypatch.setattr(sample, "generate", generate)
     return made
@@ -73,6 +74,8 @@ CHANGES = {  # another run into the same OUTPUT: (how the flags change, what its
     "another seed": lambda argv, f: argv + ["--seed", "1"],
     "argmax": lambda argv, f: argv + ["--argmax"],
     "no chat template": lambda argv, f: argv + ["--no-chat"],  # the shipped model's own is the template
+    "the deterministic sampler": lambda argv, f: argv + ["--sampler", "ddim"],
+    "shedding": lambda argv, f: argv + ["--shed", "2"],
 }
 
 
@@ -95,6 +98,9 @@ def test_another_sweep_into_the_same_output_computes_every_point_again(change, f
         assert second["length"] == 5 and "then 5" in (out / "generations_steps_2.jsonl").read_text()
     if change == "no scorer":
         assert "perplexity" not in table(out)
+    if change in ("the deterministic sampler", "shedding"):  # what sample.generate was given
+        ddim = change == "the deterministic sampler"
+        assert (second["sampler"], second["shed"]) == (("ddim", None) if ddim else (None, 2))
     points = json.loads((out / "sweep.json").read_text())["points"]
     assert [p["steps"] for p in points] == [1, 2]
 
@@ -146,6 +152,8 @@ REFUSALS = [  # (flags, phrase of the message); {name} is a path of the `files` 
     (["--seed", "-1"], "--seed must be a whole number in [0, 2**63), got -1"),
     (["--guidance-steps", "0"], "--guidance-steps must be a positive integer, got 0"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    (["--shed", "0"], "--shed must be a positive integer, got 0"),
     (["--eta", "0,1"], "sweep one thing at a time: a list for --eta or for --steps, not both"),
     (["--steps", "100"], "nothing to sweep: give --steps 10,50,100 or --eta 0,0.25,0.5"),
     (["--prompts", "{root}/missing.jsonl"], "No such file or directory"),
