@@ -337,6 +337,23 @@ def test_diffusion_loss_is_cross_entropy_on_span_positions(model, self_condition
     assert abs(loss.item() - math.log(512)) < 0.5  # a random model is close to uniform
 
 
+def test_each_rows_coin_decides_its_own_self_conditioning(model):
+    """A (B,) coin: row b's loss is the hand-written one with self-conditioning iff its coin is up (a
+    row without it sees prev_logits = 0, uniform), whatever the other rows' coins are."""
+    ids, span, _, _ = batch(B=3)  # rows 0 and 2 share a span layout, row 1 has one more position
+    t, eps = torch.tensor([30, 2500, 4000]), torch.randn(*ids.shape, 512, generator=torch.Generator().manual_seed(5))
+    counted = span.clone()
+    counted[:, 0] = False
+    for coins in ([True, False, True], [False, True, False]):
+        with torch.no_grad():
+            total, count = diffusion_loss(model, ids, span, t=t, eps=eps, self_condition=torch.tensor(coins),
+                                          reduction="sum")
+            by_hand = sum(reference_loss(model, ids[b:b + 1], span[b:b + 1], t[b:b + 1], eps[b:b + 1], coins[b])
+                          * counted[b].sum() for b in range(3))
+        assert count.item() == counted.sum().item()
+        torch.testing.assert_close(total, by_hand, rtol=1e-5, atol=1e-4)
+
+
 def test_self_conditioning_changes_the_loss(model):
     ids, span, _, _ = batch()
     t, eps = torch.tensor([100, 2000]), torch.randn(*ids.shape, 512)
@@ -514,6 +531,14 @@ def test_ul2_mask_mixes_three_objectives_equally():
             assert abs(d.count(o) / len(d) - 1 / len(options)) < 0.08, (kind, o)
     # released prefix-LM: BOS + n context tokens, n in [1, (L - 1) // 2)
     assert 2 <= min(kinds["prefix"]) and max(kinds["prefix"]) <= (L - 1) // 2
+
+
+def test_ul2_mask_draws_its_objective_first_in_the_documented_order():
+    """The first draw of the generator picks the objective, randint(3): 0 T5, 1 aggressive T5, 2
+    prefix-LM (App. A.1's order), so a seed maps to the same objective in every version."""
+    for seed in range(40):
+        expected = ["t5", "aggressive", "prefix"][int(torch.randint(3, (), generator=torch.Generator().manual_seed(seed)))]
+        assert classify(ul2_mask(512, torch.Generator().manual_seed(seed)))[0] == expected, seed
 
 
 def test_ul2_released_prefix_is_bos_plus_one_to_half_the_length():
