@@ -84,6 +84,35 @@ def test_the_span_only_loss_has_the_plain_loss_and_gradients(coin, weighting, ti
         assert_close(torch.autograd.grad(loss, p, retain_graph=True)[0], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_more_span_positions_than_hidden_units_are_all_counted(monkeypatch):
+    """N = 184 span positions, more than D = 64 (a loop bounded by the wrong dimension of h would stop
+    early): the loss and the head's gradient are still the plain loss's."""
+    torch.manual_seed(1)
+    net = Transformer(preset("tiny", vocab_size=61, timestep_embed=True, causal=False)).init_weights()
+    B, L = 8, 24
+    ids, span = torch.randint(3, 60, (B, L)), torch.ones(B, L, dtype=torch.bool)
+    span[:, 0] = False
+    t, seeds = torch.arange(B) * 600, list(range(B))
+    sums, _ = tess2.diffusion_loss(net, ids, span, t=t, eps=tess2.row_noise(seeds, L, 61), reduction="none")
+    chunks_of(monkeypatch, 16)
+    loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, False, torch.ones(B))
+    assert_close(loss, sums.sum(), atol=1e-5, rtol=1e-6)
+    assert_close(torch.autograd.grad(loss, net.lm_head.weight)[0],
+                 torch.autograd.grad(sums.sum(), net.lm_head.weight)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_the_gradients_scale_with_the_gradient_of_the_loss(monkeypatch):
+    """train.py backpropagates loss / count, not the loss: the gradients computed in the forward are
+    scaled by the incoming gradient, for the head and for everything below it."""
+    net, ids, span, t, seeds = tiny_batch()
+    chunks_of(monkeypatch, 4)
+    params = [net.lm_head.weight, net.model.layers[0].mlp.up_proj.weight]
+    loss = fused_loss.diffusion_loss(net, ids, span, t, seeds, False, torch.ones(len(ids)))
+    once = torch.autograd.grad(loss, params, retain_graph=True)
+    for g1, g3 in zip(once, torch.autograd.grad(loss / 3, params)):
+        assert_close(g3, g1 / 3, atol=1e-7, rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # the chunk of rows
 
