@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 
@@ -31,3 +33,15 @@ def word_tokenizer(folder, vocab, config=None, decoder=False, split_on_punctuati
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
             json.dump(config, f)
     return str(folder)
+
+
+def folder_hash(path):
+    """What a tool's output holds, to compare before and after a run that must change nothing:
+    {relative path: sha256} of everything under a folder (a subfolder as "dir"; the .lock aside: it
+    holds the pid of the run that last held the folder), a file's own sha256, or None if absent."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*")) if p.name != ".lock"}

@@ -3,7 +3,6 @@ a re-run of the same run does nothing and any other run prepares again, and that
 line, exit status 2, with no output changed."""
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from support.cli import OutputFolder, run_cli
 from support.tokenizer import Tokenizer
 from test_checkpoint import interrupt_at
 from test_data import SENTENCES, bpe_dir  # noqa: F401 (bpe_dir is a fixture)
+from conftest import folder_hash  # noqa: E402
 
 
 def _write_jsonl(path, rows, opener=open):
@@ -24,12 +24,6 @@ def _write_jsonl(path, rows, opener=open):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
-
-
-def folder_hash(path):
-    """{relative path: sha256} of everything under path but .lock (the pid of the run that last held it)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*")) if p.name != ".lock"} if path.exists() else None
 
 
 def cli_error(module, argv, capsys):

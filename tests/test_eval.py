@@ -1,5 +1,4 @@
 """The evaluation metrics against values worked out by hand; eval.miniature's refusals."""
-import hashlib
 import json
 import math
 import os
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from eval.metrics import distinct_n, mean_reward, perplexity, unigram_entropy
 from model import Transformer, preset
 from support.cli import run_cli
+from conftest import folder_hash  # noqa: E402
 
 
 def test_distinct_n_counts_unique_ngrams_over_all_texts():
@@ -79,12 +79,6 @@ def test_mean_reward_is_over_sequences_whatever_the_batch_size():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
 SHIPPED_RM = os.path.join(ROOT, "models", "tess2-shakespeare-rm")
-
-
-def folder_hash(path):
-    """{name: sha256} of the files a folder holds, its own and below (its .lock aside)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")

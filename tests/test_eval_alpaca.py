@@ -1,5 +1,4 @@
 """eval/alpaca.py: the model-outputs file alpaca-eval reads, and its judge run offline."""
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ alpaca_eval = pytest.importorskip("alpaca_eval")  # requirements-eval.txt
 
 import eval.alpaca as alpaca  # noqa: E402
 from support.cli import run_cli  # noqa: E402
+from conftest import folder_hash  # noqa: E402
 
 PROMPTS = [{"instruction": "Write a line about the sea.", "dataset": "helpful_base"},
            {"instruction": "Name a play by Shakespeare.", "dataset": "oasst"},
@@ -105,14 +105,6 @@ def test_sampling_flags_left_out_are_the_checkpoints(tmp_path, monkeypatch):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
-
-
-def folder_hash(path):
-    """{name: sha256} of what a folder holds (its .lock aside), the file's own hash, or None if absent."""
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.name != ".lock"} if path.exists() else None
 
 
 @pytest.fixture(scope="module")

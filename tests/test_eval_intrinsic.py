@@ -1,6 +1,5 @@
 """eval/intrinsic.py and eval/sweep.py: adaptation metrics (Tables 1-2) and the Figure 3 sweeps."""
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import sample  # noqa: E402
 from model import Transformer, preset  # noqa: E402
 from support.cli import run_cli  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
+from conftest import folder_hash  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
@@ -151,14 +151,6 @@ def test_the_sampler_and_shed_flags_reach_sample_generate(tmp_path, monkeypatch)
 
 # -----------------------------------------------------------------------------
 # Refused runs: one line, exit status 2, no output changed
-
-
-def folder_hash(path):
-    """{name: sha256} of what a folder holds (its .lock aside), the file's own hash, or None if absent."""
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.name != ".lock"} if path.exists() else None
 
 
 @pytest.fixture(scope="module")

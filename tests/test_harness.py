@@ -5,7 +5,6 @@ must be known, sample.generate is replaced by a stub that answers each prompt fr
 real model cannot be steered to a chosen text); it records what it was asked. The shipped
 miniature model then runs one task through the whole harness for real.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from eval.tasks import paper  # noqa: E402
 from model import Transformer, preset  # noqa: E402
 from support.cli import run_cli  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
+from conftest import folder_hash  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
@@ -461,14 +461,6 @@ def test_sampling_settings_left_out_are_the_checkpoints(monkeypatch, tok):
 
 # -----------------------------------------------------------------------------
 # Refused runs: one line, exit status 2, no output changed
-
-
-def folder_hash(path):
-    """{name: sha256} of what a folder holds (its .lock aside), the file's own hash, or None if absent."""
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.name != ".lock"} if path.exists() else None
 
 
 QUESTION = {"question": "Who says this in Hamlet? To be, or not to be", "question_id": "a",

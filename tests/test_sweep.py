@@ -2,7 +2,6 @@
 produced its points, so that another model, other prompts, another length or no scorer compute every
 point again and the same flags compute nothing. sample.generate is replaced by a stand-in that
 records its calls (the sampler itself is tested in test_sample.py)."""
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import sample  # noqa: E402
 from model import Transformer, preset  # noqa: E402
 from support.cli import run_cli  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
+from conftest import folder_hash  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
@@ -129,11 +129,6 @@ def test_another_sweep_removes_the_earlier_sweeps_files(files, calls, tmp_path, 
 
 # -----------------------------------------------------------------------------
 # refused sweeps change nothing
-
-
-def folder_hash(path):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.name != ".lock"} if path.exists() else None
 
 
 REFUSALS = [  # (flags, phrase of the message); {name} is a path of the `files` fixture
