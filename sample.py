@@ -15,9 +15,7 @@ leave (early exit) or join (`join`) between steps.
 """
 import dataclasses
 import functools
-import json
 import os
-import sys
 import time
 from contextlib import contextmanager
 
@@ -28,8 +26,8 @@ from model import ModelArgs, Transformer
 from support import fused_sampling, views
 from support.cli import ArgumentParser, eta_flag, number, run_cli, seed_flag
 from support.hub import is_hub_id, read_config, read_json, resolve
-from support.prompts import (GUIDANCE_ETA, SAMPLERS, Settings, decode_row, empty_answer, given, plan,
-                             process_device, processes, prompt_text, read_prompts, settings_for, spread)
+from support.prompts import (GUIDANCE_ETA, SAMPLERS, Settings, decode_row, flag_prompts, given, pick_device, plan,
+                             print_answers, process_device, processes, prompt_text, settings_for, spread)
 from support.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the default checkpoints are found from here
@@ -119,9 +117,7 @@ def predict_rows(model, state, guide=None, compiled=False):
     logits = predict(model, state.ids, state.span_mask, state.S, t, state.logits, key_padding_mask=key_mask)
     if guide is not None:
         logits = guide(logits, state)  # guided logits feed the projection and the next self-conditioning
-    best = state.ids.clone()  # (B, L): the argmax at span positions only
-    for b, w in enumerate(state.where):
-        best[b, w] = logits[b, w].argmax(-1)
+    best = fused_sampling.span_argmax(logits, state.ids, state.where)  # (B, L): the argmax at span positions only
     if any(m is not None for m in state.early_exit):
         same = (best == state.best).all(-1).tolist()  # (one host sync)
         state.stable = [s + 1 if unchanged and n > 0 else 0 for s, unchanged, n in zip(state.stable, same, state.taken)]
@@ -140,18 +136,13 @@ def step(model, state, guide=None, on_step=None, compiled=False):
         on_step(state)
     ended = [b for b, (n, N, m, s) in enumerate(zip(state.taken, state.steps, state.early_exit, state.stable))
              if n == N or (m is not None and s >= m and 2 * n >= N)]
-    finished = [(state.keys[b], row_tokens(state, b), state.taken[b]) for b in ended]
+    finished = [(state.keys[b], fused_sampling.row_tokens(state, b), state.taken[b]) for b in ended]
     if ended:
         leave(state, ended)
     if state.keys:
         fused_sampling.shed_tails(state)
         fused_sampling.renoise_rows_(state)
     return finished
-
-
-def row_tokens(state, b):
-    """Row b's current text, (n,) for its n positions: its argmax over its length, then its shed tail."""
-    return torch.cat([state.best[b, :state.lengths[b]], state.tails[b]])
 
 
 def diffuse(model, ids, span_mask, seeds, steps=100, top_p=0.99, guide=None, early_exit=None, lengths=None,
@@ -299,23 +290,6 @@ def checkpoint_dir(name, flag, default):
                      "model.safetensors and tokenizer.json (or a Hub id such as hamishivi/tess2)")
 
 
-def pick_device(name):
-    """The torch device a --device flag names: cpu, or cuda (cuda:N) where this machine has it."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda (cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: sampling runs on cpu or cuda")
-    if dev.type == "cpu" and dev.index not in (None, 0):
-        raise ValueError(f"--device {name}: a CPU has no index: use cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU visible to PyTorch; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    return dev
-
-
 def parse_args(argv=None):
     """The flags, each number in its declared range (support.cli); those named as Settings fields
     default to None: the checkpoint's (support/prompts.py)."""
@@ -376,13 +350,9 @@ def prepare(a):
     tokenizers, settings and every batch. Returns what main needs to load and run."""
     Settings(**a.overrides).check()  # the flags' own values, before anything is read
     device = pick_device(process_device(a.device))
-    prompts = (a.prompt or []) + (read_prompts(a.prompts_file) if a.prompts_file else [])
-    if not prompts:
-        raise ValueError("no prompt: pass --prompt TEXT or --prompts-file FILE")
+    prompts = flag_prompts(a.prompt, a.prompts_file)
     if a.html:
-        folder = os.path.dirname(os.path.abspath(a.html))
-        if os.path.isdir(a.html) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ValueError(f"--html {a.html}: cannot write a file there (is the folder missing or read-only?)")
+        views.check_html_path(a.html)
     path = checkpoint_dir(a.model, "--model", DEFAULT_MODEL)
     rm_name = a.reward_model or (DEFAULT_REWARD_MODEL if a.eta else None)  # --eta alone: the shipped one
     rm_path = checkpoint_dir(rm_name, "--reward-model", DEFAULT_REWARD_MODEL) if rm_name else None
@@ -419,23 +389,10 @@ def main(argv=None):
             watch.end()
         return recorder.attach(gens) if recorder else gens
 
-    out = []
-    for _, gens in spread(batches, sample_batch):
-        for j, g in enumerate(gens if first else (), len(out)):
-            print_answer(g, j, a.json, len(prompts) > 1)
-        out += gens
+    out = print_answers(spread(batches, sample_batch), first, a.json, len(prompts) > 1)
     if a.html and first:
         views.write_html(a.html, tok, [dataclasses.replace(g, prompt=prompt_text(g.prompt)) for g in out])
     return out
-
-
-def print_answer(g, j, as_json: bool, several: bool):
-    """Prompt j's answer on stdout (its text, or a JSON object), and a note on stderr if it is empty."""
-    note = empty_answer(g)
-    if note:
-        print(f"sample.py: note: prompt {j} got an empty answer: {note}", file=sys.stderr)
-    print(json.dumps(dict(prompt=g.prompt, text=g.text, tokens=g.tokens, steps_used=g.steps_used,
-                          seconds=round(g.seconds, 3))) if as_json else g.text + "\n" * several, flush=True)
 
 
 if __name__ == "__main__":

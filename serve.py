@@ -33,7 +33,7 @@ except ImportError as e:  # the serving stack is optional
 
 import sample
 from model import ModelArgs, Transformer
-from support import views
+from support import fused_sampling, views
 from support.cli import ArgumentParser, number, run_cli
 from support.hub import read_config
 from support.prompts import GUIDANCE_ETA, Settings, decode_row, plan, settings_for
@@ -249,7 +249,7 @@ class Engine:
         """Row r of a request, row b of the batch -> its Draft: the answer if it stopped here. A row that
         has shed its tail has no prediction there: its answer (cut at EOS, [PAD] dropped) lies before it."""
         n, end = batch.lengths[r], batch.ends[r]
-        row, span = sample.row_tokens(state, b).tolist(), batch.span_mask[r, :n].tolist()
+        row, span = fused_sampling.row_tokens(state, b).tolist(), batch.span_mask[r, :n].tolist()
         g = decode_row(self.tok, batch.prompts[r], row, span, end)
         where = answer_positions(row, span, end, self.tok.eos_id, self.tok.pad_id)
         conf = views.confidence(state.logits[b:b + 1, :state.lengths[b]])[0].tolist()  # top-1 probability

@@ -7,11 +7,11 @@ prove them equal.
 - compiled_predict: tess2.predict through torch.compile (--compile).
 - project_fast: tess2.project (nucleus sampling, Eq. 5) without sorting the vocabulary in the
   common case.
-- span_positions, project_spans, renoise_spans_, renoise_ddim_spans_, renoise_rows_: the projection
+- span_positions, span_argmax, project_spans, renoise_spans_, renoise_ddim_spans_, renoise_rows_: the projection
   (Eq. 5) and the re-noising (Eq. 4, tess2.renoise; Eq. D1-D2, tess2.renoise_ddim) at span positions
   only, row by row from each row's generator: predict reads S only at span positions, so (B, L, V)
   work elsewhere would be thrown away.
-- shed_tails, trailing_pad, shed_points, normal_prefix_: rows that stop computing their settled
+- shed_tails, row_tokens, trailing_pad, shed_points, normal_prefix_: rows that stop computing their settled
   [PAD] tail (sample.start's shed), and still draw the dense run's noise for the positions they shed.
 """
 import dataclasses
@@ -55,6 +55,15 @@ def span_positions(span_mask):
 def span_count(w) -> int:
     """The number of positions in one row's entry of span_positions."""
     return w.stop - w.start if isinstance(w, slice) else len(w)
+
+
+def span_argmax(logits, ids, where):
+    """torch.where(span_mask, logits.argmax(-1), ids), the argmax taken only at each row's span positions
+    (where, from span_positions): logits (B, L, V), ids (B, L) -> (B, L)."""
+    best = ids.clone()
+    for b, w in enumerate(where):
+        best[b, w] = logits[b, w].argmax(-1)
+    return best
 
 
 def renoise_spans_(S, tokens, alpha_bar, generators, where, draws=None, rows=None):
@@ -146,6 +155,12 @@ def shed_tails(state):
     for field in dataclasses.fields(state) if width < L else ():  # the (B, L, ...) tensors: their first width
         x = getattr(state, field.name)
         setattr(state, field.name, x[:, :width].contiguous() if isinstance(x, torch.Tensor) else x)
+
+
+def row_tokens(state, b):
+    """Row b's current text, (n,) for its n positions: its argmax over its length, then its shed tail
+    (without shedding, state.best[b, :length])."""
+    return torch.cat([state.best[b, :state.lengths[b]], state.tails[b]])
 
 
 def trailing_pad(best, span_mask, real, pad_id):

@@ -8,7 +8,8 @@ A row is BOS + the prompt in the Tulu chat template (context: clean tokens that 
 a generation region (span). A prompt is a text or a chat of several turns (a list of messages);
 `<mask:N>` in a text is a gap of N span positions (infilling).
 Under torchrun the batches of a run are spread over its processes (spread), prompt j keeping its
-seed + j.
+seed + j. sample.py's command line also takes from here its prompts (flag_prompts), its device
+(pick_device) and the printing of its answers (print_answers).
 """
 import atexit
 import dataclasses
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +151,14 @@ def read_prompts(path):
     if not path.endswith(".jsonl"):
         return [line for _, line in lines]
     return [json_prompt(path, n, line) for n, line in lines]
+
+
+def flag_prompts(prompts, prompts_file):
+    """The command line's prompts: each --prompt, then --prompts-file's; at least one."""
+    out = (prompts or []) + (read_prompts(prompts_file) if prompts_file else [])
+    if not out:
+        raise ValueError("no prompt: pass --prompt TEXT or --prompts-file FILE")
+    return out
 
 
 def json_prompt(path, n, line):
@@ -351,8 +361,28 @@ def empty_answer(g: Generation) -> str | None:
     return f"the model produced only {kind}: {len(g.tokens)} tokens, {shown}"
 
 
+def print_answer(g, j, as_json: bool, several: bool):
+    """Prompt j's answer on stdout (its text, or a JSON object), and a note on stderr if it is empty."""
+    note = empty_answer(g)
+    if note:
+        print(f"sample.py: note: prompt {j} got an empty answer: {note}", file=sys.stderr)
+    print(json.dumps(dict(prompt=g.prompt, text=g.text, tokens=g.tokens, steps_used=g.steps_used,
+                          seconds=round(g.seconds, 3))) if as_json else g.text + "\n" * several, flush=True)
+
+
+def print_answers(gathered, first: bool, as_json: bool, several: bool) -> list:
+    """Every Generation of `spread`'s (batch, Generations) pairs, in prompt order; the first process prints
+    each answer as it comes (print_answer)."""
+    out = []
+    for _, gens in gathered:
+        for j, g in enumerate(gens if first else (), len(out)):
+            print_answer(g, j, as_json, several)
+        out += gens
+    return out
+
+
 # -----------------------------------------------------------------------------
-# Prompts across processes: `torchrun --nproc_per_node N` splits a run's batches over N processes
+# Devices, and prompts across processes: `torchrun --nproc_per_node N` splits a run's batches over N processes
 
 
 def processes() -> tuple[int, int]:
@@ -374,6 +404,25 @@ def process_device(name: str) -> str:
     if name != "cuda" or processes()[1] == 1 or not torch.cuda.is_available():
         return name
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+
+
+def pick_device(name):
+    """The torch device a --device flag names: cpu, or cuda (cuda:N) where this machine has it."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: sampling runs on cpu or cuda")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"--device {name}: a CPU has no index: use cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU visible to PyTorch; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return dev
+
+
 
 
 def spread(jobs: list, run):

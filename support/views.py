@@ -7,6 +7,7 @@ keys (index in the batch), logits, argmax (best), lengths and steps taken.
 """
 import html
 import json
+import os
 import sys
 import time
 
@@ -89,6 +90,13 @@ class Watcher:
         if self.last and not self.show and self.tty:
             print(file=sys.stderr)
         self.t0, self.last = time.perf_counter(), 0.0
+
+
+def check_html_path(path):
+    """--html PATH, checked before anything is sampled: a file can be written there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--html {path}: cannot write a file there (is the folder missing or read-only?)")
 
 
 def write_html(path, tokenizer, generations):

@@ -283,6 +283,18 @@ def test_the_output_is_the_argmax_of_the_final_logits_not_the_last_nucleus_sampl
     assert (sampled[b.span_mask] != torch.tensor(other)[b.span_mask[0]]).any()  # the sampler does pick both
 
 
+def test_the_argmax_at_span_positions_and_a_rows_text_are_their_definitions():
+    """fused_sampling.span_argmax is torch.where(span_mask, argmax, ids) (one run, gaps, no span);
+    fused_sampling.row_tokens is a row's argmax over its length, then its shed tail."""
+    torch.manual_seed(0)
+    span = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    ids, logits = torch.randint(0, V, (3, 5)), torch.randn(3, 5, V)
+    best = fused_sampling.span_argmax(logits, ids, fused_sampling.span_positions(span))
+    assert torch.equal(best, torch.where(span, logits.argmax(-1), ids))
+    state = types.SimpleNamespace(best=best, lengths=[5, 3, 2], tails=[ids.new_zeros(0), ids[1, :2], ids[2, :1]])
+    assert fused_sampling.row_tokens(state, 1).tolist() == best[1, :3].tolist() + ids[1, :2].tolist()
+    assert fused_sampling.row_tokens(state, 0).tolist() == best[0].tolist()
+
 def test_context_tokens_never_change(model, tok):
     gens = sample.generate(model, tok, ["write a sonnet", "the cat sat on the mat and the dog"], steps=6, length=10,
                            record=True)
