@@ -36,7 +36,7 @@ from model import ModelArgs, Transformer
 from support import fused_sampling, views
 from support.cli import ArgumentParser, number, run_cli
 from support.hub import read_config
-from support.prompts import GUIDANCE_ETA, Settings, decode_row, plan, settings_for
+from support.prompts import GUIDANCE_ETA, Settings, decode_row, pick_device, plan, settings_for
 from support.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def check_args(a):
 
 def load(a):
     """The checkpoints, checked as sample.py checks them before any weights load, then loaded."""
-    device = sample.pick_device(a.device)
+    device = pick_device(a.device)
     path = sample.checkpoint_dir(a.model, "--model", sample.DEFAULT_MODEL)
     rm_path = sample.checkpoint_dir(a.reward_model, "--reward-model", sample.DEFAULT_REWARD_MODEL) \
         if a.reward_model else None

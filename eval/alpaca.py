@@ -31,7 +31,7 @@ import sys
 import torch
 
 import sample
-from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, output_folder, pick_device,
+from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, output_folder, device_and_dtype,
                           request_key, sample_answers, sampling_flags)
 from support.cli import ArgumentParser, atomic_write, eta_flag, number, replace_files, run_cli, seed_flag
 from support.prompts import given, plan, processes, settings_for
@@ -146,7 +146,7 @@ def prepare(a):
     reward = Checkpoint.read(a.reward_model or DEFAULT_REWARD_MODEL, "--reward-model", DEFAULT_REWARD_MODEL) \
         if a.reward_model or a.eta else None
     sample.check_pair(model.args, model.tokenizer, reward and reward.args, reward and reward.tokenizer)
-    device, dtype = pick_device(a.device)
+    device, dtype = device_and_dtype(a.device)
     items = read_prompts(a.prompts)[:a.limit]  # the Hub's, without --prompts: fetched once the rest is checked
     s = settings_for(model.generation_config, model.args.max_length, model.config_file, **dict(given(a), chat=True))
     plan(model.tokenizer, [item["instruction"] for item in items], s, model.args)  # every row fits, or a message

@@ -74,7 +74,8 @@ from model import ModelArgs, Transformer
 from support.cli import (ArgumentParser, OutputFolder, atomic_write, eta_flag, file_identity, number, replace_files,
                          run_cli, seed_flag)
 from support.hub import read_config, read_json
-from support.prompts import GUIDANCE_ETA, SAMPLERS, Settings, process_device, processes, settings_for, spread
+from support.prompts import (GUIDANCE_ETA, SAMPLERS, Settings, pick_device, process_device, processes, settings_for,
+                             spread)
 from support.tokenizer import Tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -127,10 +128,10 @@ def check_scorer(scorer: Checkpoint, name: str):
                          "language model (a ...ForCausalLM checkpoint), not a diffusion or reward model")
 
 
-def pick_device(name: str | None):
+def device_and_dtype(name: str | None):
     """(device, default dtype) for a --device flag (None: cuda if there is a GPU, else cpu), checked by
-    sample.pick_device; under torchrun "cuda" is each process's own GPU."""
-    device = sample.pick_device(process_device(name or ("cuda" if torch.cuda.is_available() else "cpu")))
+    support.prompts.pick_device; under torchrun "cuda" is each process's own GPU."""
+    device = pick_device(process_device(name or ("cuda" if torch.cuda.is_available() else "cpu")))
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -467,7 +468,7 @@ class TESS2(LM):
                  output=None, model=None, tokenizer=None, reward=None, reward_tok=None, progress_every: float = 10.0,
                  max_batch_size=None, sampler=None, shed=None):
         super().__init__()  # max_batch_size: passed by lm-eval, unused (batches are --batch-size rows)
-        dev, default_dtype = pick_device(device)
+        dev, default_dtype = device_and_dtype(device)
         dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or default_dtype
         self.model, self.tok, model_identity = self.load(model, tokenizer, pretrained, DEFAULT_MODEL, dtype, dev)
         self.reward, self.reward_tok, reward_identity = None, None, None
@@ -795,7 +796,7 @@ def main(argv=None):
     if a.eta and not a.reward_model:
         a.reward_model = DEFAULT_REWARD_MODEL
     model, reward = checked_model(a)
-    pick_device(a.device)
+    device_and_dtype(a.device)
     manager = task_manager(builtin=not ours(names))
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:

@@ -38,7 +38,7 @@ import torch
 
 import sample
 from eval.harness import (DEFAULT_MODEL, DEFAULT_REWARD_MODEL, Checkpoint, Store, check_scorer, output_folder,
-                          pick_device, request_key, sample_answers, sampling_flags)
+                          device_and_dtype, request_key, sample_answers, sampling_flags)
 from eval.metrics import distinct_n, perplexity, unigram_entropy
 from support.cli import (ArgumentParser, atomic_write, eta_flag, fingerprint, number, read_marker, replace_files,
                          run_cli, seed_flag)
@@ -138,7 +138,7 @@ def prepare(a, steps=None, eta=None, guided=False):
     reward = Checkpoint.read(a.reward_model or DEFAULT_REWARD_MODEL, "--reward-model",
                              DEFAULT_REWARD_MODEL) if wants_reward else None
     sample.check_pair(model.args, model.tokenizer, reward and reward.args, reward and reward.tokenizer)
-    device, dtype = pick_device(a.device)
+    device, dtype = device_and_dtype(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else dtype
     flags = {k: v for k, v in given(a).items() if k not in ("steps", "eta")}
     settings = settings_for(model.generation_config, model.args.max_length, model.config_file, steps=steps, eta=eta,
