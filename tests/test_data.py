@@ -485,3 +485,25 @@ def test_a_spans_dataset_written_before_span_masks_reads_one_span_from_its_promp
 def test_write_spans_refuses_an_example_without_a_span(tmp_path, span, phrase):
     with pytest.raises(ValueError, match=phrase):
         write_spans(tmp_path / "sft", [([1, 5, 6, 2], span)], fake_meta(1000))
+
+
+def test_a_writer_refuses_a_span_mask_that_makes_bos_a_span_or_has_no_span():
+    """data.shards.span_flags: one flag per token, BOS (position 0) context, at least one span token;
+    a mask that breaks one of these is refused by name, not written."""
+    from data.shards import span_flags
+    ids = [1, 5, 6, 7, 2]
+    assert span_flags(0, ids, [False, False, True, True, True]).tolist() == [False, False, True, True, True]
+    assert span_flags(0, ids, [False, True, False, False, False]).tolist() == [False, True, False, False, False]
+    for bad in ([True, False, True, True, True], [False] * 5, [False, True, True], [False] * 4 + [True] * 2):
+        with pytest.raises(ValueError, match="example 3: its span mask needs one flag per token"):
+            span_flags(3, ids, bad)
+
+
+def test_pair_rows_need_two_positions_and_an_empty_dataset_samples_nothing():
+    assert pair_row([1, 5, 2], 2, 2, 0) == ([1, 2], 1)  # BOS + the final EOS: the smallest row
+    with pytest.raises(ValueError, match="seq_len must be at least 2"):
+        pair_row([1, 5, 2], 2, 1, 0)
+    assert pair_row([1, 5, 6, 2], 2, 4, 0) == ([1, 5, 6, 2], 3)  # exactly seq_len: nothing cut
+    with pytest.raises(ValueError, match="no examples at this sequence length"):
+        sample_positions([0], 0, seed=0)
+    assert sample_positions([0, 1, 2], 1, seed=0).tolist() == [0, 0, 0]  # one example: every index reads it
