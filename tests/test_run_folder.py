@@ -473,3 +473,23 @@ def test_train_state_and_weights_read_back_as_the_run_had_them(data, tmp_path, m
             assert want.keys() == got["state"][i].keys()
             for key, value in want.items():
                 assert torch.equal(got["state"][i][key], value), (step, i, key)
+
+
+def test_a_log_records_speed_is_tokens_over_seconds_and_mfu_is_model_flops_over_the_peak(monkeypatch):
+    """with_speed: tokens/s = batch x length (x 2 pairs for rm) / seconds; on CUDA, MFU = FLOPs per token
+    (self-conditioning share 1 - 0.5^(rows that draw a coin)) x tokens / seconds / (peak x processes)."""
+    from types import SimpleNamespace
+    net = Transformer(preset("tiny", timestep_embed=True, causal=False))
+    args = SimpleNamespace(batch_size=4, seq_len=16, stage="adapt", micro_batch_size=2, fsdp=False, peak_tflops=2.0)
+    rec = run_folder.with_speed({}, args, net, 1, torch.device("cpu"), 0.5)
+    assert rec["tokens_per_s"] == 4 * 16 / 0.5 and rec["mem_gb"] > 0
+    rm = run_folder.with_speed({}, SimpleNamespace(**{**vars(args), "stage": "rm"}), net, 1, torch.device("cpu"), 0.5)
+    assert rm["tokens_per_s"] == 2 * 4 * 16 / 0.5
+    asked = []
+    monkeypatch.setattr(run_folder, "flops_per_token", lambda *a, **kw: asked.append((a, kw)) or 1e9)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    for fsdp, world, share in ((False, 2, 1 - 0.5 ** 2), (True, 2, 1 - 0.5 ** 4)):
+        rec = run_folder.with_speed({}, SimpleNamespace(**{**vars(args), "fsdp": fsdp}), net, world,
+                                    torch.device("cuda"), 0.5)
+        assert rec["mem_gb"] == 3.0 and rec["mfu"] == pytest.approx(1e9 * 64 / 0.5 / (2.0 * 1e12 * world))
+        assert asked[-1][1] == {"self_condition": share} and asked[-1][0][2:] == (16, "adapt")
