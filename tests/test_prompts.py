@@ -252,3 +252,30 @@ def test_one_process_runs_every_job_in_order(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert prompts.processes() == (0, 1) and prompts.process_device("cuda") == "cuda"
     assert list(prompts.spread([3, 1, 2], lambda j: j * 10)) == [(3, 30), (1, 10), (2, 20)]
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("top_p", 0.0, "--top-p must be in (0, 1], got 0.0"),
+    ("top_p", 1.5, "--top-p must be in (0, 1], got 1.5"),
+    ("steps", True, "--steps must be a whole number of at least 1, got True"),  # a bool is no count
+    ("steps", 0, "--steps must be a whole number of at least 1, got 0"),
+    ("length", -1, "--length must be a whole number of at least 0, got -1"),
+    ("seed", 2**63, "--seed must be a whole number in [0, 2**63), got 9223372036854775808"),
+    ("eta", float("nan"), "--eta must be a finite number >= 0, got nan"),
+])
+def test_settings_refuse_each_impossible_value_by_its_flag(field, value, words):
+    with pytest.raises(ValueError) as e:
+        Settings(**{field: value}).check()
+    assert str(e.value).startswith(words)
+    assert Settings(top_p=1.0, steps=1, length=0, seed=2**63 - 1, eta=0.0).check()  # the edges themselves pass
+
+
+def test_one_length_given_drops_the_checkpoints_other_length():
+    """Rows are either total_length long or prompt + length: an override of one drops the checkpoint's other."""
+    config = {"total_length": 160, "length": None}
+    assert (settings_for(config, 1024, length=40).total_length, settings_for(config, 1024, length=40).length) == (None, 40)
+    config = {"total_length": None, "length": 40}
+    s = settings_for(config, 1024, total_length=100)
+    assert (s.total_length, s.length) == (100, None)
+    s = settings_for(config, 1024)  # nothing given: the checkpoint's own
+    assert (s.total_length, s.length) == (None, 40)
