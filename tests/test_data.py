@@ -507,3 +507,11 @@ def test_pair_rows_need_two_positions_and_an_empty_dataset_samples_nothing():
     with pytest.raises(ValueError, match="no examples at this sequence length"):
         sample_positions([0], 0, seed=0)
     assert sample_positions([0, 1, 2], 1, seed=0).tolist() == [0, 0, 0]  # one example: every index reads it
+
+
+def test_a_token_stream_of_exactly_one_window_gives_that_window_and_a_shorter_one_is_refused(tmp_path):
+    write_tokens(tmp_path / "ds", [np.arange(12)], fake_meta(1000))
+    ds = open_dataset(tmp_path / "ds")
+    assert ds.batch([0, 1], 12, seed=0)["ids"].tolist() == [list(range(12))] * 2  # one window, read twice
+    with pytest.raises(ValueError, match="fewer than one window of 13"):
+        ds.batch([0], 13, seed=0)
