@@ -45,3 +45,27 @@ def folder_hash(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(path.rglob("*")) if p.name != ".lock"}
+
+
+def assert_refused(main, prog, argv, flags, out, message, capsys):
+    """A tool run with argv and then flags (a flag given in both: flags' value) is refused: exit status
+    2, one line `prog: error: ...` holding message, no traceback, and `out` unchanged."""
+    from support.cli import run_cli
+    before = folder_hash(out)
+    for flag in flags[::2]:
+        argv = argv[:argv.index(flag)] + argv[argv.index(flag) + 2:] if flag in argv else argv
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, prog, argv + flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: error: ") and message in err, err
+    assert folder_hash(out) == before
+
+
+def randomize_(model):
+    """Every weight of a tiny model random (norms near 1, the rest small), so that a weight read into
+    the wrong place cannot go unnoticed. -> the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    return model

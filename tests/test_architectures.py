@@ -18,6 +18,7 @@ import transformers
 from torch.testing import assert_close
 
 import tess2
+from conftest import randomize_
 from support import run_folder
 from model import PRESETS, ModelArgs, Transformer, attention_mask, preset
 
@@ -53,11 +54,7 @@ def hf_model(arch, seed=0, **cfg):
     cfg = copy.deepcopy({**SMALL, **cfg})  # transformers writes rope_theta into the rope_scaling dict it is given
     config = transformers.AutoConfig.for_model(getattr(transformers, arch).config_class.model_type, **cfg)
     torch.manual_seed(seed)
-    m = getattr(transformers, arch)(config).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    return m
+    return randomize_(getattr(transformers, arch)(config).eval())
 
 
 def randomise(m: Transformer, seed=0) -> Transformer:

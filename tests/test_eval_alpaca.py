@@ -10,7 +10,7 @@ alpaca_eval = pytest.importorskip("alpaca_eval")  # requirements-eval.txt
 
 import eval.alpaca as alpaca  # noqa: E402
 from support.cli import run_cli  # noqa: E402
-from conftest import folder_hash  # noqa: E402
+from conftest import assert_refused, folder_hash  # noqa: E402
 
 PROMPTS = [{"instruction": "Write a line about the sea.", "dataset": "helpful_base"},
            {"instruction": "Name a play by Shakespeare.", "dataset": "oasst"},
@@ -153,16 +153,8 @@ def test_a_refused_run_is_one_line_and_changes_no_output(flags, message, inputs,
     outputs = [inputs["root"] / "file"] if "--output" in flags else \
         [tmp_path / "new", shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")]
     for out in outputs:
-        before = folder_hash(out)
         argv = ["--prompts", inputs["p"], "--steps", "1", "--length", "2", "--output", str(out)]
-        for flag in flags[::2]:
-            argv = argv[:argv.index(flag)] + argv[argv.index(flag) + 2:] if flag in argv else argv
-        with pytest.raises(SystemExit) as stop:
-            run_cli(alpaca.main, "eval.alpaca", argv + flags)
-        err = capsys.readouterr().err
-        assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
-        assert err.startswith("eval.alpaca: error: ") and message.format(**inputs) in err, err
-        assert folder_hash(out) == before
+        assert_refused(alpaca.main, "eval.alpaca", argv, flags, out, message.format(**inputs), capsys)
 
 
 def test_another_model_samples_anew_into_the_same_output(inputs, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import sample  # noqa: E402
 from model import Transformer, preset  # noqa: E402
 from support.cli import run_cli  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
-from conftest import folder_hash  # noqa: E402
+from conftest import assert_refused, folder_hash  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "models", "tess2-shakespeare")
@@ -204,16 +204,8 @@ def test_a_refused_run_is_one_line_and_changes_no_output(flags, message, inputs,
     outputs = [inputs["root"] / "file"] if "--output" in flags else \
         [tmp_path / "new", shutil.copytree(inputs["root"] / "earlier", tmp_path / "earlier")]
     for out in outputs:
-        before = folder_hash(out)
         argv = ["--prompts", inputs["p"], "--steps", "1", "--length", "2", "--output", str(out)]
-        for flag in flags[::2]:
-            argv = argv[:argv.index(flag)] + argv[argv.index(flag) + 2:] if flag in argv else argv
-        with pytest.raises(SystemExit) as stop:
-            run_cli(intrinsic.main, "eval.intrinsic", argv + flags)
-        err = capsys.readouterr().err
-        assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
-        assert err.startswith("eval.intrinsic: error: ") and message.format(**inputs) in err, err
-        assert folder_hash(out) == before
+        assert_refused(intrinsic.main, "eval.intrinsic", argv, flags, out, message.format(**inputs), capsys)
 
 
 def test_the_same_run_again_samples_nothing_and_another_replaces_both_files(inputs, tmp_path, monkeypatch, capsys):

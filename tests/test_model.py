@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import model as M
-from conftest import word_tokenizer
+from conftest import randomize_, word_tokenizer
 from support.checkpoint import write_json
 from support.hub import resolve
 from model import ModelArgs, Transformer, preset
@@ -40,11 +40,7 @@ def hf_model(arch="MistralForCausalLM", seed=0, **cfg):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     config = getattr(transformers, family + "Config")(**{**config, **cfg})
     torch.manual_seed(seed)
-    m = getattr(transformers, arch)(config).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    return m
+    return randomize_(getattr(transformers, arch)(config).eval())
 
 
 def our_model(seed=0, **overrides) -> Transformer:
